@@ -1,0 +1,95 @@
+"""The contract between drafting and verifying.
+
+Terms, defined once:
+- The *root* is the newest token of the sequence whose key/value is not yet in the cache (the last
+  accepted or bonus token). Every verification forward starts with it.
+- A *draft* is a tree of proposed tokens below the root: ``token_ids[i]`` with parent ``parents[i]``
+  (-1 = child of the root; otherwise an earlier node, so ``parents[i] < i``). A chain of n tokens has
+  ``parents == [-1, 0, 1, ..., n - 2]``. An empty draft is plain decoding.
+- ``probs`` (optional, ``[n, V]``): row i is the draft distribution that node i's token was drawn from
+  (siblings drawn from one distribution share the same row). Drafts without it are treated as
+  deterministic proposals.
+- After one verification forward, the *accepted* nodes are a root-to-leaf path of draft nodes whose
+  tokens the target agrees with, and the *bonus* token is the target's own token after the last accepted
+  node (or after the root when nothing is accepted). One step therefore commits ``len(accepted) + 1``
+  tokens; "mean accepted tokens per step" counts that bonus token too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Draft:
+    token_ids: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None  # [n, V]
+    source: str = ""  # which drafter proposed it (for statistics)
+
+    def __post_init__(self):
+        if len(self.token_ids) != len(self.parents):
+            raise ValueError(f"token_ids ({len(self.token_ids)}) and parents ({len(self.parents)}) differ")
+        for i, p in enumerate(self.parents):
+            if not -1 <= p < i:
+                raise ValueError(f"parents[{i}] = {p}: a parent must be -1 or an earlier node")
+        if self.probs is not None and self.probs.shape[0] != len(self.token_ids):
+            raise ValueError(f"probs has {self.probs.shape[0]} rows for {len(self.token_ids)} nodes")
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @staticmethod
+    def chain(token_ids: list[int], probs: torch.Tensor | None = None, source: str = "") -> "Draft":
+        return Draft(list(token_ids), list(range(-1, len(token_ids) - 1)), probs, source)
+
+    def depths(self) -> list[int]:
+        """Depth of each node: 1 for a child of the root."""
+        depth: list[int] = []
+        for p in self.parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
+        return depth
+
+    def children(self, node: int) -> list[int]:
+        """Children of `node` (-1 = the root), in proposal order."""
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+    def path_to(self, node: int) -> list[int]:
+        """Nodes from the root's child down to `node`, inclusive."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def truncated(self, max_nodes: int) -> "Draft":
+        """The first `max_nodes` nodes (parents precede children, so this stays a tree)."""
+        if len(self) <= max_nodes:
+            return self
+        probs = None if self.probs is None else self.probs[:max_nodes]
+        return Draft(self.token_ids[:max_nodes], self.parents[:max_nodes], probs, self.source)
+
+
+def tree_inputs(draft: Draft, root_token: int, n_cached: int, device=None):
+    """Inputs of one verification forward over [root] + draft nodes.
+
+    Returns tokens [S], positions [S] (rope position = n_cached + depth) and a boolean attention mask
+    [S, n_cached + S] (True = may attend): every row sees the whole cache, the root, its ancestors and
+    itself.
+    """
+    s = len(draft) + 1
+    tokens = torch.tensor([root_token] + list(draft.token_ids), dtype=torch.long, device=device)  # [S]
+    depth = torch.tensor([0] + draft.depths(), dtype=torch.long, device=device)  # [S]
+    positions = n_cached + depth  # [S]
+    tree = torch.zeros(s, s, dtype=torch.bool)  # [S, S]
+    tree[:, 0] = True
+    for i, p in enumerate(draft.parents):
+        row = i + 1
+        if p >= 0:
+            tree[row] = tree[p + 1]
+        tree[row, row] = True
+    tree[0, 0] = True
+    mask = torch.cat([torch.ones(s, n_cached, dtype=torch.bool), tree], dim=1)  # [S, n_cached + S]
+    return tokens, positions, mask.to(device)

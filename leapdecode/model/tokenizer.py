@@ -1,0 +1,168 @@
+"""Tokenizer and chat template, built from GGUF metadata or a Hugging Face folder.
+
+The GGUF path follows the file's own pre-tokenizer (`tokenizer.ggml.pre`): SmolLM2 splits digits one by
+one, Llama 3 and Qwen2 use their own split regexes. Building a plain byte-level tokenizer instead (as
+some loaders do) tokenizes numbers and newlines differently from the model's training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+from leapdecode.errors import LeapError
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+           "{% endif %}")
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>")
+
+
+def _byte_level_pre(pre: str):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    if split is not None:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    regex_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), regex_level])
+    return regex_level
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's score-ordered merging."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for tok, score in zip(tokens, scores):
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in vocab and right in vocab:
+                merges.append((score, vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    return [(m[3], m[4]) for m in merges]
+
+
+def _gguf_backend(meta: dict) -> tokenizers.Tokenizer:
+    kind, tokens = meta.get("tokenizer.ggml.model"), meta["tokenizer.ggml.tokens"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tk.pre_tokenizer = _byte_level_pre(meta.get("tokenizer.ggml.pre", "default"))
+        tk.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        merges = _spm_merges(tokens, meta["tokenizer.ggml.scores"])
+        unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 0)]
+        tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                             byte_fallback=True))
+        prefix = [normalizers.Prepend("▁")] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+        tk.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
+        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                       + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    else:
+        raise LeapError(f"GGUF tokenizer model {kind!r} is not supported (expected gpt2 or llama)")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    added = [AddedToken(tokens[i], special=t == 3, normalized=False) for i, t in enumerate(types) if t in (3, 4)]
+    tk.add_tokens(added)
+    return tk
+
+
+class Tokenizer:
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_ids: set[int],
+                 chat_template: str | None, add_bos: bool):
+        self.backend = backend
+        self.bos_id, self.eos_ids, self.add_bos = bos_id, set(eos_ids), add_bos
+        self.chat_template = chat_template or _CHATML
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_template_error
+        self._template = env.from_string(self.chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+                raise LeapError("messages: each message needs a 'role' and a string 'content'")
+        bos = self.token(self.bos_id) if self.bos_id is not None else ""
+        eos = self.token(min(self.eos_ids)) if self.eos_ids else ""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos, eos_token=eos)
+        except jinja2.TemplateError as exc:
+            raise LeapError(f"chat template failed: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # The template writes the BOS token itself when the model wants one.
+        return self.encode(self.render_chat(messages), add_bos=False)
+
+    @staticmethod
+    def from_gguf_metadata(meta: dict) -> "Tokenizer":
+        backend = _gguf_backend(meta)
+        tokens = meta["tokenizer.ggml.tokens"]
+        eos = {meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
+        template = meta.get("tokenizer.chat_template")
+        eos |= _end_of_turn_ids(tokens, template)
+        return Tokenizer(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_ids=eos,
+                         chat_template=template, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+    @staticmethod
+    def from_hf_folder(folder: Path) -> "Tokenizer":
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise LeapError(f"{folder}: no tokenizer.json")
+        backend = tokenizers.Tokenizer.from_file(str(path))
+        cfg = _read_json(folder / "tokenizer_config.json")
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        vocab = backend.get_vocab(with_added_tokens=True)
+        bos = vocab.get(_token_text(cfg.get("bos_token")))
+        eos = {vocab[t] for t in [_token_text(cfg.get("eos_token"))] if t in vocab}
+        gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        tokens = [backend.id_to_token(i) for i in range(backend.get_vocab_size(with_added_tokens=True))]
+        eos |= _end_of_turn_ids(tokens, template)
+        return Tokenizer(backend, bos_id=bos, eos_ids=eos, chat_template=template,
+                         add_bos=bool(cfg.get("add_bos_token", False)))
+
+
+def _end_of_turn_ids(tokens: list[str], template: str | None) -> set[int]:
+    """The end-of-turn marker that the chat template writes after each message is a stop token too."""
+    template = template or _CHATML
+    return {i for i, t in enumerate(tokens) if t in _END_OF_TURN and t in template}
+
+
+def _token_text(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _raise_template_error(message: str):
+    raise jinja2.TemplateError(message)

@@ -73,19 +73,23 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model"):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model",
+                 drafter_options: dict[str, dict] | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.drafter_options = dict(drafter_options or {})
         self._drafters: dict[str, Drafter] = {}
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-             threads: int | None = None) -> "Engine":
+             threads: int | None = None, drafter_options: dict[str, dict] | None = None) -> "Engine":
+        """Load a model (None = the bundled default). `drafter_options` maps a drafter name to the
+        keyword arguments it is built with (e.g. {"draft-model": {"path": ...}})."""
         if threads is not None:
             if threads < 1:
                 raise LeapError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         m, tok, path = load(model, dtype, device)
-        return cls(m, tok, name=path.name)
+        return cls(m, tok, name=path.name, drafter_options=drafter_options)
 
     # ------------------------------------------------------------ prompts and drafters
 
@@ -112,23 +116,30 @@ class Engine:
     def drafter(self, name: str) -> Drafter:
         """The engine's drafter of that name; one instance per name, so learned state persists."""
         if name not in self._drafters:
-            d = make_drafter(name)
-            d.bind(self)
-            self._drafters[name] = d
+            self._drafters[name] = self.new_drafter(name)
         return self._drafters[name]
+
+    def new_drafter(self, name: str) -> Drafter:
+        """A fresh drafter bound to this engine (e.g. one per server slot for concurrent requests)."""
+        d = make_drafter(name, **self.drafter_options.get(name, {}))
+        d.bind(self)
+        return d
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False) -> Result:
-        gen = self.stream(prompt, config, raw)
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False,
+                 drafter: Drafter | None = None) -> Result:
+        gen = self.stream(prompt, config, raw, drafter)
         for _ in gen:
             pass
         return gen.result
 
-    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False) -> Generation:
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False,
+               drafter: Drafter | None = None) -> Generation:
+        """Text pieces as they are committed. `drafter` (an instance) overrides `config.drafter`."""
         config = config or GenerationConfig()
         ids = self.encode_prompt(prompt, raw)
-        drafter = self.drafter(config.drafter)  # validates the name before any work
+        drafter = drafter or self.drafter(config.drafter)  # validates the name before any work
         return Generation(lambda g: self._pieces(ids, config, drafter, g))
 
     def _pieces(self, prompt_ids, config, drafter, generation) -> Iterator[str]:
@@ -174,6 +185,7 @@ class Engine:
         model, params = self.model, config.sampling
         rng = params.generator()
         cache = model.new_cache(len(prompt_ids) + config.max_new_tokens + config.max_draft + 1)
+        drafter.cache = cache  # model-based drafters draft on top of the target's own cache
         t0 = time.perf_counter()
         ids = torch.tensor([prompt_ids], device=model.device)  # [1, P]
         logits = model(ids, torch.arange(len(prompt_ids), device=model.device), cache, last_only=True)

@@ -41,8 +41,11 @@ class Drafter:
     """Base class: proposes nothing. Subclasses override what they need."""
 
     name = "none"
-    #: True when `observe` reads `StepResult.logits` (the engine then keeps them for it).
+    #: True when `observe` reads `StepResult.logits`.
     wants_logits = False
+    #: The target's KV cache of the current request, set by the engine after `start`, before the first `propose` (model-based
+    #: drafters may write slots past `cache.length` while drafting, and must leave `length` as found).
+    cache = None
 
     def bind(self, engine) -> None:
         """Called once by the engine that owns this drafter (model-based drafters keep a reference)."""

@@ -1,0 +1,1 @@
+"""The `leap generate` and `leap chat` subcommands and their shared options."""

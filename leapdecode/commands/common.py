@@ -1,0 +1,68 @@
+"""Options shared by the subcommands that load a model and generate."""
+
+from __future__ import annotations
+
+import argparse
+
+from leapdecode.drafters import available
+from leapdecode.engine import Engine, GenerationConfig
+from leapdecode.errors import LeapError
+from leapdecode.sampling import SamplingParams
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2-135M)")
+    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float64")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--draft-model", default=None, help="GGUF/folder of the draft model for --drafter draft-model")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--drafter", default="auto", help="speculative drafter: auto (default), none, pld, suffix, ...")
+    g.add_argument("--max-draft", type=int, default=64, help="most draft tokens verified per step")
+    g.add_argument("--stats", action="store_true", help="print speculative statistics to stderr")
+
+
+def load_engine(args) -> Engine:
+    options = {"draft-model": {"path": args.draft_model}} if args.draft_model else {}
+    if args.drafter == "draft-model" and not args.draft_model:
+        raise LeapError("--drafter draft-model needs --draft-model PATH")
+    return Engine.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+                       drafter_options=options)
+
+
+def generation_config(args) -> GenerationConfig:
+    if args.drafter not in available():  # before the model loads
+        raise LeapError(f"unknown drafter {args.drafter!r}; expected one of: {', '.join(available())}")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=tuple(args.stop),
+                            drafter=args.drafter, max_draft=args.max_draft)
+
+
+def format_stats(stats) -> str:
+    s = stats
+    depth = " ".join(str(n) for n in s.accepted_by_depth) or "-"
+    return (f"[{s.drafter} | backend {s.backend}] prompt {s.prompt_tokens} tok, new {s.new_tokens} tok | "
+            f"prefill {s.prefill_s:.2f}s | decode {s.decode_tokens_per_s:.1f} tok/s, overall "
+            f"{s.tokens_per_s:.1f} tok/s | steps {s.steps}, drafted {s.drafted}, accepted {s.accepted}, "
+            f"mean accepted {s.mean_accepted:.2f} | accepted by depth {depth} | "
+            f"draft {s.draft_s:.2f}s verify {s.verify_s:.2f}s | finish {s.finish_reason}")

@@ -186,6 +186,7 @@ class Engine:
         rng = params.generator()
         cache = model.new_cache(len(prompt_ids) + config.max_new_tokens + config.max_draft + 1)
         drafter.cache = cache  # model-based drafters draft on top of the target's own cache
+        drafter.sampling = params  # drafters with probabilities draw from their own distribution
         t0 = time.perf_counter()
         ids = torch.tensor([prompt_ids], device=model.device)  # [1, P]
         logits = model(ids, torch.arange(len(prompt_ids), device=model.device), cache, last_only=True)

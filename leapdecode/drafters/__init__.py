@@ -4,7 +4,7 @@ import importlib
 
 from leapdecode.drafters.base import Drafter, StepResult, available, make_drafter, register
 
-_BUILTIN = ("pld", "suffix", "recycling", "copy", "auto")
+_BUILTIN = ("pld", "suffix", "recycling", "copy", "swift", "draft_model", "auto")
 for _name in _BUILTIN:
     try:
         importlib.import_module(f"leapdecode.drafters.{_name}")

@@ -46,6 +46,8 @@ class Drafter:
     #: The target's KV cache of the current request, set by the engine after `start`, before the first `propose` (model-based
     #: drafters may write slots past `cache.length` while drafting, and must leave `length` as found).
     cache = None
+    #: The current request's SamplingParams, set with `cache`.
+    sampling = None
 
     def bind(self, engine) -> None:
         """Called once by the engine that owns this drafter (model-based drafters keep a reference)."""

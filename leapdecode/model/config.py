@@ -89,7 +89,7 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or 0,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            rope_scaling=_hf_rope_scaling(cfg.get("rope_scaling")),
+            rope_scaling=_hf_rope_scaling(cfg.get("rope_scaling") or cfg.get("rope_parameters")),
         )
 
 

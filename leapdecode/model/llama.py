@@ -30,15 +30,22 @@ class RMSNorm(nn.Module):
 
 
 class Rope(nn.Module):
-    """Rotary embeddings in the half-split layout (rotate_half), tables computed once in float64."""
+    """Rotary embeddings in the half-split layout (rotate_half).
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+    Tables are computed in float32 for float32 and narrower models, exactly as the reference
+    implementation does (so logits match it bit for bit), and in float64 for float64 models.
+    `freq_factors` are per-frequency divisors (llama3-style GGUFs store them instead of parameters).
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, freq_factors: torch.Tensor | None = None):
         super().__init__()
+        work = torch.float64 if dtype == torch.float64 else torch.float32
         hd = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))  # [hd/2]
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(work) / hd))  # [hd/2]
         inv_freq = cfg.rope_scaling.apply(inv_freq)
-        t = torch.arange(cfg.max_seq_len, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)  # [T, hd/2]
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.to(work)
+        freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=work), inv_freq)  # [T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [T, hd]
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)

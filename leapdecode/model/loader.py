@@ -15,7 +15,7 @@ import torch
 from leapdecode.errors import LeapError
 from leapdecode.model.config import ModelConfig, RopeScaling
 from leapdecode.model.linear import Linear
-from leapdecode.model.llama import MLP, Attention, Block, RMSNorm, Transformer
+from leapdecode.model.llama import MLP, Attention, Block, RMSNorm, Rope, Transformer
 
 GGUF_MAGIC = b"GGUF"
 _GGUF_LAYER_NAMES = {
@@ -216,14 +216,7 @@ def load_gguf(path: Path, dtype=torch.float32, device="cpu") -> tuple[Transforme
 
 def _apply_rope_factors(model: Transformer, factors: torch.Tensor) -> None:
     """llama3-style GGUFs store per-frequency divisors instead of rope_scaling parameters."""
-    cfg = model.cfg
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    inv_freq = inv_freq / factors.to(torch.float64)
-    freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    model.rope.cos = emb.cos().to(model.dtype).to(model.device)
-    model.rope.sin = emb.sin().to(model.dtype).to(model.device)
+    model.rope = Rope(model.cfg, model.dtype, model.device, freq_factors=factors)
 
 
 # ---------------------------------------------------------------- Hugging Face folder

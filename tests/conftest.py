@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random-weight models (no download) and the bundled model (loaded once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import decoders, models
+
+import tokenizers
+from leapdecode.engine import Engine
+from leapdecode.model.config import ModelConfig
+from leapdecode.model.loader import build_model, expected_shapes
+from leapdecode.model.tokenizer import Tokenizer
+
+SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def tiny_config(vocab=64, dim=32, layers=2, heads=4, kv_heads=2, inter=64, max_seq=512, tie=False,
+                qkv_bias=False, rope_theta=10000.0) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+                       intermediate_size=inter, max_seq_len=max_seq, tie_embeddings=tie, qkv_bias=qkv_bias,
+                       rope_theta=rope_theta, norm_eps=1e-6)
+
+
+def random_state(cfg: ModelConfig, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """Random weights in Hugging Face naming; norms near 1 so activations stay lively."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        else:
+            fan_in = shape[-1] if len(shape) > 1 else 1
+            state[name] = torch.randn(shape, generator=gen, dtype=torch.float64) * scale / fan_in ** 0.5
+    state["model.embed_tokens.weight"] *= 4.0  # embeddings are not scaled by fan-in in Llama models
+    return state
+
+
+def char_tokenizer(vocab: int) -> Tokenizer:
+    """One token per character; no EOS, so generation runs to max_new_tokens."""
+    chars = [chr(0x41 + i) if i < 26 else chr(0x61 + (i - 26) % 26) + str(i // 52) for i in range(vocab)]
+    backend = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(backend, bos_id=None, eos_ids=set(), chat_template=None, add_bos=False)
+
+
+def tiny_engine_for(cfg: ModelConfig | None = None, seed: int = 0, dtype=torch.float64) -> Engine:
+    cfg = cfg or tiny_config()
+    model = build_model(random_state(cfg, seed), cfg, dtype)
+    return Engine(model, char_tokenizer(cfg.vocab_size), name=f"tiny-{seed}")
+
+
+@pytest.fixture
+def tiny_engine() -> Engine:
+    return tiny_engine_for()
+
+
+@pytest.fixture(scope="session")
+def bundled_engine() -> Engine:
+    return Engine.load()
+
+
+@pytest.fixture(scope="session")
+def spec_bench_questions() -> list[dict]:
+    import json
+
+    if not SPEC_BENCH.is_file():
+        pytest.fail(f"Spec-Bench questions not found at {SPEC_BENCH}")
+    return [json.loads(line) for line in SPEC_BENCH.read_text().splitlines() if line.strip()]

@@ -1,0 +1,188 @@
+"""Serving benchmark: throughput and time to first token of `leap serve` at 1, 4 and 16 concurrent
+clients, with and without speculation, on one model over loopback. Prints a markdown table.
+
+Everything runs in this one process, side by side: one engine, one server per (drafter, concurrency),
+the same Spec-Bench questions (first turns, spread over the categories) for every row, greedy decoding.
+Clients stream chat completions through the official `openai` client and pull the next question from a
+shared list, so a level with c clients keeps c requests in flight. Server slots stay fixed
+(--max-concurrency, the server default) across levels: more clients than slots queue.
+
+    python benchmarks/serve_bench.py                      # 1/4/16 clients, none vs auto (or a lookup drafter)
+    python benchmarks/serve_bench.py --concurrency 1 2 --requests 2 --max-tokens 8   # a smoke run
+
+Columns: tok/s = completion tokens of all requests / wall time of the level; "x none" = that throughput
+over the plain-decoding row at the same concurrency (a ratio from this run only); TTFT = from sending a
+request to its first text; mean acc = tokens committed per verification step (bonus included);
+same = requests whose text equals plain decoding's (fewest clients) for the same question: greedy
+decoding is lossless whatever the drafter and however many requests share the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import torch
+
+from leapdecode.drafters import available
+from leapdecode.engine import Engine
+from leapdecode.server import BackgroundServer, ServerConfig, build_app
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+@dataclass
+class Level:
+    drafter: str
+    clients: int
+    wall_s: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    tokens: int = 0
+    steps: int = 0
+    accepted: int = 0
+    errors: int = 0
+    texts: dict[int, str] = field(default_factory=dict)  # question index -> text
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+
+def load_questions(path: Path, n: int) -> list[str]:
+    """n first turns, taken round-robin over the categories so every run mixes the tasks."""
+    if not path.is_file():
+        sys.exit(f"serve_bench: Spec-Bench questions not found at {path} (pass --data PATH)")
+    by_cat: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            q = json.loads(line)
+            by_cat.setdefault(q["category"], []).append(q["turns"][0])
+    cats = sorted(by_cat)
+    picked = [by_cat[c][i] for i in range(max(map(len, by_cat.values()))) for c in cats if i < len(by_cat[c])]
+    return picked[:n]
+
+
+async def one_request(client, model: str, question: str, max_tokens: int, level: Level, index: int) -> None:
+    t0 = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    pieces, first = [], None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            stats = chunk.model_extra["leap_stats"]
+            level.tokens += chunk.usage.completion_tokens
+            level.steps += stats["steps"]
+            level.accepted += stats["accepted"]
+    level.ttft.append((first or time.perf_counter()) - t0)
+    level.texts[index] = "".join(pieces)
+
+
+async def drive(url: str, model: str, questions: list[str], level: Level, max_tokens: int) -> None:
+    todo = list(enumerate(questions))
+
+    async def client_loop(client):
+        while todo:
+            index, question = todo.pop(0)
+            try:
+                await one_request(client, model, question, max_tokens, level, index)
+            except openai.APIError as exc:
+                level.errors += 1
+                print(f"serve_bench: request failed: {exc}", file=sys.stderr)
+
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+        await one_request(client, model, "Hi", 4, Level("warmup", 1), -1)  # warm the server path
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(level.clients)))
+        level.wall_s = time.perf_counter() - t0
+
+
+def run_level(engine: Engine, drafter: str, clients: int, questions: list[str], args) -> Level:
+    config = ServerConfig(drafter=drafter, max_concurrency=args.max_concurrency, max_queue=1024)
+    level = Level(drafter, clients)
+    with BackgroundServer(build_app(engine, config)) as srv:
+        asyncio.run(drive(srv.url, engine.name, questions, level, args.max_tokens))
+    print(f"serve_bench: {drafter:>10} x{clients:<3} {level.throughput:7.1f} tok/s, "
+          f"TTFT p50 {_stat(statistics.median, level.ttft):.2f}s", file=sys.stderr, flush=True)
+    return level
+
+
+def _stat(fn, values: list[float]) -> float:
+    return fn(values) if values else float("nan")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(levels: list[Level], engine: Engine, args) -> str:
+    plain = {lv.clients: lv for lv in levels if lv.drafter == "none"}
+    reference = plain[min(plain)].texts if plain else {}  # plain decoding with the fewest clients
+    lines = [(f"Model {engine.name}, dtype {args.dtype}, torch {torch.__version__} with {torch.get_num_threads()} "
+             f"threads; {cpu_name()}, {os.cpu_count()} logical CPUs; server slots {args.max_concurrency}; "
+             f"{len(args.questions)} chat requests per row, max_tokens {args.max_tokens}, greedy."), "",
+             ("| drafter | clients | tok/s | x none | TTFT mean (s) | TTFT p50 (s) | TTFT max (s) | mean acc | "
+             "same | errors |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for lv in levels:
+        base = plain.get(lv.clients)
+        ratio = f"{lv.throughput / base.throughput:.2f}" if base and base.throughput else "-"
+        same = sum(lv.texts.get(i) == t for i, t in reference.items())
+        lines.append(f"| {lv.drafter} | {lv.clients} | {lv.throughput:.1f} | {ratio} | "
+                     f"{_stat(statistics.mean, lv.ttft):.2f} | {_stat(statistics.median, lv.ttft):.2f} | "
+                     f"{_stat(max, lv.ttft):.2f} | "
+                     f"{lv.mean_accepted:.2f} | {same}/{len(reference)} | "
+                     f"{lv.errors} |")
+    return "\n".join(lines)
+
+
+def default_drafters() -> list[str]:
+    spec = next((d for d in ("auto", "suffix", "pld", "recycling", "copy") if d in available()), None)
+    return ["none"] + ([spec] if spec else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file or folder (default: the bundled model)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--data", type=Path, default=DATA, help="Spec-Bench question.jsonl")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per row")
+    p.add_argument("--drafters", nargs="+", default=None, help="default: none and auto (or a lookup drafter)")
+    p.add_argument("--requests", type=int, default=16, help="requests per row (the same questions in every row)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-concurrency", type=int, default=4, help="server slots (the server's default: 4)")
+    args = p.parse_args(argv)
+    drafters = args.drafters or default_drafters()
+    if "none" not in drafters:
+        drafters = ["none"] + drafters  # the baseline every ratio needs
+    engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads)
+    args.questions = load_questions(args.data.resolve(), args.requests)
+    levels = [run_level(engine, d, c, args.questions, args) for d in drafters for c in args.concurrency]
+    print(table(levels, engine, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

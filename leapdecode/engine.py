@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leapdecode.costmodel import CostCurve
+from leapdecode.costmodel import measure as measure_cost
 from leapdecode.draft import tree_inputs
 from leapdecode.drafters.base import Drafter, StepResult, make_drafter
 from leapdecode.errors import LeapError
@@ -58,7 +60,7 @@ class Result:
 class Generation:
     """An iterator of text pieces; `result` is set once it is exhausted (or closed)."""
 
-    def __init__(self, make_pieces: Callable[["Generation"], Iterator[str]]):
+    def __init__(self, make_pieces: Callable[[Generation], Iterator[str]]):
         self.result: Result | None = None
         self._pieces = make_pieces(self)
 
@@ -78,10 +80,11 @@ class Engine:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.drafter_options = dict(drafter_options or {})
         self._drafters: dict[str, Drafter] = {}
+        self._cost_curve: CostCurve | None = None
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-             threads: int | None = None, drafter_options: dict[str, dict] | None = None) -> "Engine":
+             threads: int | None = None, drafter_options: dict[str, dict] | None = None) -> Engine:
         """Load a model (None = the bundled default). `drafter_options` maps a drafter name to the
         keyword arguments it is built with (e.g. {"draft-model": {"path": ...}})."""
         if threads is not None:
@@ -124,6 +127,12 @@ class Engine:
         d = make_drafter(name, **self.drafter_options.get(name, {}))
         d.bind(self)
         return d
+
+    def cost_curve(self) -> CostCurve:
+        """Measured seconds of a verification forward of k tokens (measured once, on first use)."""
+        if self._cost_curve is None:
+            self._cost_curve = measure_cost(self.model)
+        return self._cost_curve
 
     # ------------------------------------------------------------ generation
 

@@ -9,7 +9,7 @@ reset in ``start``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -60,10 +60,20 @@ class Drafter:
         return Draft()
 
     def observe(self, step: StepResult) -> None:
-        """Learn from one verification step."""
+        """Learn from one verification step; called after every step (the last one too), before `stop`.
+        `step.logits` are always present."""
 
     def stop(self) -> None:
         """The request ended (finished, stopped or cancelled)."""
+
+
+def parse_options(cls, options: dict, drafter: str):
+    """Build a drafter's options dataclass, naming unknown options clearly."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise LeapError(f"unknown {drafter} option(s) {', '.join(unknown)}; expected: {', '.join(known)}")
+    return cls(**options)
 
 
 DrafterFactory = Callable[..., Drafter]

@@ -9,10 +9,10 @@ divergence the index is cut back to the common prefix rather than rebuilt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, register
+from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
 
 
@@ -29,11 +29,7 @@ class CopyOptions:
 
     @classmethod
     def parse(cls, options: dict) -> CopyOptions:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise LeapError(f"unknown copy option(s) {', '.join(unknown)}; expected: {', '.join(known)}")
-        return cls(**options)
+        return parse_options(cls, options, "copy")
 
 
 @register("copy")

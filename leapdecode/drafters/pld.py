@@ -8,10 +8,10 @@ position, and grows with the sequence, so a step costs O(new tokens) rather than
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, register
+from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
 
 
@@ -31,11 +31,7 @@ class PLDOptions:
 
     @classmethod
     def parse(cls, options: dict) -> PLDOptions:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise LeapError(f"unknown pld option(s) {', '.join(unknown)}; expected: {', '.join(known)}")
-        return cls(**options)
+        return parse_options(cls, options, "pld")
 
 
 @register("pld")

@@ -9,12 +9,12 @@ so it keeps learning across requests. A draft is a static tree template filled i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, StepResult, register
+from leapdecode.drafters.base import Drafter, StepResult, parse_options, register
 from leapdecode.errors import LeapError
 
 #: Default branching per depth; see `widths_template`. Gives 50 nodes, 6 deep.
@@ -76,11 +76,7 @@ class RecyclingOptions:
 
     @classmethod
     def parse(cls, options: dict) -> RecyclingOptions:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise LeapError(f"unknown recycling option(s) {', '.join(unknown)}; expected: {', '.join(known)}")
-        return cls(**options)
+        return parse_options(cls, options, "recycling")
 
 
 @register("recycling")

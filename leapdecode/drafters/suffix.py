@@ -18,10 +18,10 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, StepResult, register
+from leapdecode.drafters.base import Drafter, StepResult, parse_options, register
 from leapdecode.errors import LeapError
 
 
@@ -46,11 +46,7 @@ class SuffixOptions:
 
     @classmethod
     def parse(cls, options: dict) -> SuffixOptions:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise LeapError(f"unknown suffix option(s) {', '.join(unknown)}; expected: {', '.join(known)}")
-        return cls(**options)
+        return parse_options(cls, options, "suffix")
 
 
 class _Node:

@@ -1,0 +1,72 @@
+"""The measured cost of verifying k tokens in one forward, on this machine and backend.
+
+Speculation pays when the tokens a tree is expected to commit outgrow what its forward costs over a
+one-token forward. That ratio is a property of the hardware and kernels (on a 2-core CPU a forward of
+16 tokens costs about twice one token; on a large GPU it costs the same), so it is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Seconds of one verification forward with k tokens, interpolated between measured points."""
+
+    ks: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.ks) != len(self.seconds) or not self.ks or list(self.ks) != sorted(set(self.ks)):
+            raise ValueError("CostCurve needs ascending, unique ks with one time each")
+
+    def __call__(self, k: int) -> float:
+        ks, ts = self.ks, self.seconds
+        if k <= ks[0]:
+            return ts[0]
+        i = bisect.bisect_left(ks, k)
+        if i == len(ks):  # extrapolate along the last segment
+            i -= 1
+        k0, k1, t0, t1 = ks[i - 1], ks[i], ts[i - 1], ts[i]
+        return t0 + (t1 - t0) * (k - k0) / (k1 - k0)
+
+    def relative(self) -> dict[int, float]:
+        return {k: t / self.seconds[0] for k, t in zip(self.ks, self.seconds)}
+
+
+def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats: int = 3) -> CostCurve:
+    """Time a forward of k new tokens after `context` cached ones (best of `repeats`), as decoding sees it."""
+    context = max(1, min(context, model.cfg.max_seq_len - max(ks) - 1))
+    ks = tuple(k for k in ks if context + k < model.cfg.max_seq_len)
+    cache = model.new_cache(context + max(ks))
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=gen).to(model.device)
+    model(prompt, torch.arange(context, device=model.device), cache, last_only=True)
+    times = []
+    for k in ks:
+        x = torch.randint(0, model.cfg.vocab_size, (1, k), generator=gen).to(model.device)
+        pos = torch.arange(context, context + k, device=model.device)
+        best = float("inf")
+        for _ in range(repeats):
+            cache.truncate(context)
+            t0 = time.perf_counter()
+            model(x, pos, cache)
+            _sync(model.device)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    # a forward never gets cheaper with more tokens: smooth timing noise so the curve is monotone
+    for i in range(1, len(times)):
+        times[i] = max(times[i], times[i - 1])
+    return CostCurve(ks, tuple(times))
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,159 @@
+"""`auto`: one tree per step from several drafters, sized by expected tokens per second.
+
+Every source drafter proposes; the proposals are merged into one token trie. Each node's chance of being
+accepted given its parent is estimated from this drafter's own history, per (source, depth, sibling
+rank); a node's path probability is the product along its path, and the expected tokens a tree commits is
+1 (the bonus) plus the sum of its nodes' path probabilities. Taking nodes by decreasing path probability
+always gives a valid tree, so the tree size N is chosen to maximise
+
+    (1 + sum of the N best path probabilities) / cost(1 + N)
+
+with `cost` the measured time of a forward of 1 + N tokens on this machine (`leapdecode.costmodel`).
+When no proposal is worth its cost, N = 0: the step is plain decoding, and speculation cost only the
+drafters' lookups. The merged draft carries no probabilities, so verification treats it as a
+deterministic proposal, which is exact under sampling too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from leapdecode.draft import Draft
+from leapdecode.drafters.base import Drafter, StepResult, parse_options, register
+from leapdecode.errors import LeapError
+
+MAX_DEPTH_KEY, MAX_RANK_KEY = 12, 4
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    sources: tuple[str, ...] = ("suffix", "pld", "copy", "recycling")
+    max_nodes: int = 64  # largest tree considered
+    prior_rate: float = 0.3  # acceptance rate assumed before any evidence (explores every source)
+    prior_weight: float = 2.0  # how many observations the prior is worth
+    memory: int = 400  # observations per key before old evidence is halved (adapts to new tasks)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if not self.sources or "auto" in self.sources:
+            raise LeapError("auto option sources must name at least one drafter other than auto")
+        if not 1 <= self.max_nodes <= 512:
+            raise LeapError(f"auto option max_nodes must be in [1, 512], got {self.max_nodes}")
+        if not 0.0 < self.prior_rate < 1.0 or self.prior_weight <= 0 or self.memory < 10:
+            raise LeapError("auto options: prior_rate in (0, 1), prior_weight > 0, memory >= 10")
+
+
+@dataclass
+class AcceptanceStats:
+    """Acceptance counts per (source, depth, sibling rank), for nodes whose parent was accepted."""
+
+    prior_rate: float
+    prior_weight: float
+    memory: int
+    counts: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
+
+    @staticmethod
+    def key(source: str, depth: int, rank: int) -> tuple[str, int, int]:
+        return source, min(depth, MAX_DEPTH_KEY), min(rank, MAX_RANK_KEY)
+
+    def rate(self, source: str, depth: int, rank: int) -> float:
+        hits, tries = self.counts.get(self.key(source, depth, rank), (0.0, 0.0))
+        return (hits + self.prior_rate * self.prior_weight) / (tries + self.prior_weight)
+
+    def update(self, source: str, depth: int, rank: int, accepted: bool) -> None:
+        c = self.counts.setdefault(self.key(source, depth, rank), [0.0, 0.0])
+        c[0] += accepted
+        c[1] += 1
+        if c[1] > self.memory:
+            c[0], c[1] = c[0] / 2, c[1] / 2
+
+
+@dataclass
+class _Node:
+    token: int
+    parent: int
+    depth: int
+    origins: dict[str, int] = field(default_factory=dict)  # source -> sibling rank in that source's draft
+    prob: float = 0.0  # estimated probability that the whole path to this node is accepted
+
+
+@register("auto")
+class Auto(Drafter):
+    name = "auto"
+    wants_logits = True
+
+    def __init__(self, **options):
+        self.options = parse_options(AutoOptions, options, "auto")
+        self.stats = AcceptanceStats(self.options.prior_rate, self.options.prior_weight, self.options.memory)
+        self.sources: dict[str, Drafter] = {}
+        self.engine = None
+        self._last: list[_Node] = []
+
+    def bind(self, engine) -> None:
+        self.engine = engine
+        self.sources = {name: engine.new_drafter(name) for name in self.options.sources}
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        for d in self.sources.values():
+            d.start(prompt_ids)
+
+    def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
+        budget = min(max_nodes, self.options.max_nodes)
+        for d in self.sources.values():  # model-based sources draft on the request's cache
+            d.cache, d.sampling = self.cache, self.sampling
+        nodes = self._merge(tokens, budget)
+        chosen = self._choose(nodes, budget)
+        self._last = chosen
+        return Draft([n.token for n in chosen], [n.parent for n in chosen], source=self.name)
+
+    def _merge(self, tokens: Sequence[int], budget: int) -> list[_Node]:
+        nodes: list[_Node] = []
+        where: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+        for name, drafter in self.sources.items():
+            draft = drafter.propose(tokens, budget).truncated(budget) if budget else Draft()
+            mapped, seen = [], {}
+            for i, (tok, parent) in enumerate(zip(draft.token_ids, draft.parents)):
+                mparent = -1 if parent < 0 else mapped[parent]
+                rank = seen.get(parent, 0)
+                seen[parent] = rank + 1
+                key = (mparent, tok)
+                if key not in where:
+                    depth = 1 if mparent < 0 else nodes[mparent].depth + 1
+                    where[key] = len(nodes)
+                    nodes.append(_Node(tok, mparent, depth))
+                node = nodes[where[key]]
+                node.origins.setdefault(name, rank)
+                mapped.append(where[key])
+        for node in nodes:  # parents precede children
+            cond = max(self.stats.rate(s, node.depth, r) for s, r in node.origins.items())
+            node.prob = cond * (1.0 if node.parent < 0 else nodes[node.parent].prob)
+        return nodes
+
+    def _choose(self, nodes: list[_Node], budget: int) -> list[_Node]:
+        """The best-N nodes by path probability, N maximising expected tokens per second."""
+        order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].prob, nodes[i].depth, i))[:budget]
+        cost = self.engine.cost_curve() if self.engine is not None else (lambda k: float(k))
+        best_n, best_rate, expected = 0, 1.0 / cost(1), 1.0
+        for n, i in enumerate(order, start=1):
+            expected += nodes[i].prob
+            if expected / cost(1 + n) > best_rate:
+                best_n, best_rate = n, expected / cost(1 + n)
+        keep = sorted(order[:best_n])  # original order keeps parents first
+        index = {old: new for new, old in enumerate(keep)}
+        return [_Node(nodes[i].token, -1 if nodes[i].parent < 0 else index[nodes[i].parent], nodes[i].depth,
+                      nodes[i].origins, nodes[i].prob) for i in keep]
+
+    def observe(self, step: StepResult) -> None:
+        accepted = set(step.accepted)
+        for i, node in enumerate(self._last):
+            if node.parent < 0 or node.parent in accepted:  # the node was reachable this step
+                for source, rank in node.origins.items():
+                    self.stats.update(source, node.depth, rank, i in accepted)
+        self._last = []
+        for d in self.sources.values():
+            d.observe(step)
+
+    def stop(self) -> None:
+        for d in self.sources.values():
+            d.stop()

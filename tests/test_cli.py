@@ -1,0 +1,66 @@
+"""The `leap` command as a user runs it: default model, --json, chat, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leapdecode.engine import GenerationConfig
+
+LEAP = [sys.executable, "-m", "leapdecode.cli"]
+
+
+def leap(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(LEAP + list(args), input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_json_default_model_equals_api(bundled_engine):
+    proc = leap("generate", "Name two planets.", "--json", "--max-new-tokens", "24", "--drafter", "pld")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) == {"text", "token_ids", "stats"}
+    ref = bundled_engine.generate("Name two planets.", GenerationConfig(max_new_tokens=24, drafter="none"))
+    assert out["token_ids"] == ref.token_ids and out["text"] == ref.text
+    assert out["stats"]["drafter"] == "pld" and out["stats"]["new_tokens"] == len(ref.token_ids)
+
+
+def test_generate_streams_text_and_stats():
+    proc = leap("generate", "Say hello.", "--max-new-tokens", "12", "--stats", "--drafter", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "[auto | backend" in proc.stderr and "mean accepted" in proc.stderr
+
+
+def test_chat_keeps_the_conversation():
+    proc = leap("chat", "--max-new-tokens", "16", stdin="My name is Ada.\nWhat is my name?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stdout.splitlines() if line.strip()]) >= 2
+    assert "Ada" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "hi", "--model", "no/such/model.gguf"], "model not found"),
+    (["generate", "hi", "--dtype", "float17"], "unknown dtype"),
+    (["generate", "hi", "--model", "pyproject.toml"], "not a GGUF file"),
+    (["generate", "hi", "--drafter", "telepathy"], "unknown drafter"),
+    (["generate", "hi", "--max-new-tokens", "-3"], "positive integer"),
+    (["generate", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "hi", "--drafter", "draft-model"], "--draft-model"),
+    (["generate"], "prompt"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, needle):
+    proc = leap(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("leap") and needle in last, proc.stderr
+
+
+def test_prompt_longer_than_context_is_a_clean_error():
+    proc = leap("generate", "word " * 9000, "--raw")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "context" in proc.stderr.strip().splitlines()[-1]

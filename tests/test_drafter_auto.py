@@ -1,0 +1,115 @@
+"""`auto`: merging of proposals, cost-based tree size, acceptance statistics, defaults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapdecode.costmodel import CostCurve
+from leapdecode.draft import Draft
+from leapdecode.drafters import StepResult, make_drafter
+from leapdecode.drafters.auto import AcceptanceStats, Auto, AutoOptions
+from leapdecode.errors import LeapError
+
+
+class FixedDrafter:
+    name = "fixed"
+
+    def __init__(self, draft):
+        self.draft = draft
+        self.observed = 0
+
+    def propose(self, tokens, max_nodes):
+        return self.draft
+
+    def observe(self, step):
+        self.observed += 1
+
+    def start(self, prompt_ids):
+        pass
+
+    def stop(self):
+        pass
+
+
+class FakeEngine:
+    def __init__(self, curve):
+        self.curve = curve
+
+    def cost_curve(self):
+        return self.curve
+
+
+FLAT = CostCurve((1, 64), (1.0, 1.0))  # verification is free: every proposal pays
+STEEP = CostCurve((1, 2, 64), (1.0, 2.0, 64.0))  # cost linear in tokens: nothing pays
+
+
+def auto_with(sources: dict, curve: CostCurve) -> Auto:
+    a = Auto(sources=tuple(sources))
+    a.engine, a.sources = FakeEngine(curve), sources
+    return a
+
+
+def test_merges_shared_prefixes_into_one_trie():
+    a = auto_with({"x": FixedDrafter(Draft.chain([5, 6, 7])), "y": FixedDrafter(Draft([5, 9], [-1, 0]))}, FLAT)
+    d = a.propose([1, 2, 3], 16)
+    assert d.token_ids == [5, 6, 7, 9] and d.parents == [-1, 0, 1, 0]
+    assert a._last[0].origins == {"x": 0, "y": 0}
+
+
+def test_cost_decides_the_tree_size():
+    sources = {"x": FixedDrafter(Draft.chain([5, 6, 7]))}
+    assert len(auto_with(sources, FLAT).propose([1], 16)) == 3
+    assert len(auto_with(sources, STEEP).propose([1], 16)) == 0
+
+
+def test_budget_is_respected_and_keeps_a_tree():
+    a = auto_with({"x": FixedDrafter(Draft([1, 2, 3, 4, 5], [-1, 0, 0, 1, -1]))}, FLAT)
+    d = a.propose([0], 3)
+    assert len(d) == 3
+    Draft(d.token_ids, d.parents)  # validates the parents
+
+
+def test_observe_updates_statistics_and_forwards_to_sources():
+    src = FixedDrafter(Draft.chain([5, 6]))
+    a = auto_with({"x": src}, FLAT)
+    before = a.stats.rate("x", 1, 0)
+    draft = a.propose([1], 8)
+    step = StepResult(draft, [1, 5, 6], torch.zeros(3, 10), accepted=[0], bonus=3)
+    a.observe(step)
+    assert a.stats.rate("x", 1, 0) > before  # depth 1 accepted
+    assert a.stats.rate("x", 2, 0) < before  # depth 2 was reachable and rejected
+    assert src.observed == 1
+
+
+def test_acceptance_stats_forget_old_evidence():
+    s = AcceptanceStats(prior_rate=0.3, prior_weight=2.0, memory=10)
+    for _ in range(50):
+        s.update("x", 1, 0, False)
+    assert s.counts[("x", 1, 0)][1] <= 10
+    assert s.key("x", 99, 9) == ("x", 12, 4)
+
+
+def test_defaults_and_validation():
+    opts = AutoOptions()
+    assert opts.sources == ("suffix", "pld", "copy", "recycling") and opts.max_nodes == 64
+    assert isinstance(make_drafter("auto"), Auto)
+    for bad in ({"sources": ()}, {"sources": ("auto",)}, {"max_nodes": 0}, {"prior_rate": 1.5}):
+        with pytest.raises(LeapError):
+            Auto(**bad)
+    with pytest.raises(LeapError, match="unknown auto option"):
+        Auto(colour="red")
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    c = CostCurve((1, 4, 8), (1.0, 2.0, 4.0))
+    assert c(1) == 1.0 and c(2) == pytest.approx(4 / 3) and c(6) == 3.0 and c(16) == 8.0
+    assert c.relative() == {1: 1.0, 4: 2.0, 8: 4.0}
+    with pytest.raises(ValueError):
+        CostCurve((4, 1), (1.0, 2.0))
+
+
+def test_measured_curve_on_a_tiny_model(tiny_engine):
+    curve = tiny_engine.cost_curve()
+    assert curve.ks[0] == 1 and all(b >= a for a, b in zip(curve.seconds, curve.seconds[1:]))
+    assert tiny_engine.cost_curve() is curve  # measured once

@@ -1,0 +1,108 @@
+"""Plain decoding: our engine vs transformers `generate`, same model, prompts, dtype and threads, one run.
+
+    .venv/bin/python benchmarks/decode_speed.py [--model PATH] [--max-new-tokens 128] [--threads 2]
+
+Prints a markdown table (tokens/s each, ratio, machine) and the fraction of the memory-bandwidth bound
+that our decoding reaches (weight bytes read per token vs. measured read bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from leapdecode.bench.data import load_questions
+from leapdecode.bench.machine import describe_machine
+from leapdecode.bench.peers import PeerContext, make_peers
+from leapdecode.bench.runner import run_bench
+from leapdecode.engine import Engine
+from leapdecode.model.linear import Linear
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+CATEGORIES = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of a streaming read (a sum over a buffer far larger than the caches)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(engine: Engine) -> int:
+    """Bytes of every weight matrix a one-token forward reads (embedding lookup excluded: one row)."""
+    total = 0
+    for m in engine.model.modules():
+        if isinstance(m, Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench_results/decode_speed")
+    args = ap.parse_args()
+    bw = {t: read_bandwidth(t) for t in (1, args.threads)}
+    torch.set_num_threads(args.threads)
+    engine = Engine.load(args.model, threads=args.threads)
+    questions = load_questions(args.data, categories=CATEGORIES[1:], per_category=1)  # single-turn groups
+    ctx = PeerContext(model_path=engine_path(engine, args.model), dtype=engine.model.dtype,
+                      eos_ids=frozenset(engine.tokenizer.eos_ids), threads=args.threads,
+                      n_ctx=min(engine.model.cfg.max_seq_len, 4096))
+    records = run_bench(engine, questions, ["none"], make_peers(["hf"], ctx), max_new_tokens=args.max_new_tokens,
+                        out_dir=args.out)
+    print(table(records, engine, bw, args))
+    return 0
+
+
+def engine_path(engine: Engine, model: str | None) -> Path:
+    from leapdecode.model.source import default_model_path
+
+    return Path(model) if model else default_model_path()
+
+
+def table(records: list[dict], engine: Engine, bw: dict[int, float], args) -> str:
+    def tps(method: str) -> float:
+        rs = [r for r in records if r["method"] == method]
+        return sum(r["new_tokens"] for r in rs) / sum(r["wall_s"] for r in rs)
+
+    def decode_tps() -> float:
+        rs = [r for r in records if r["method"] == "none"]
+        return sum(r["new_tokens"] - 1 for r in rs) / sum(r["wall_s"] - r["prefill_s"] for r in rs)
+
+    ours, hf = tps("none"), tps("hf")
+    wbytes = weight_bytes_per_token(engine)
+    bound = bw[args.threads] * 1e9 / wbytes
+    m = describe_machine(engine)
+    lines = [
+        (f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['logical_cpus']} CPUs, threads {args.threads}, "
+        f"dtype {m['dtype']}, torch {m['torch']}, model {m['model']}, {len(records) // 2} Spec-Bench prompts, "
+        f"{args.max_new_tokens} new tokens, greedy, one warm-up run each."),
+        "",
+        "| engine | tokens/s (prefill included) | ratio vs transformers |",
+        "|---|---|---|",
+        f"| transformers `generate` | {hf:.1f} | 1.00x |",
+        f"| leapdecode plain (`--drafter none`) | {ours:.1f} | {ours / hf:.2f}x |",
+        "",
+        (f"Decode-only: {decode_tps():.1f} tokens/s. Weights read per token: {wbytes / 1e6:.0f} MB; read "
+        f"bandwidth {bw[1]:.1f} GB/s (1 thread), {bw[args.threads]:.1f} GB/s ({args.threads} threads): "
+        f"bound {bound:.1f} tokens/s, so decoding reaches {decode_tps() / bound:.0%} of it."),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,9 @@ from leapdecode.costmodel import measure as measure_cost
 from leapdecode.draft import tree_inputs
 from leapdecode.drafters.base import Drafter, StepResult, make_drafter
 from leapdecode.errors import LeapError
+from leapdecode.model.linear import LinearSpec, convert_linears
 from leapdecode.model.llama import Transformer
+from leapdecode.model.loader import is_gguf
 from leapdecode.model.source import load
 from leapdecode.model.tokenizer import Tokenizer
 from leapdecode.sampling import SamplingParams, sample, target_probs
@@ -84,14 +86,18 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-             threads: int | None = None, drafter_options: dict[str, dict] | None = None) -> Engine:
+             threads: int | None = None, drafter_options: dict[str, dict] | None = None,
+             backend: str = "auto", quant: str = "auto", activations: str = "auto") -> Engine:
         """Load a model (None = the bundled default). `drafter_options` maps a drafter name to the
-        keyword arguments it is built with (e.g. {"draft-model": {"path": ...}})."""
+        keyword arguments it is built with (e.g. {"draft-model": {"path": ...}}). `backend`, `quant` and
+        `activations` choose the linear kernels and weight format (see `leapdecode.model.linear`)."""
+        LinearSpec(backend, quant, activations)  # bad names fail before the model loads
         if threads is not None:
             if threads < 1:
                 raise LeapError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         m, tok, path = load(model, dtype, device)
+        convert_linears(m, backend, quant, path if path.is_file() and is_gguf(path) else None, activations)
         return cls(m, tok, name=path.name, drafter_options=drafter_options)
 
     # ------------------------------------------------------------ prompts and drafters
@@ -232,4 +238,5 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        return self.model.lm_head.backend
+        spec = getattr(self.model, "linear_spec", None)
+        return spec.describe() if spec is not None else self.model.lm_head.backend

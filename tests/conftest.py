@@ -63,6 +63,13 @@ def tiny_engine() -> Engine:
 
 @pytest.fixture(scope="session")
 def bundled_engine() -> Engine:
+    """The bundled model on the reference path (torch kernels, float32 weights), as transformers runs it."""
+    return Engine.load(backend="torch", quant="none", activations="float32")
+
+
+@pytest.fixture(scope="session")
+def default_engine() -> Engine:
+    """The bundled model as `leap generate` runs it by default (the fastest backend available)."""
     return Engine.load()
 
 

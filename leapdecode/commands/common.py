@@ -26,6 +26,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float64")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--backend", default="auto", help="linear kernels: auto (native where it runs), native or torch")
+    g.add_argument("--quant", default="auto",
+                   help="weights: auto (a GGUF's own blocks on native), gguf, none (float32), int8 or int4")
+    g.add_argument("--activations", default="auto",
+                   help="auto (int8 with quantized weights on native), int8 or float32")
     g.add_argument("--draft-model", default=None, help="GGUF/folder of the draft model for --drafter draft-model")
 
 
@@ -47,7 +52,8 @@ def load_engine(args) -> Engine:
     if args.drafter == "draft-model" and not args.draft_model:
         raise LeapError("--drafter draft-model needs --draft-model PATH")
     return Engine.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-                       drafter_options=options)
+                       drafter_options=options, backend=args.backend, quant=args.quant,
+                       activations=args.activations)
 
 
 def generation_config(args) -> GenerationConfig:

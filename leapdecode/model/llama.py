@@ -65,6 +65,7 @@ class Attention(nn.Module):
         super().__init__()
         self.wqkv, self.wo = wqkv, wo
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.sdpa = F.scaled_dot_product_attention  # a backend may swap in a row-invariant kernel
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int, mask):
         b, s, _ = x.shape  # [B, S, D]
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, S, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(layer, k, v)  # [B, Hkv, T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        y = self.sdpa(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)  # [B, H, S, hd]
         return self.wo(y.transpose(1, 2).reshape(b, s, q_size))  # [B, S, D]
 
 

@@ -1,0 +1,171 @@
+"""`leap eval`: what a weight format and activation precision cost in quality, measured on real text.
+
+Every format runs the same token windows as the float32 torch reference. Reported per format:
+perplexity of the text, the mean KL divergence KL(reference || format) of the next-token
+distributions, and how often both pick the same top-1 token (what greedy decoding sees).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from leapdecode.errors import LeapError
+from leapdecode.model.linear import ACTIVATIONS, QUANTS, convert_linears
+
+DEFAULT_FORMATS = "none:float32,int8:int8,int4:int8,gguf:float32,gguf:int8"
+
+
+@dataclass(frozen=True)
+class Format:
+    quant: str
+    activations: str
+
+    @staticmethod
+    def parse(text: str) -> Format:
+        quant, _, act = text.strip().partition(":")
+        fmt = Format(quant, act or "auto")
+        if fmt.quant not in QUANTS or fmt.activations not in ACTIVATIONS:
+            raise LeapError(f"--formats: {text!r} is not QUANT[:ACTIVATIONS] with QUANT in {QUANTS} and "
+                            f"ACTIVATIONS in {ACTIVATIONS}")
+        return fmt
+
+
+@dataclass
+class Score:
+    """Running sums over every predicted position."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    count: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def add(self, ref_logp: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> None:
+        """ref_logp, logp [T, V] float64 log-probabilities; targets [T]."""
+        self.nll -= float(logp.gather(1, targets[:, None]).sum())
+        self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+        self.agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+        self.count += targets.numel()
+
+    def to_dict(self) -> dict:
+        n = max(self.count, 1)
+        return {"perplexity": math.exp(self.nll / n), "mean_kl": self.kl / n, "top1_agreement": self.agree / n,
+                "tokens": self.count, "forward_s": self.seconds, **self.extra}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="Spec-Bench question.jsonl (or any .jsonl with 'turns'), or a .txt file")
+    p.add_argument("--category", default="summarization", help="Spec-Bench category to read (default: summarization)")
+    p.add_argument("--docs", type=int, default=8, help="number of documents (default 8)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per document window (default 512)")
+    p.add_argument("--formats", default=DEFAULT_FORMATS,
+                   help=f"comma-separated QUANT:ACTIVATIONS to compare with float32 torch (default {DEFAULT_FORMATS})")
+    p.add_argument("--backend", default="native", help="backend of the formats: native (default), torch or auto")
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2-135M)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def load_texts(path: Path, category: str, docs: int) -> list[str]:
+    """Documents from a Spec-Bench style .jsonl (first turn of each question of `category`) or a text file."""
+    if not path.is_file():
+        raise LeapError(f"--data: file not found: {path}")
+    if path.suffix != ".jsonl":
+        return [path.read_text()]
+    texts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LeapError(f"--data: line {n} of {path} is not JSON ({exc})") from exc
+        if item.get("category") == category and item.get("turns"):
+            texts.append(item["turns"][0])
+    if not texts:
+        raise LeapError(f"--data: no questions of category {category!r} in {path}")
+    return texts[:docs]
+
+
+def log_probs(model, ids: list[int]) -> torch.Tensor:
+    """Next-token log-probabilities [T - 1, V] (float64) for a window of token ids."""
+    cache = model.new_cache(len(ids))
+    x = torch.tensor([ids], device=model.device)
+    logits = model(x, torch.arange(len(ids), device=model.device), cache)[0, :-1]  # [T - 1, V]
+    return torch.log_softmax(logits.double().cpu(), dim=-1)
+
+
+def evaluate(model, gguf_path: Path | None, windows: list[list[int]], formats: list[Format],
+             backend: str) -> dict[str, dict]:
+    """Scores of the reference (float32 torch, `model` as loaded) and of every format."""
+    variants = {"reference": model}
+    for fmt in formats:
+        m = copy.deepcopy(model)
+        spec = convert_linears(m, backend, fmt.quant, gguf_path, fmt.activations)
+        variants[spec.describe()] = m
+    scores = {name: Score() for name in variants}
+    for name, m in variants.items():
+        scores[name].extra["weight_mb"] = _linear_bytes(m) / 1e6
+    for ids in windows:
+        targets = torch.tensor(ids[1:])
+        ref = None
+        for name, m in variants.items():
+            t0 = time.perf_counter()
+            logp = log_probs(m, ids)
+            scores[name].seconds += time.perf_counter() - t0
+            ref = logp if ref is None else ref
+            scores[name].add(ref, logp, targets)
+    return {name: s.to_dict() for name, s in scores.items()}
+
+
+def _linear_bytes(model) -> int:
+    from leapdecode.model.linear import linear_slots
+
+    total = 0
+    for owner, attr in linear_slots(model):
+        lin = getattr(owner, attr)
+        total += lin.nbytes if hasattr(lin, "nbytes") else lin.weight.numel() * lin.weight.element_size()
+    return total
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = [("| format (backend/quant/activations) | linear weights MB | perplexity | mean KL vs float32 | "
+             "top-1 agreement | forward s |"), "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['weight_mb']:.1f} | {r['perplexity']:.4f} | {r['mean_kl']:.5f} | "
+                     f"{100 * r['top1_agreement']:.2f}% | {r['forward_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from leapdecode.model.loader import is_gguf
+    from leapdecode.model.source import load
+
+    formats = [Format.parse(f) for f in args.formats.split(",") if f.strip()]
+    if args.docs < 1 or args.max_tokens < 2:
+        raise LeapError("--docs must be >= 1 and --max-tokens >= 2")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LeapError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    texts = load_texts(Path(args.data), args.category, args.docs)
+    model, tokenizer, path = load(args.model)
+    windows = [ids[:args.max_tokens] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
+    gguf_path = path if path.is_file() and is_gguf(path) else None
+    results = evaluate(model, gguf_path, windows, formats, args.backend)
+    if args.json:
+        print(json.dumps({"model": path.name, "tokens": results["reference"]["tokens"], "results": results}))
+    else:
+        print(f"{path.name}: {len(windows)} documents, {results['reference']['tokens']} predicted tokens\n")
+        print(format_table(results))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,116 @@
+"""Build the compiled CPU kernels once per machine and cache the shared library.
+
+The kernels are one C++ source (with two headers) without Python or torch headers, so a build takes a
+few seconds with the system compiler and needs nothing from the network. There is a build per
+instruction set (AVX2, and AVX-512 VNNI where the CPU has it); a library's name carries a hash of the
+sources, the flags and the compiler, so an edited source or another compiler never reuses a stale build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from leapdecode.errors import LeapError
+
+SOURCE = Path(__file__).with_name("native.cpp")
+HEADERS = (Path(__file__).with_name("pool.h"), Path(__file__).with_name("vnni512.h"))
+BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-pthread", "-shared", "-fPIC")
+# Instruction sets, best last: compiler flags and the /proc/cpuinfo flags they need.
+ISAS = {
+    "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+    "avx512": (("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+               ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")),
+}
+
+
+def cache_dir() -> Path:
+    """LEAPDECODE_CACHE, else $XDG_CACHE_HOME/leapdecode, else ~/.cache/leapdecode."""
+    if os.environ.get("LEAPDECODE_CACHE"):
+        return Path(os.environ["LEAPDECODE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "leapdecode"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> list[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+
+
+def cpu_problem(isa: str = "avx2") -> str | None:
+    """Why this CPU cannot run the `isa` build of the kernels, or None when it can."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs an x86-64 CPU (this is {platform.machine()})"
+    flags = _cpu_flags()
+    if flags is None:
+        return "cannot read /proc/cpuinfo to check the CPU's instruction sets"
+    missing = [f for f in ISAS[isa][1] if f not in flags]
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def best_isa() -> str:
+    """LEAPDECODE_ISA (avx2 or avx512) when set, else the best build this CPU runs."""
+    forced = os.environ.get("LEAPDECODE_ISA")
+    if forced:
+        if forced not in ISAS:
+            raise LeapError(f"LEAPDECODE_ISA={forced!r}: expected one of {', '.join(ISAS)}")
+        return forced
+    return next((isa for isa in reversed(ISAS) if cpu_problem(isa) is None), "avx2")
+
+
+def flags(isa: str) -> tuple[str, ...]:
+    return BASE_FLAGS + ISAS[isa][0]
+
+
+def _library_path(cxx: str, isa: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    text = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
+    digest = hashlib.sha256(text + " ".join(flags(isa)).encode() + version.encode()).hexdigest()
+    return cache_dir() / f"leapdecode-native-{isa}-{digest[:16]}.so"
+
+
+def build(isa: str | None = None) -> Path:
+    """The path of the compiled library for `isa` (default: `best_isa()`), compiling it first if this
+    machine has no cached build."""
+    isa = isa or best_isa()
+    problem = cpu_problem(isa)
+    if problem:
+        raise LeapError(f"backend 'native' ({isa}) is not available: {problem}")
+    cxx = compiler()
+    if cxx is None:
+        raise LeapError("backend 'native' needs a C++ compiler (g++ or clang++, or set CXX)")
+    out = _library_path(cxx, isa)
+    if out.is_file():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    except OSError as exc:
+        raise LeapError(f"cannot write the native kernels to {out.parent} ({exc}); set LEAPDECODE_CACHE "
+                        f"to a writable folder") from exc
+    os.close(fd)
+    try:
+        run = subprocess.run([cxx, *flags(isa), "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                             check=False)
+        if run.returncode != 0:
+            raise LeapError(f"building the native kernels failed:\n{run.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: concurrent builds never see a half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

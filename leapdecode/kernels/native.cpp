@@ -1,0 +1,548 @@
+// CPU kernels for x86-64 with AVX2, FMA and F16C (int8 tiles use AVX-512 VNNI in the build for CPUs
+// that have it, see vnni512.h): linear layers y[M, N] = x[M, K] @ W[N, K]^T, and attention.
+//
+// Weight formats (all row-major over N; per-block fp16 scales padded to `nbp`, a multiple of 8, with
+// zeros):
+//   F32   w  [N, K] float32
+//   Q8_0  qs [N, nb, 32] int8,   d [N, nbp] fp16:            value = d * q
+//   Q4_1  qs [N, nb, 16] nibbles, d, m [N, nbp] fp16:        value = d * q + m   (byte j of a block holds
+//         element j in its low nibble and element j + 16 in its high nibble, exactly as GGUF stores it)
+// Activations: float32, or int8 blocks of 32 quantized per row (round to nearest, scale = absmax / 127).
+//
+// Row invariance: output y[i, n] is computed by exactly the same sequence of floating-point operations
+// whatever M is, whichever tile it falls in and whichever thread computes it: tiles only decide which
+// outputs are computed side by side, never the order of a reduction. Threads split N, never K
+// (see pool.h).
+// This file must be compiled with -ffp-contract=off so the compiler never fuses a multiply and an add
+// in one tile shape and not in another.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pool.h"
+
+// Tile loops over rows and columns must be fully unrolled so accumulator arrays live in registers.
+#define LD_UNROLL _Pragma("GCC unroll 16")
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define LD_VNNI512 1
+#else
+#define LD_VNNI512 0
+#endif
+
+namespace {
+
+constexpr int QK = 32;
+
+enum Format { F32 = 0, Q8_0 = 1, Q4_1 = 2 };
+enum Act { ACT_F32 = 0, ACT_INT8 = 1 };
+
+inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline float f16(uint16_t h) { return _cvtsh_ss(h); }
+
+// ------------------------------------------------------------------ activations -> int8 blocks
+
+struct QAct {
+    const int8_t* q;   // [M, K]
+    const float* d;    // [M, nbp] block scales (zero padded)
+    const float* s;    // [M, nbp] d * sum(q) per block (zero padded), for Q4_1's min term
+    int64_t K, nbp;
+};
+
+// `grouped`: the layout the AVX-512 Q4_1 tiles read. Each run of 4 whole blocks is stored as the first
+// halves (elements 0-15) of the 4 blocks, then their second halves, matching the low and high nibbles of
+// 64 bytes of Q4_1 weights. Blocks after the last full run of 4 stay in element order.
+void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s, bool grouped) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        LD_UNROLL for (int j = 0; j < 4; ++j) {
+            v[j] = _mm256_loadu_ps(x + b * QK + 8 * j);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float dv = _mm_cvtss_f32(m4) / 127.0f;
+        const __m256 id = _mm256_set1_ps(dv != 0.0f ? 1.0f / dv : 0.0f);
+        __m256i i[4];
+        LD_UNROLL for (int j = 0; j < 4; ++j)
+            i[j] = _mm256_cvtps_epi32(
+                _mm256_round_ps(_mm256_mul_ps(v[j], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        p = _mm256_permutevar8x32_epi32(p, perm);  // the 32 values in element order
+        if (grouped && b < nb / 4 * 4) {
+            int8_t* g = q + (b / 4) * 4 * QK + (b % 4) * 16;
+            _mm_storeu_si128((__m128i*)g, _mm256_castsi256_si128(p));
+            _mm_storeu_si128((__m128i*)(g + 64), _mm256_extracti128_si256(p, 1));
+        } else {
+            _mm256_storeu_si256((__m256i*)(q + b * QK), p);
+        }
+        d[b] = dv;
+        s[b] = dv * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+// ------------------------------------------------------------------ tiles
+// Each tile computes y[m0:m0+MR, n0:n0+NR]; `w*` point at row n0, `x*` at row m0.
+
+struct WQ {
+    const uint8_t* qs;
+    const uint16_t* d;
+    const uint16_t* m;
+    const float* f;
+    int64_t K, nb, nbp;
+};
+
+// Block scales b..b+7 of rows n0..n0+NR-1 as float32 (the fp16 -> fp32 conversion is exact).
+template <int NR>
+inline void load_scales(const WQ& w, int64_t n0, int64_t b, float (*ds)[8]) {
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        _mm256_store_ps(ds[n], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.d + (n0 + n) * w.nbp + b))));
+}
+
+// Q4_1's min term per output: sum over blocks of m_w * (d_x * sum(q_x)), 8 blocks per step. Loops over
+// (n, m) stay innermost so every array here is indexed by constants (kept in registers).
+template <int NR, int MR>
+inline void min_terms(const WQ& w, int64_t n0, const QAct& a, int64_t m0, __m256 (&am)[NR][MR]) {
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) am[n][m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < w.nbp; g += 8)
+        LD_UNROLL for (int n = 0; n < NR; ++n) {
+            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.m + (n0 + n) * w.nbp + g)));
+            LD_UNROLL for (int m = 0; m < MR; ++m)
+                am[n][m] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a.s + (m0 + m) * w.nbp + g), am[n][m]);
+        }
+}
+
+#if LD_VNNI512
+#include "vnni512.h"
+#else
+template <int NR, int MR>
+void tile_q41_q8(const WQ& w, int64_t n0, const QAct& a, int64_t m0, float* y, int64_t ldy) {
+    const int64_t nb = w.nb, nbp = w.nbp;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NR][MR];
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) acc[n][m] = _mm256_setzero_ps();
+    alignas(32) float ds[NR][8];
+    for (int64_t b = 0; b < nb; ++b) {
+        if (b % 8 == 0) load_scales<NR>(w, n0, b, ds);
+        __m256i wq[NR];
+        __m256 wd[NR];
+        LD_UNROLL for (int n = 0; n < NR; ++n) {
+            const __m128i raw = _mm_loadu_si128((const __m128i*)(w.qs + ((n0 + n) * nb + b) * 16));
+            wq[n] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+            wd[n] = _mm256_broadcast_ss(&ds[n][b % 8]);
+        }
+        LD_UNROLL for (int m = 0; m < MR; ++m) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.K + b * QK));
+            const __m256 xd = _mm256_broadcast_ss(a.d + (m0 + m) * nbp + b);
+            LD_UNROLL for (int n = 0; n < NR; ++n) {
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq[n], xq), ones);
+                const __m256 pf = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
+                acc[n][m] = _mm256_fmadd_ps(pf, wd[n], acc[n][m]);
+            }
+        }
+    }
+    __m256 am[NR][MR];  // sum over blocks of min * d_x * sum(q_x)
+    min_terms<NR, MR>(w, n0, a, m0, am);
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) y[(m0 + m) * ldy + n0 + n] = hsum8(_mm256_add_ps(acc[n][m], am[n][m]));
+}
+
+template <int NR, int MR>
+void tile_q80_q8(const WQ& w, int64_t n0, const QAct& a, int64_t m0, float* y, int64_t ldy) {
+    const int64_t nb = w.nb, nbp = w.nbp;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NR][MR];
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) acc[n][m] = _mm256_setzero_ps();
+    alignas(32) float ds[NR][8];
+    for (int64_t b = 0; b < nb; ++b) {
+        if (b % 8 == 0) load_scales<NR>(w, n0, b, ds);
+        __m256i wq[NR], wa[NR];
+        __m256 wd[NR];
+        LD_UNROLL for (int n = 0; n < NR; ++n) {
+            wq[n] = _mm256_loadu_si256((const __m256i*)(w.qs + ((n0 + n) * nb + b) * QK));
+            wa[n] = _mm256_sign_epi8(wq[n], wq[n]);  // |w| as unsigned bytes (also for -128)
+            wd[n] = _mm256_broadcast_ss(&ds[n][b % 8]);
+        }
+        LD_UNROLL for (int m = 0; m < MR; ++m) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.K + b * QK));
+            const __m256 xd = _mm256_broadcast_ss(a.d + (m0 + m) * nbp + b);
+            LD_UNROLL for (int n = 0; n < NR; ++n) {
+                const __m256i xs = _mm256_sign_epi8(xq, wq[n]);  // sign of w moved onto x
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[n], xs), ones);
+                const __m256 pf = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
+                acc[n][m] = _mm256_fmadd_ps(pf, wd[n], acc[n][m]);
+            }
+        }
+    }
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) y[(m0 + m) * ldy + n0 + n] = hsum8(acc[n][m]);
+}
+
+#endif  // LD_VNNI512
+
+// Float activations with quantized weights: each block is dequantized exactly as GGUF does
+// (d * q + m, d * q), then multiplied with float32 activations.
+template <int NR, int MR, bool Q4>
+void tile_q_f32(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t m0, float* y, int64_t ldy) {
+    const int64_t nb = w.nb, nbp = w.nbp;
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    __m256 acc[NR][MR];
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) acc[n][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256 wd[NR], wm[NR];
+        LD_UNROLL for (int n = 0; n < NR; ++n) {
+            wd[n] = _mm256_set1_ps(f16(w.d[(n0 + n) * nbp + b]));
+            wm[n] = Q4 ? _mm256_set1_ps(f16(w.m[(n0 + n) * nbp + b])) : _mm256_setzero_ps();
+        }
+        LD_UNROLL for (int j = 0; j < 4; ++j) {
+            LD_UNROLL for (int n = 0; n < NR; ++n) {
+                __m256 wv;
+                if (Q4) {
+                    const uint8_t* p = w.qs + ((n0 + n) * nb + b) * 16 + (j & 1) * 8;
+                    __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+                    q = j < 2 ? _mm256_and_si256(q, low) : _mm256_srli_epi32(q, 4);
+                    wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), wd[n], wm[n]);  // d*q is exact: one rounding
+                } else {
+                    const uint8_t* p = w.qs + ((n0 + n) * nb + b) * QK + j * 8;
+                    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p));
+                    wv = _mm256_mul_ps(_mm256_cvtepi32_ps(q), wd[n]);
+                }
+                LD_UNROLL for (int m = 0; m < MR; ++m)
+                    acc[n][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + m) * ldx + b * QK + j * 8), acc[n][m]);
+            }
+        }
+    }
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) y[(m0 + m) * ldy + n0 + n] = hsum8(acc[n][m]);
+}
+
+inline __m256i tail_mask(int64_t r) {  // first r lanes set, r in [0, 8)
+    const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256((const __m256i*)(lanes + 8 - r));
+}
+
+template <int NR, int MR>
+void tile_f32(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t m0, float* y, int64_t ldy) {
+    const int64_t K = w.K, K8 = K & ~int64_t(7);
+    __m256 acc[NR][MR];
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) acc[n][m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8)
+        LD_UNROLL for (int n = 0; n < NR; ++n) {
+            const __m256 wv = _mm256_loadu_ps(w.f + (n0 + n) * K + k);
+            LD_UNROLL for (int m = 0; m < MR; ++m)
+                acc[n][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + m) * ldx + k), acc[n][m]);
+        }
+    if (K8 < K) {
+        const __m256i mask = tail_mask(K - K8);
+        LD_UNROLL for (int n = 0; n < NR; ++n) {
+            const __m256 wv = _mm256_maskload_ps(w.f + (n0 + n) * K + K8, mask);
+            LD_UNROLL for (int m = 0; m < MR; ++m)
+                acc[n][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + (m0 + m) * ldx + K8, mask), acc[n][m]);
+        }
+    }
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        LD_UNROLL for (int m = 0; m < MR; ++m) y[(m0 + m) * ldy + n0 + n] = hsum8(acc[n][m]);
+}
+
+// ------------------------------------------------------------------ tile tables and the driver
+
+struct Inputs {
+    const float* x;
+    int64_t ldx;
+    QAct a;
+};
+
+using TileFn = void (*)(const WQ&, int64_t, const Inputs&, int64_t, float*, int64_t);
+
+template <int NR, int MR>
+void run_q41_q8(const WQ& w, int64_t n0, const Inputs& in, int64_t m0, float* y, int64_t ldy) {
+    tile_q41_q8<NR, MR>(w, n0, in.a, m0, y, ldy);
+}
+template <int NR, int MR>
+void run_q80_q8(const WQ& w, int64_t n0, const Inputs& in, int64_t m0, float* y, int64_t ldy) {
+    tile_q80_q8<NR, MR>(w, n0, in.a, m0, y, ldy);
+}
+template <int NR, int MR>
+void run_q41_f32(const WQ& w, int64_t n0, const Inputs& in, int64_t m0, float* y, int64_t ldy) {
+    tile_q_f32<NR, MR, true>(w, n0, in.x, in.ldx, m0, y, ldy);
+}
+template <int NR, int MR>
+void run_q80_f32(const WQ& w, int64_t n0, const Inputs& in, int64_t m0, float* y, int64_t ldy) {
+    tile_q_f32<NR, MR, false>(w, n0, in.x, in.ldx, m0, y, ldy);
+}
+template <int NR, int MR>
+void run_f32(const WQ& w, int64_t n0, const Inputs& in, int64_t m0, float* y, int64_t ldy) {
+    tile_f32<NR, MR>(w, n0, in.x, in.ldx, m0, y, ldy);
+}
+
+constexpr int MAXN = 4, MAXM = 8;  // tables hold every tile shape up to 4 x 8
+
+#define LD_ROW(FN, N) {FN<N, 1>, FN<N, 2>, FN<N, 3>, FN<N, 4>, FN<N, 5>, FN<N, 6>, FN<N, 7>, FN<N, 8>}
+#define LD_TABLE(FN) {LD_ROW(FN, 1), LD_ROW(FN, 2), LD_ROW(FN, 3), LD_ROW(FN, 4)}
+#define LD_ROW4(FN, N) {FN<N, 1>, FN<N, 2>, FN<N, 3>, FN<N, 4>, nullptr, nullptr, nullptr, nullptr}
+#define LD_TABLE4(FN) {LD_ROW4(FN, 1), LD_ROW4(FN, 2), LD_ROW4(FN, 3), LD_ROW4(FN, 4)}
+
+const TileFn T_Q41_Q8[MAXN][MAXM] = LD_TABLE(run_q41_q8);
+const TileFn T_Q80_Q8[MAXN][MAXM] = LD_TABLE(run_q80_q8);
+const TileFn T_Q41_F32[MAXN][MAXM] = LD_TABLE4(run_q41_f32);
+const TileFn T_Q80_F32[MAXN][MAXM] = LD_TABLE4(run_q80_f32);
+const TileFn T_F32[MAXN][MAXM] = LD_TABLE4(run_f32);
+
+struct Plan {
+    const TileFn (*table)[MAXM];
+    int nr, mr;  // the full tile shape (mr <= 4 for tables built with LD_TABLE4)
+};
+
+Plan plan_for(int fmt, int act, int64_t M) {
+    // The shape is a speed choice only: any shape gives bit-identical outputs.
+    if (fmt == F32) return {T_F32, 4, M >= 3 ? 3 : (int)M};
+    if (act == ACT_INT8) {
+        if (LD_VNNI512 && M > 4 && (M <= 8 || fmt == Q8_0))  // one pass over the weights for M <= 8
+            return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 2, M >= 8 ? 8 : (int)M};
+        if (M == 1 || LD_VNNI512) return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 4, M >= 4 ? 4 : (int)M};
+        return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 2, M >= 4 ? 4 : (int)M};
+    }
+    if (M == 1) return {fmt == Q4_1 ? T_Q41_F32 : T_Q80_F32, 4, 1};
+    return {fmt == Q4_1 ? T_Q41_F32 : T_Q80_F32, 2, M >= 4 ? 4 : (int)M};
+}
+
+constexpr int64_t MB = 64;  // rows of x per pass over a weight tile (keeps x in cache for long prompts)
+
+void run_range(const Plan& p, const WQ& w, const Inputs& in, int64_t M, int64_t n_begin, int64_t n_end,
+               float* y, int64_t ldy) {
+    for (int64_t mb = 0; mb < M; mb += MB) {
+        const int64_t me = mb + MB < M ? mb + MB : M;
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += p.nr) {
+            const int nr = n_end - n0 < p.nr ? (int)(n_end - n0) : p.nr;
+            for (int64_t m0 = mb; m0 < me; m0 += p.mr) {
+                const int mr = me - m0 < p.mr ? (int)(me - m0) : p.mr;
+                p.table[nr - 1][mr - 1](w, n0, in, m0, y, ldy);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ attention
+// One query row attends to the keys its mask allows, taken in slot order as one compacted sequence:
+// every reduction (scores, max, sum of exponentials, weighted sum of values) depends only on that
+// sequence, so a draft node sees exactly the arithmetic of the same token decoded alone, whether its
+// keys sit in consecutive slots (a chain) or between sibling branches (a tree).
+
+inline __m256 exp256(__m256 x) {  // Cephes-style exp for x <= 0, relative error about 2e-7
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {  // D % 8 == 0
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (int64_t c = 8; c < D; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+    return hsum8(acc);
+}
+
+struct AttnArgs {
+    const float *q, *k, *v;
+    float* out;
+    int64_t B, H, Hkv, S, T, D;
+    const int64_t *qst, *kst, *vst, *ost;  // strides of dims (batch, head, row); the last dim is contiguous
+    const uint8_t* mask;                    // [S, T] (row stride mask_stride), or null for causal
+    int64_t mask_stride;
+    float scale;
+};
+
+void attend_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t* idx, float* p) {
+    const int64_t hk = h / (a.H / a.Hkv), D = a.D;
+    const float* q = a.q + b * a.qst[0] + h * a.qst[1] + i * a.qst[2];
+    const float* k = a.k + b * a.kst[0] + hk * a.kst[1];
+    const float* v = a.v + b * a.vst[0] + hk * a.vst[1];
+    int64_t n = 0;
+    if (a.mask) {
+        const uint8_t* mrow = a.mask + i * a.mask_stride;
+        for (int64_t t = 0; t < a.T; ++t)
+            if (mrow[t]) idx[n++] = (int32_t)t;
+    } else {
+        for (int64_t t = 0; t <= a.T - a.S + i; ++t) idx[n++] = (int32_t)t;
+    }
+    float* o = a.out + b * a.ost[0] + h * a.ost[1] + i * a.ost[2];
+    if (n == 0) {
+        for (int64_t c = 0; c < D; ++c) o[c] = 0.0f;
+        return;
+    }
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot(q, k + idx[j] * a.kst[2], D) * a.scale;
+        mx = p[j] > mx ? p[j] : mx;
+    }
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 lsum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {  // p has room for a padded last chunk
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), vmx));
+        if (n - j < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(tail_mask(n - j)));
+        _mm256_storeu_ps(p + j, e);
+        lsum = _mm256_add_ps(lsum, e);
+    }
+    __m256 acc[32];  // D <= 256
+    const int64_t C = D / 8;
+    for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_broadcast_ss(p + j);
+        const float* vr = v + idx[j] * a.vst[2];
+        for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(lsum));
+    for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
+}
+
+// ------------------------------------------------------------------ parallel drivers
+
+struct QuantJob {
+    const float* x;
+    int64_t ldx, M, K, nb, nbp, rows;
+    int8_t* q;
+    float *d, *s;
+    bool grouped;
+};
+
+void quant_chunk(void* ctx, int64_t c, int) {
+    const QuantJob& j = *(const QuantJob*)ctx;
+    const int64_t e = (c + 1) * j.rows < j.M ? (c + 1) * j.rows : j.M;
+    for (int64_t i = c * j.rows; i < e; ++i) {
+        quantize_row(j.x + i * j.ldx, j.nb, j.q + i * j.K, j.d + i * j.nbp, j.s + i * j.nbp, j.grouped);
+        for (int64_t b = j.nb; b < j.nbp; ++b) j.d[i * j.nbp + b] = j.s[i * j.nbp + b] = 0.0f;
+    }
+}
+
+struct LinearJob {
+    Plan p;
+    WQ w;
+    Inputs in;
+    int64_t M, N, rows;
+    float* y;
+    int64_t ldy;
+};
+
+void linear_chunk(void* ctx, int64_t c, int) {
+    const LinearJob& j = *(const LinearJob*)ctx;
+    const int64_t e = (c + 1) * j.rows < j.N ? (c + 1) * j.rows : j.N;
+    run_range(j.p, j.w, j.in, j.M, c * j.rows, e, j.y, j.ldy);
+}
+
+struct AttnJob {
+    AttnArgs a;
+    int64_t room;
+    int32_t* idx;
+    float* p;
+};
+
+void attn_chunk(void* ctx, int64_t task, int worker) {
+    const AttnJob& j = *(const AttnJob*)ctx;
+    const int64_t H = j.a.H, S = j.a.S;
+    attend_row(j.a, task / (H * S), task / S % H, task % S, j.idx + worker * j.room, j.p + worker * j.room);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+
+void quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t nbp, int8_t* q, float* d, float* s,
+                  int threads, bool grouped) {
+    QuantJob j{x, ldx, M, K, K / QK, nbp, 16, q, d, s, grouped};
+    ld::Pool::get().run(ceil_div(M, j.rows), quant_chunk, &j, M * K >= (1 << 16) ? threads : 1);
+}
+
+}  // namespace
+
+extern "C" {
+
+int ld_abi_version() { return 2; }
+
+int ld_isa() { return LD_VNNI512 ? 512 : 256; }  // which build this is
+
+// Quantize rows of x to int8 blocks in element order: q [M, K], d and s [M, nbp] (padding set to zero).
+void ld_quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t nbp, int8_t* q, float* d,
+                     float* s, int threads) {
+    quantize_act(x, ldx, M, K, nbp, q, d, s, threads, false);
+}
+
+// y[i, n] (row stride ldy) = sum_k x[i, k] W[n, k].  Returns 0, or a negative code for bad arguments.
+int ld_linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
+              const void* qs, const uint16_t* d, const uint16_t* m, const float* f, float* y, int64_t ldy,
+              int threads) {
+    if (M <= 0 || N <= 0 || K <= 0) return M == 0 ? 0 : -1;
+    if (fmt != F32 && (K % QK != 0)) return -2;
+    if (fmt == F32 && act != ACT_F32) return -3;
+    if (fmt < F32 || fmt > Q4_1 || act < ACT_F32 || act > ACT_INT8) return -4;
+    const int64_t nb = K / QK, nbp = (nb + 7) / 8 * 8;
+    const Plan p = plan_for(fmt, act, M);
+    LinearJob j{p, WQ{(const uint8_t*)qs, d, m, f, K, nb, nbp}, Inputs{x, ldx, {nullptr, nullptr, nullptr, K, nbp}},
+                M, N, 0, y, ldy};
+    void* scratch = nullptr;
+    if (act == ACT_INT8) {
+        scratch = malloc((size_t)(M * K + 2 * M * nbp * (int64_t)sizeof(float)));
+        if (!scratch) return -5;
+        float* dx = (float*)scratch;
+        float* sx = dx + M * nbp;
+        int8_t* qx = (int8_t*)(sx + M * nbp);
+        quantize_act(x, ldx, M, K, nbp, qx, dx, sx, threads, LD_VNNI512 && fmt == Q4_1);
+        j.in.a = QAct{qx, dx, sx, K, nbp};
+    }
+    const int nt = M * N * K < (1 << 17) ? 1 : threads;
+    // Several chunks per thread, so a thread that loses its core leaves its share to the others.
+    j.rows = ceil_div(ceil_div(N, 8 * (int64_t)nt), p.nr) * p.nr;
+    ld::Pool::get().run(ceil_div(N, j.rows), linear_chunk, &j, nt);
+    free(scratch);
+    return 0;
+}
+
+int ld_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H, int64_t Hkv,
+                 int64_t S, int64_t T, int64_t D, const int64_t* qst, const int64_t* kst, const int64_t* vst,
+                 const int64_t* ost, const uint8_t* mask, int64_t mask_stride, float scale, int threads) {
+    if (D % 8 != 0 || D > 256) return -6;
+    if (Hkv <= 0 || H % Hkv != 0) return -7;
+    if (B * H * S == 0) return 0;
+    const int64_t tasks = B * H * S;
+    const int nt = tasks * T * D < (1 << 15) ? 1 : threads;
+    const int64_t room = T + 8;  // per thread: compacted key indices and scores (padded to a chunk of 8)
+    AttnJob j{AttnArgs{q, k, v, out, B, H, Hkv, S, T, D, qst, kst, vst, ost, mask, mask_stride, scale}, room,
+              (int32_t*)malloc(sizeof(int32_t) * room * nt), (float*)malloc(sizeof(float) * room * nt)};
+    if (j.idx && j.p) ld::Pool::get().run(tasks, attn_chunk, &j, nt);
+    const int rc = j.idx && j.p ? 0 : -5;
+    free(j.idx);
+    free(j.p);
+    return rc;
+}
+
+}  // extern "C"

@@ -1,0 +1,223 @@
+"""Weight formats for the linear layers: float32, and blocks of 32 with fp16 scales.
+
+  f32   weights as they are
+  q8_0  int8 q, scale d:               w = d * q        (GGUF Q8_0; our `int8`)
+  q4_1  4-bit q, scale d and min m:    w = d * q + m    (GGUF Q4_1; our `int4`; GGUF Q4_0 as m = -8 d)
+
+A `QuantWeight` keeps the quantized values apart from the scales (q [N, nb * bytes], d and m [N, nbp]
+with nbp = nb rounded up to 8 and zero padding) so the kernels read each stream with plain vector
+loads. Repacking GGUF blocks only splits and pads arrays and converts Q4_0's offset into a min: every
+weight value stays exactly what the file stores (tests compare with `gguf.quants.dequantize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leapdecode.errors import LeapError
+
+QK = 32  # weights per block
+FORMATS = ("f32", "q8_0", "q4_1")
+_Q_BYTES = {"q8_0": QK, "q4_1": QK // 2}  # bytes of quantized values per block
+
+
+def padded_blocks(k: int) -> int:
+    return (k // QK + 7) // 8 * 8
+
+
+@dataclass(frozen=True, eq=False)
+class QuantWeight:
+    fmt: str
+    out_features: int
+    in_features: int
+    qs: torch.Tensor | None = None  # uint8 [N, nb * bytes per block]
+    d: torch.Tensor | None = None  # float16 [N, nbp]
+    m: torch.Tensor | None = None  # float16 [N, nbp] (q4_1 only)
+    f: torch.Tensor | None = None  # float32 [N, K] (f32 only)
+
+    def __post_init__(self):
+        if self.fmt not in FORMATS:
+            raise LeapError(f"unknown weight format {self.fmt!r}; expected one of {FORMATS}")
+        if self.fmt != "f32" and self.in_features % QK:
+            raise LeapError(f"format {self.fmt} needs in_features divisible by {QK}, got {self.in_features}")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a forward reads (padding included)."""
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m, self.f) if t is not None)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _pad_scales(s: torch.Tensor) -> torch.Tensor:  # [N, nb] -> [N, nbp] float16, zero padded
+    n, nb = s.shape
+    out = torch.zeros(n, padded_blocks(nb * QK), dtype=torch.float16)
+    out[:, :nb] = s
+    return out
+
+
+def _pack(fmt: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> QuantWeight:
+    """q uint8 [N, nb, bytes], d/m float16 [N, nb]."""
+    n, nb, _ = q.shape
+    return QuantWeight(fmt, n, nb * QK, qs=q.reshape(n, -1).contiguous(), d=_pad_scales(d),
+                       m=None if m is None else _pad_scales(m))
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:  # [N, nb, 32] in 0..15 -> [N, nb, 16] (GGUF order)
+    return (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
+
+
+def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
+    """Round-to-nearest quantization of float weights [N, K] per block of 32."""
+    w = w.detach().to(device="cpu", dtype=torch.float32)
+    n, k = w.shape
+    if fmt == "f32":
+        return QuantWeight("f32", n, k, f=w.contiguous())
+    if fmt not in _Q_BYTES:
+        raise LeapError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
+    if k % QK:
+        raise LeapError(f"format {fmt} needs in_features divisible by {QK}, got {k}")
+    blocks = w.reshape(n, k // QK, QK)
+    return _quantize_q8_0(blocks) if fmt == "q8_0" else _quantize_q4_1(blocks)
+
+
+def _quantize_q8_0(blocks: torch.Tensor) -> QuantWeight:
+    d = (blocks.abs().amax(-1) / 127).to(torch.float16)  # [N, nb]
+    inv = torch.where(d == 0, 0.0, 1.0 / d.float())
+    q = torch.round(blocks * inv[..., None]).clamp(-127, 127).to(torch.int8)  # the rounded scale decides q
+    return _pack("q8_0", q.view(torch.uint8), d)
+
+
+def _quantize_q4_1(blocks: torch.Tensor) -> QuantWeight:
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d, m = ((hi - lo) / 15).to(torch.float16), lo.to(torch.float16)  # [N, nb]
+    inv = torch.where(d == 0, 0.0, 1.0 / d.float())
+    q = torch.round((blocks - m.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    return _pack("q4_1", _nibbles(q), d, m)
+
+
+def dequantize(qw: QuantWeight) -> torch.Tensor:
+    """Float32 weights [N, K], computed as GGUF does (d * q + m in float32)."""
+    if qw.fmt == "f32":
+        return qw.f
+    n, k = qw.out_features, qw.in_features
+    nb = k // QK
+    d = qw.d[:, :nb].float()[..., None]  # [N, nb, 1]
+    raw = qw.qs.reshape(n, nb, _Q_BYTES[qw.fmt])
+    if qw.fmt == "q8_0":
+        return (raw.view(torch.int8).float() * d).reshape(n, k)
+    q = torch.cat([raw & 0x0F, raw >> 4], dim=-1).float()  # [N, nb, 32]
+    return (d * q + qw.m[:, :nb].float()[..., None]).reshape(n, k)
+
+
+def concat(parts: list[QuantWeight]) -> QuantWeight:
+    """Stack weights of one format along the output dimension (fused q/k/v, gate/up): exact."""
+    fmt, k = parts[0].fmt, parts[0].in_features
+    if any(p.fmt != fmt or p.in_features != k for p in parts):
+        raise LeapError("concat: every part needs the same format and in_features")
+    n = sum(p.out_features for p in parts)
+
+    def cat(name):
+        ts = [getattr(p, name) for p in parts]
+        return None if ts[0] is None else torch.cat(ts)
+
+    return QuantWeight(fmt, n, k, qs=cat("qs"), d=cat("d"), m=cat("m"), f=cat("f"))
+
+
+# ---------------------------------------------------------------- GGUF blocks
+
+_GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def from_gguf(raw: np.ndarray, type_name: str, rows: int, cols: int) -> QuantWeight:
+    """A GGUF tensor's raw data (`ReaderTensor.data`) as a QuantWeight [rows, cols], values unchanged."""
+    if type_name in ("F32", "F16"):
+        w = torch.from_numpy(np.asarray(raw, dtype=np.float32).reshape(rows, cols).copy())
+        return QuantWeight("f32", rows, cols, f=w)
+    if type_name not in _GGUF_BLOCK_BYTES:
+        raise LeapError(f"weight format 'gguf' runs {', '.join(GGUF_TYPES)} tensors as stored; this file has "
+                        f"{type_name} (use --quant int4 or int8 to requantize, or --quant none)")
+    size = _GGUF_BLOCK_BYTES[type_name]
+    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(rows, cols // QK, size)
+    return from_gguf_blocks(blocks, type_name)
+
+
+def from_gguf_blocks(blocks: torch.Tensor, type_name: str) -> QuantWeight:
+    """uint8 blocks [N, nb, bytes] of Q8_0, Q4_0 or Q4_1 -> QuantWeight."""
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [N, nb]
+    if type_name == "Q8_0":
+        return _pack("q8_0", blocks[..., 2:], d)
+    if type_name == "Q4_1":
+        return _pack("q4_1", blocks[..., 4:], d, blocks[..., 2:4].contiguous().view(torch.float16)[..., 0])
+    # Q4_0: w = d * (q - 8) = d * q + (-8 d); -8 d is exact in fp16 and d * q - 8 d is exact in float32.
+    m = d * -8
+    if not torch.isfinite(m).all():
+        raise LeapError("a Q4_0 scale is too large to repack (|8 d| exceeds the float16 range)")
+    return _pack("q4_1", blocks[..., 2:], d, m)
+
+
+def _linear_tensor(name: str) -> bool:
+    return name in ("output.weight", "token_embd.weight") or (
+        name.startswith("blk.") and name.endswith(".weight") and "norm" not in name)
+
+
+def gguf_unsupported_types(path: Path) -> set[str]:
+    """Types of the file's linear-layer tensors that quant 'gguf' cannot run as stored."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise LeapError(f"{path}: not a readable GGUF file ({exc})") from exc
+    types = {t.tensor_type.name for t in reader.tensors if _linear_tensor(t.name)}
+    return types - set(GGUF_TYPES)
+
+
+def gguf_linear_weights(path: Path, cfg) -> list[list[QuantWeight]]:
+    """The raw blocks of every linear layer of a GGUF file, in `linear_slots` order: per block
+    [q, k, v], [o], [gate, up], [down]; then [lm_head] (token_embd when the embeddings are tied).
+    llama.cpp stores q/k rows permuted for the llama architecture; whole rows are permuted back, which
+    moves blocks without touching a value."""
+    from gguf import GGUFReader
+
+    from leapdecode.model.loader import unpermute_qk
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise LeapError(f"{path}: not a readable GGUF file ({exc})") from exc
+    tensors = {t.name: t for t in reader.tensors}
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+
+    def get(name: str, rows: int, cols: int, heads: int | None = None) -> QuantWeight:
+        if name not in tensors:
+            raise LeapError(f"{path}: tensor {name!r} not found")
+        t = tensors[name]
+        if t.tensor_type.name not in GGUF_TYPES:
+            return from_gguf(t.data, t.tensor_type.name, rows, cols)  # raises the unsupported-type error
+        shape = tuple(int(x) for x in reversed(t.shape[:2]))  # ggml lists the fastest dimension first
+        if shape != (rows, cols):
+            raise LeapError(f"{path}: tensor {name} has shape {shape}, the model expects {(rows, cols)}")
+        raw = t.data
+        if heads is not None and arch == "llama":
+            raw = unpermute_qk(torch.from_numpy(np.array(raw).reshape(rows, -1)), heads).numpy()
+        return from_gguf(raw, t.tensor_type.name, rows, cols)
+
+    d, q, kv, inter = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    out = []
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        out += [[get(p + "attn_q.weight", q, d, cfg.n_heads), get(p + "attn_k.weight", kv, d, cfg.n_kv_heads),
+                 get(p + "attn_v.weight", kv, d)],
+                [get(p + "attn_output.weight", d, q)],
+                [get(p + "ffn_gate.weight", inter, d), get(p + "ffn_up.weight", inter, d)],
+                [get(p + "ffn_down.weight", d, inter)]]
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    return out + [[get(head, cfg.vocab_size, d)]]

@@ -1,0 +1,286 @@
+"""Native kernels: agreement with a float64 reference, bitwise row invariance, and lossless decoding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config, tiny_engine_for
+
+from leapdecode.costmodel import measure as measure_cost
+from leapdecode.engine import GenerationConfig
+from leapdecode.errors import LeapError
+from leapdecode.kernels import build, native
+from leapdecode.model import quant as Q
+from leapdecode.model.linear import (
+    LinearSpec,
+    NativeLinear,
+    available_backends,
+    convert_linears,
+    linear_slots,
+)
+
+pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler")
+
+# (out, in) of the bundled model's linears: fused q/k/v, o, fused gate/up, down; and odd shapes.
+MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+ODD_SHAPES = [(1, 32), (5, 64), (37, 96), (130, 160)]
+COMBOS = [("f32", "float32"), ("q8_0", "float32"), ("q8_0", "int8"), ("q4_1", "float32"), ("q4_1", "int8")]
+ISAS = [isa for isa in build.ISAS if build.cpu_problem(isa) is None]  # every build this CPU runs
+
+
+def run(qw: Q.QuantWeight, x: torch.Tensor, act: str, threads: int | None = None, isa: str | None = None):
+    y = torch.empty(x.shape[0], qw.out_features)
+    native.linear_into(y, x, qw.fmt, act, qw.out_features, qw.in_features, qs=qw.qs, d=qw.d, m=qw.m, f=qw.f,
+                       threads=threads, isa=isa)
+    return y
+
+
+def reference(qw: Q.QuantWeight, x: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 result of the kernel's inputs as the kernel sees them, a bound on float32 rounding)."""
+    if act == "int8":
+        q, d, _ = native.quantize_activations(x)  # the same quantization in every build
+        nb = x.shape[1] // 32
+        x = (q.double().reshape(x.shape[0], nb, 32) * d[:, :nb, None].double()).reshape(x.shape)
+    w = Q.dequantize(qw).double()
+    exact = x.double() @ w.T
+    bound = (x.double().abs() @ w.abs().T) * x.shape[1] * 2.0 ** -23 + 1e-30
+    return exact, bound
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,act", COMBOS)
+@pytest.mark.parametrize("shape", MODEL_SHAPES + ODD_SHAPES)
+def test_kernel_matches_float64_reference(fmt, act, shape, isa):
+    n, k = shape
+    if fmt == "f32" and k == 160:
+        k = 157  # float32 weights take any in_features (a masked tail)
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    qw = Q.quantize(torch.randn(n, k, generator=gen) * 0.05, fmt)
+    x = torch.randn(9, k, generator=gen)
+    exact, bound = reference(qw, x, act)
+    err = (run(qw, x, act, isa=isa).double() - exact).abs()
+    assert torch.all(err <= bound), f"max error / bound {float((err / bound).max()):.3g}"
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+def test_int8_activations_stay_close_to_float_activations(fmt):
+    gen = torch.Generator().manual_seed(7)
+    qw = Q.quantize(torch.randn(576, 576, generator=gen) * 0.05, fmt)
+    x = torch.randn(4, 576, generator=gen)
+    y8, yf = run(qw, x, "int8"), run(qw, x, "float32")
+    assert float((y8 - yf).norm() / yf.norm()) < 0.01  # int8 activations: under 1 % relative error
+
+
+def test_lm_head_shape():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(49152, 576, generator=gen) * 0.05
+    x = torch.randn(3, 576, generator=gen)
+    for fmt, act in (("q8_0", "int8"), ("f32", "float32")):
+        qw = Q.quantize(w, fmt)
+        exact, bound = reference(qw, x, act)
+        y = run(qw, x, act)
+        assert torch.all((y.double() - exact).abs() <= bound)
+        assert torch.equal(y[1], run(qw, x[1:2], act)[0])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,act", COMBOS)
+def test_every_row_is_bitwise_independent_of_the_others(fmt, act, isa):
+    gen = torch.Generator().manual_seed(11)
+    for n, k in [(960, 576), (576, 1536), (37, 96)]:  # 96: an odd number of blocks
+        qw = Q.quantize(torch.randn(n, k, generator=gen) * 0.05, fmt)
+        for trial in range(3):
+            m = int(torch.randint(1, 65, (1,), generator=gen))
+            x = torch.randn(m, k, generator=gen) * (1 + 10 * trial)
+            y = run(qw, x, act, isa=isa)
+            rows = torch.randint(0, m, (4,), generator=gen).tolist() + [0, m - 1]
+            for i in rows:
+                assert torch.equal(y[i], run(qw, x[i:i + 1].clone(), act, isa=isa)[0]), (n, k, m, i)
+            assert torch.equal(y, run(qw, x, act, threads=1, isa=isa))  # the thread split never matters
+
+
+def test_output_column_slices_are_written_in_place():
+    gen = torch.Generator().manual_seed(5)
+    a = Q.quantize(torch.randn(40, 64, generator=gen), "q4_1")
+    b = Q.quantize(torch.randn(24, 64, generator=gen), "f32")
+    x = torch.randn(3, 64, generator=gen)
+    lin = NativeLinear([a, b], bias=torch.arange(64.0), activations="int8")  # mixed formats: two parts
+    y = lin(x[None])[0]
+    assert torch.equal(y[:, :40], run(a, x, "int8") + torch.arange(40.0))
+    assert torch.equal(y[:, 40:], run(b, x, "float32") + torch.arange(40.0, 64.0))
+
+
+def test_bad_calls_raise_leap_errors():
+    qw = Q.quantize(torch.randn(8, 64), "q4_1")
+    lin = NativeLinear([qw], None, "int8")
+    with pytest.raises(LeapError, match="float32"):
+        lin(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(LeapError, match="float32 activations"):
+        run(Q.quantize(torch.randn(8, 64), "f32"), torch.randn(2, 64), "int8")
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _qkv(s: int, t: int, gen, b=1, h=6, hkv=2, d=32):
+    return (torch.randn(b, h, s, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen),
+            torch.randn(b, hkv, t, d, generator=gen))
+
+
+def test_attention_matches_torch():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(5, 21, gen, b=2)
+    mask = torch.rand(5, 21, generator=gen) < 0.7
+    mask[:, 0] = True
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(native.attention(q, k, v, mask, enable_gqa=True).double(), ref, atol=1e-5)
+    causal = torch.ones(5, 21, dtype=torch.bool).tril(16)
+    assert torch.equal(native.attention(q, k, v, None, True), native.attention(q, k, v, causal, True))
+
+
+def test_attention_rows_see_only_their_compacted_keys():
+    """A row's output equals the same query attending alone to its allowed keys packed together: the
+    arithmetic of a tree node is that of the token decoded on its own."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(7, 40, gen)
+    mask = torch.rand(7, 40, generator=gen) < 0.5
+    mask[:, 3] = True
+    y = native.attention(q, k, v, mask, True)
+    for i in range(7):
+        keep = mask[i].nonzero()[:, 0]
+        alone = native.attention(q[:, :, i:i + 1], k[:, :, keep], v[:, :, keep], None, True)
+        assert torch.equal(y[:, :, i], alone[:, :, 0])
+
+
+def test_attention_bad_mask_is_a_clear_error():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(2, 5, gen)
+    with pytest.raises(LeapError, match="mask"):
+        native.attention(q, k, v, torch.ones(2, 5), True)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+def _tiny_float32(seed=0, **cfg):
+    eng = tiny_engine_for(tiny_config(**cfg), seed=seed, dtype=torch.float32)
+    return eng
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_converted_model_is_close_to_torch(quant):
+    eng = _tiny_float32(dim=64, inter=128, heads=4, kv_heads=2, vocab=96)
+    ref = copy.deepcopy(eng.model)
+    spec = convert_linears(eng.model, "native", quant, None, "float32")
+    assert spec == LinearSpec("native", quant, "float32") and eng.model.linear_spec == spec
+    assert all(getattr(o, a).backend == "native" for o, a in linear_slots(eng.model))
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    a = ref(ids, torch.arange(12), ref.new_cache(12))
+    b = eng.model(ids, torch.arange(12), eng.model.new_cache(12))
+    tol = {"none": 1e-4, "int8": 0.05, "int4": 0.5}[quant]
+    assert float((a - b).abs().max()) < tol
+
+
+@pytest.mark.parametrize("quant,act", [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int4", "float32")])
+def test_forward_of_k_tokens_equals_k_single_steps_bitwise(quant, act):
+    eng = _tiny_float32(dim=64, inter=128, vocab=96, qkv_bias=True)
+    model = eng.model
+    convert_linears(model, "native", quant, None, act)
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(16)
+    model(ids[:, :9], torch.arange(9), cache)
+    together = model(ids[:, 9:], torch.arange(9, 16), cache)[0]  # [7, V]
+    cache.truncate(9)
+    alone = torch.cat([model(ids[:, i:i + 1], torch.arange(i, i + 1), cache)[0] for i in range(9, 16)])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("quant,act", [("none", "float32"), ("int4", "int8"), ("int8", "float32")])
+def test_greedy_tokens_equal_with_and_without_drafting(quant, act):
+    eng = _tiny_float32(seed=3, vocab=32, dim=64, inter=128)
+    convert_linears(eng.model, "native", quant, None, act)
+    prompt = list(range(8)) * 3
+    plain = eng.generate(prompt, GenerationConfig(max_new_tokens=80, drafter="none"))
+    pld = eng.generate(prompt, GenerationConfig(max_new_tokens=80, drafter="pld"))
+    assert pld.stats.drafted > 0  # the comparison exercised verification of drafts
+    assert pld.token_ids == plain.token_ids
+
+
+def test_bundled_model_gguf_blocks_lossless_drafting(bundled_engine):
+    from leapdecode.engine import Engine
+    from leapdecode.model.source import default_model_path
+
+    eng = Engine(copy.deepcopy(bundled_engine.model), bundled_engine.tokenizer)
+    spec = convert_linears(eng.model, "auto", "auto", default_model_path())  # from any backend the fixture has
+    assert spec == LinearSpec("native", "gguf", "int8") and eng.model.lm_head.backend == "native"
+    for prompt in ["Repeat this list exactly: apples, pears, plums, apples, pears, plums.",
+                   "Write a Python function that returns the sum of a list."]:
+        plain = eng.generate(prompt, GenerationConfig(max_new_tokens=40, drafter="none"))
+        pld = eng.generate(prompt, GenerationConfig(max_new_tokens=40, drafter="pld"))
+        assert pld.token_ids == plain.token_ids
+
+
+def test_spec_resolution_and_errors():
+    eng = _tiny_float32()
+    assert LinearSpec().resolve(eng.model, None) == LinearSpec("native", "none", "float32")
+    assert LinearSpec("torch", "int4").resolve(eng.model, None) == LinearSpec("torch", "int4", "float32")
+    assert LinearSpec("native", "int8").resolve(eng.model, None).activations == "int8"
+    with pytest.raises(LeapError, match="backend"):
+        LinearSpec("cuda-magic")
+    with pytest.raises(LeapError, match="quant"):
+        LinearSpec("native", "int3")
+    with pytest.raises(LeapError, match="GGUF"):
+        LinearSpec("native", "gguf").resolve(eng.model, None)
+    with pytest.raises(LeapError, match="int8 activations need quantized"):
+        convert_linears(eng.model, "native", "none", None, "int8")
+    with pytest.raises(LeapError, match="float activations"):
+        convert_linears(eng.model, "torch", "int4", None, "int8")
+    f64 = tiny_engine_for(tiny_config(), dtype=torch.float64)
+    assert LinearSpec("auto").resolve(f64.model, None).backend == "torch"
+    with pytest.raises(LeapError, match="float32"):
+        convert_linears(f64.model, "native", "none")
+
+
+def test_a_converted_model_converts_again():
+    eng = _tiny_float32(dim=64, inter=128)
+    w = eng.model.blocks[1].attn.wo.weight.clone()
+    convert_linears(eng.model, "native", "none")
+    assert eng.model.blocks[0].attn.sdpa is native.attention
+    convert_linears(eng.model, "torch", "int8")
+    assert torch.equal(eng.model.blocks[1].attn.wo.weight, Q.dequantize(Q.quantize(w, "q8_0")))
+    assert eng.model.blocks[0].attn.sdpa is F.scaled_dot_product_attention
+
+
+def test_torch_backend_simulates_the_quantized_weights():
+    eng = _tiny_float32(dim=64, inter=128)
+    w = eng.model.blocks[0].mlp.w2.weight.clone()
+    convert_linears(eng.model, "torch", "int4", None, "float32")
+    assert torch.equal(eng.model.blocks[0].mlp.w2.weight, Q.dequantize(Q.quantize(w, "q4_1")))
+
+
+def test_measure_verify_cost_on_native():
+    eng = _tiny_float32()
+    convert_linears(eng.model, "native", "int8")
+    curve = measure_cost(eng.model, (1, 2, 4), context=16, repeats=1)
+    assert curve.ks == (1, 2, 4) and all(c > 0 for c in curve.seconds)
+
+
+def test_a_copied_native_model_gives_the_same_logits():
+    eng = _tiny_float32(dim=64, inter=128)
+    convert_linears(eng.model, "native", "int4")
+    twin = copy.deepcopy(eng.model)  # new weight buffers: kernel arguments must follow them
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
+    a = eng.model(ids, torch.arange(10), eng.model.new_cache(10))
+    del eng
+    assert torch.equal(a, twin(ids, torch.arange(10), twin.new_cache(10)))
+
+
+def test_gguf_blocks_of_another_model_are_rejected():
+    from leapdecode.model.source import default_model_path
+
+    eng = _tiny_float32()
+    with pytest.raises(LeapError, match="shape"):
+        convert_linears(eng.model, "native", "gguf", default_model_path())

@@ -1,6 +1,7 @@
 """Plain decoding: our engine vs transformers `generate`, same model, prompts, dtype and threads, one run.
 
     .venv/bin/python benchmarks/decode_speed.py [--model PATH] [--max-new-tokens 128] [--threads 2]
+        [--backend torch --quant none --activations float32]   (the default: float32 like transformers)
 
 Prints a markdown table (tokens/s each, ratio, machine) and the fraction of the memory-bandwidth bound
 that our decoding reaches (weight bytes read per token vs. measured read bandwidth).
@@ -54,10 +55,14 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench_results/decode_speed")
+    ap.add_argument("--backend", default="torch", help="torch (default: the reference path) or native")
+    ap.add_argument("--quant", default="none")
+    ap.add_argument("--activations", default="float32")
     args = ap.parse_args()
     bw = {t: read_bandwidth(t) for t in (1, args.threads)}
     torch.set_num_threads(args.threads)
-    engine = Engine.load(args.model, threads=args.threads)
+    engine = Engine.load(args.model, threads=args.threads, backend=args.backend, quant=args.quant,
+                         activations=args.activations)
     questions = load_questions(args.data, categories=CATEGORIES[1:], per_category=1)  # single-turn groups
     ctx = PeerContext(model_path=engine_path(engine, args.model), dtype=engine.model.dtype,
                       eos_ids=frozenset(engine.tokenizer.eos_ids), threads=args.threads,
@@ -89,7 +94,7 @@ def table(records: list[dict], engine: Engine, bw: dict[int, float], args) -> st
     m = describe_machine(engine)
     lines = [
         (f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['logical_cpus']} CPUs, threads {args.threads}, "
-        f"dtype {m['dtype']}, torch {m['torch']}, model {m['model']}, {len(records) // 2} Spec-Bench prompts, "
+        f"dtype {m['dtype']}, backend {engine.backend}, torch {m['torch']}, model {m['model']}, {len(records) // 2} Spec-Bench prompts, "
         f"{args.max_new_tokens} new tokens, greedy, one warm-up run each."),
         "",
         "| engine | tokens/s (prefill included) | ratio vs transformers |",

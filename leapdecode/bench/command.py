@@ -6,7 +6,6 @@ Thin: it checks the arguments (before any model loads), builds the engine and th
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from leapdecode.bench.data import load_questions
 from leapdecode.bench.peers import PEERS, PeerContext, check_peers, make_peers
 from leapdecode.bench.report import main_table, render_dir, render_report, summarize
 from leapdecode.bench.runner import BASELINE, RECORDS, read_meta, run_bench
-from leapdecode.commands.common import add_model_arguments
+from leapdecode.commands.common import add_model_arguments, positive_int
 from leapdecode.drafters import available
 from leapdecode.engine import Engine
 from leapdecode.errors import LeapError
@@ -29,25 +28,15 @@ DEFAULT_OUT = "bench_results"
 MAX_PEER_CTX = 8192
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="Spec-Bench question.jsonl (question_id, category, turns)")
     p.add_argument("--categories", nargs="+", default=None,
                    help="only these categories (comma or space separated; mt_bench = its 8 categories)")
-    p.add_argument("--per-category", type=_positive_int, default=None, help="first N questions per category")
+    p.add_argument("--per-category", type=positive_int, default=None, help="first N questions per category")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated drafters (default: every available one); `{BASELINE}` always runs")
     p.add_argument("--peers", default="", help=f"comma-separated peers: {', '.join(PEERS)} (default: none)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; outputs are compared)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
     p.add_argument("--max-draft", type=int, default=64, help="most draft tokens verified per step")

@@ -10,7 +10,8 @@ from leapdecode.errors import LeapError
 from leapdecode.sampling import SamplingParams
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -25,7 +26,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2-135M)")
     g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float64")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     g.add_argument("--backend", default="auto", help="linear kernels: auto (native where it runs), native or torch")
     g.add_argument("--quant", default="auto",
                    help="weights: auto (a GGUF's own blocks on native), gguf, none (float32), int8 or int4")
@@ -36,7 +37,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")

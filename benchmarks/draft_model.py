@@ -1,0 +1,104 @@
+"""Draft-model speculation (Qwen2.5-Coder 0.5B drafting for 1.5B) against plain decoding and against
+transformers' assisted generation on the same pair, in one script.
+
+    python benchmarks/models.py fetch qwen-pair          # once: both GGUF files into the user cache
+    python benchmarks/draft_model.py --per-group 3 --max-new-tokens 128 --threads 2
+
+Phase 1 runs our engine (plain, then draft-model, rotating per question); phase 2 frees it and runs
+transformers on the same GGUF files dequantized to the same dtype: `generate` plain and with
+`assistant_model=` (its default assistant schedule). Both phases answer the same chat-templated token
+ids (the first turn of the first N questions of each Spec-Bench group), greedy. Ratios are to our plain
+decoding and to transformers' plain decoding measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import model_path
+from self_spec import common_arguments, load_selected, run_rotating, table
+
+
+def cached(name: str) -> str:
+    path = model_path(name)
+    if not path.is_file():
+        raise SystemExit(f"{name} is not cached; run: python benchmarks/models.py fetch qwen-pair")
+    return str(path)
+
+
+def our_phase(args, methods: list[str]):
+    from leapdecode.bench.methods import DrafterMethod
+    from leapdecode.engine import Engine
+
+    options = {"path": args.draft, "num_draft": args.num_draft, "branch": args.branch, "threshold": args.threshold}
+    engine = Engine.load(args.target, args.dtype, threads=args.threads, drafter_options={"draft-model": options})
+    prompts = load_selected(args, engine)
+    contenders = [DrafterMethod(engine, m) for m in methods]  # loads the draft model
+    records = run_rotating(contenders, prompts, args.max_new_tokens) if contenders else []
+    return records, prompts, frozenset(engine.tokenizer.eos_ids)
+
+
+def hf_phase(args, methods: list[str], prompts, eos_ids) -> list[dict]:
+    import torch
+
+    from leapdecode.bench.peers import HFPeer, load_hf_model
+    from leapdecode.model.source import parse_dtype
+
+    class AssistedHF(HFPeer):
+        def __init__(self, model, assistant, eos):
+            super().__init__("hf-assisted", model, eos)
+            self.assistant = assistant
+
+        def _generate_kwargs(self, max_new_tokens, sampling):
+            return {**super()._generate_kwargs(max_new_tokens, sampling), "assistant_model": self.assistant}
+
+    torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
+    target = load_hf_model(Path(args.target), dtype)
+    contenders = []
+    if "hf" in methods:
+        contenders.append(HFPeer("hf", target, eos_ids))
+    if "hf-assisted" in methods:
+        contenders.append(AssistedHF(target, load_hf_model(Path(args.draft), dtype), eos_ids))
+    return run_rotating(contenders, prompts, args.max_new_tokens)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=None, help="target GGUF (default: the cached qwen-1.5b)")
+    p.add_argument("--draft", default=None, help="draft GGUF (default: the cached qwen-0.5b)")
+    p.add_argument("--num-draft", type=int, default=6)
+    p.add_argument("--branch", type=int, default=1)
+    p.add_argument("--threshold", type=float, default=0.3)
+    common_arguments(p, "none,draft-model,hf,hf-assisted")
+    p.set_defaults(per_group=3)
+    args = p.parse_args(argv)
+    args.target = args.target or cached("qwen-1.5b")
+    args.draft = args.draft or cached("qwen-0.5b")
+    methods = args.methods.split(",")
+
+    records, prompts, eos_ids = our_phase(args, [m for m in methods if m in ("none", "draft-model")])
+    gc.collect()
+    if {"hf", "hf-assisted"} & set(methods):
+        records += hf_phase(args, methods, prompts, eos_ids)  # same question indexes: tokens comparable
+    print(f"## Draft-model speculation: {Path(args.draft).name} drafting for {Path(args.target).name} "
+          f"({args.dtype}, {args.threads} threads, greedy, {args.max_new_tokens} new tokens, "
+          f"{len(prompts)} questions)\n")
+    print("Command: python benchmarks/draft_model.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
+    print(table(records, "none") if any(r["method"] == "none" for r in records) else "")
+    if any(r["method"] == "hf" for r in records):
+        print("\nAgainst transformers' plain decoding:\n")
+        print(table(records, "hf"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Draft-model speculation: lossless greedy decoding with random draft models (chains and trees), its own
+KV cache kept in step with the sequence, seeded sampling, and the checks on the draft model."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import char_tokenizer, random_state, tiny_config, tiny_engine_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import leapdecode.drafters.draft_model  # noqa: F401  (registers draft-model)
+from leapdecode.drafters import make_drafter
+from leapdecode.drafters.draft_model import DraftModel, DraftModelOptions, common_prefix
+from leapdecode.engine import Engine, GenerationConfig
+from leapdecode.errors import LeapError
+from leapdecode.model.loader import build_model
+from leapdecode.model.tokenizer import Tokenizer
+from leapdecode.sampling import SamplingParams
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def target(seed: int) -> Engine:
+    return tiny_engine_for(tiny_config(vocab=VOCAB, layers=3), seed)
+
+
+@functools.cache
+def draft_model(seed: int, layers: int):
+    cfg = tiny_config(vocab=VOCAB, layers=layers, dim=16, heads=2, kv_heads=1, inter=32)
+    return build_model(random_state(cfg, seed), cfg, torch.float64)
+
+
+def drafter_for(engine: Engine, model, **options) -> DraftModel:
+    d = make_drafter("draft-model", model=model, **options)
+    d.bind(engine)
+    return d
+
+
+def generate(engine: Engine, drafter, prompt, n: int, sampling=None, max_draft: int = 64):
+    cfg = GenerationConfig(max_new_tokens=n, drafter=drafter.name if drafter else "none",
+                           sampling=sampling or SamplingParams(), max_draft=max_draft)
+    return engine.generate(prompt, cfg, drafter=drafter)
+
+
+# ---------------------------------------------------------------- lossless greedy decoding
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(target_seed=st.integers(0, 2), draft=st.sampled_from(["self", "other-1", "other-2", "other-3"]),
+       num_draft=st.integers(1, 8), branch=st.integers(1, 4), threshold=st.sampled_from([0.0, 0.2, 0.6]),
+       max_draft=st.integers(0, 12), prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10),
+                                                       min_size=1, max_size=3),
+       n_new=st.integers(1, 40))
+def test_greedy_output_equals_plain_decoding(target_seed, draft, num_draft, branch, threshold, max_draft, prompts,
+                                              n_new):
+    engine = target(target_seed)
+    # "self": the target's own weights (every draft accepted); "other-s": a smaller random model
+    model = engine.model if draft == "self" else draft_model(int(draft[-1]), int(draft[-1]))
+    drafter = drafter_for(engine, model, num_draft=num_draft, branch=branch, threshold=threshold)
+    for prompt in prompts:  # one drafter across requests: its cache must resync each time
+        result = generate(engine, drafter, prompt, n_new, max_draft=max_draft)
+        assert result.token_ids == generate(engine, None, prompt, n_new).token_ids
+        assert result.stats.drafted <= max_draft * result.stats.steps
+
+
+@pytest.mark.parametrize("branch", [1, 3])
+def test_the_target_drafting_for_itself_is_always_accepted(branch):
+    engine = target(0)
+    drafter = drafter_for(engine, engine.model, num_draft=5, branch=branch, threshold=0.0)
+    result = generate(engine, drafter, [1, 2, 3], 36)
+    assert result.stats.accepted == 30 and result.stats.steps == 6  # 6 steps of 5 accepted + 1 bonus
+    assert result.stats.drafted == 30 * branch
+
+
+def test_tree_shape_and_greedy_siblings():
+    engine = target(0)
+    drafter = drafter_for(engine, draft_model(1, 1), num_draft=3, branch=3, threshold=0.0)
+    drafter.cache, drafter.sampling = engine.model.new_cache(64), SamplingParams()
+    draft = drafter.propose([4, 5, 6], 64)
+    assert draft.parents == [-1, -1, -1, 0, 0, 0, 3, 3, 3] and draft.probs is None
+    logits = draft_model(1, 1)(torch.tensor([[4, 5, 6]]), torch.arange(3), draft_model(1, 1).new_cache(8))[0, -1]
+    assert draft.token_ids[:3] == torch.topk(logits, 3).indices.tolist()  # top-3, most likely first
+    assert len(drafter.propose([4, 5, 6], 4)) == 4  # max_nodes caps the tree
+    assert drafter.propose([4, 5, 6], 4).parents == [-1, -1, -1, 0]
+
+
+def test_sampled_drafts_carry_their_distributions():
+    engine = target(0)
+    drafter = drafter_for(engine, draft_model(1, 1), num_draft=4, branch=2, threshold=0.0)
+    drafter.cache, drafter.sampling = engine.model.new_cache(64), SamplingParams(temperature=0.9, top_k=10, seed=3)
+    drafter.start([4, 5, 6])
+    draft = drafter.propose([4, 5, 6], 64)
+    assert draft.probs.shape == (8, VOCAB) and draft.probs.dtype == torch.float64
+    assert torch.equal(draft.probs[0], draft.probs[1])  # siblings are drawn from one row
+    assert torch.allclose(draft.probs.sum(-1), torch.ones(8, dtype=torch.float64))
+    assert ((draft.probs > 0).sum(-1) == 10).all()  # top_k applies to the draft distribution
+    assert all(draft.probs[i, t] > 0 for i, t in enumerate(draft.token_ids))
+
+
+# ---------------------------------------------------------------- the draft model's own cache
+
+
+def test_cache_follows_the_sequence_through_rejections_and_new_requests():
+    engine = target(1)
+    model = draft_model(2, 2)
+    drafter = drafter_for(engine, model, num_draft=4, threshold=0.0)
+    drafter.cache, drafter.sampling = engine.model.new_cache(128), SamplingParams()
+    sequences = [[1, 2, 3], [1, 2, 3, 9], [1, 2, 3, 9, 9, 4], [1, 2, 7], [5], [5, 6, 7, 8, 9, 10]]
+    for tokens in sequences:
+        drafter.start(tokens)
+        got = drafter.propose(tokens, 64)
+        fresh = drafter_for(engine, model, num_draft=4, threshold=0.0)
+        fresh.cache, fresh.sampling = engine.model.new_cache(128), SamplingParams()
+        assert got.token_ids == fresh.propose(tokens, 64).token_ids
+        assert drafter._seen[:len(tokens)] == tokens and drafter._cache.length == len(drafter._seen)
+        assert drafter._seen[len(tokens):] == got.token_ids[:-1]  # the chain minus its last token is cached
+
+
+def test_feed_only_what_the_draft_model_has_not_seen():
+    engine = target(1)
+    drafter = drafter_for(engine, draft_model(2, 2), num_draft=2, threshold=0.0)
+    drafter.cache, drafter.sampling = engine.model.new_cache(128), SamplingParams()
+    calls = []
+    original = drafter.model.forward
+
+    def counting(tokens, *args, **kwargs):
+        calls.append(tokens.shape[1])
+        return original(tokens, *args, **kwargs)
+
+    drafter.model.forward = counting
+    try:
+        d = drafter.propose(list(range(10)), 64)  # prefill 10, then one drafted token
+        # the first draft token was accepted and 33 is the bonus: the accepted token was already fed
+        # while drafting, so only the bonus is new
+        d2 = drafter.propose(list(range(10)) + [d.token_ids[0], 33], 64)
+        # a rejected draft: the cache drops the drafted token and feeds the bonus after the root
+        d3 = drafter.propose(list(range(10)) + [d.token_ids[0], 33, 20], 64)
+        d4 = drafter.propose(list(range(10)) + [d.token_ids[0], 33, 21], 64)
+        assert calls == [10, 1, 1, 1, 1, 1, 1, 1] and len(d2) == len(d3) == len(d4) == 2
+        assert drafter._seen == list(range(10)) + [d.token_ids[0], 33, 21, d4.token_ids[0]]
+    finally:
+        del drafter.model.forward
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([5], [1]) == 0
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_is_reproducible():
+    engine = target(2)
+    model = draft_model(1, 1)
+    sampling = SamplingParams(temperature=1.0, seed=7)
+    runs = [generate(engine, drafter_for(engine, model, branch=2), [3, 4], 40, sampling) for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and runs[0].stats.drafted == runs[1].stats.drafted > 0
+    other = generate(engine, drafter_for(engine, model, branch=2), [3, 4], 40, SamplingParams(temperature=1.0, seed=8))
+    assert other.token_ids != runs[0].token_ids
+
+
+# ---------------------------------------------------------------- checks on the draft model
+
+
+def test_refuses_another_vocabulary_size():
+    engine = target(0)
+    cfg = tiny_config(vocab=VOCAB + 1, layers=1)
+    with pytest.raises(LeapError, match="draft model's vocabulary has 65 tokens, the target's 64"):
+        drafter_for(engine, build_model(random_state(cfg), cfg, torch.float64))
+
+
+def test_refuses_other_token_strings():
+    engine = target(0)
+    tok = char_tokenizer(VOCAB)
+    vocab = {tok.token(i): i for i in range(VOCAB)}
+    vocab["x9"], vocab[tok.token(63)] = 63, None
+    vocab = {t: i for t, i in vocab.items() if i is not None}
+    import tokenizers
+    from tokenizers import models
+
+    other = Tokenizer(tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[])), bos_id=None, eos_ids=set(),
+                      chat_template=None, add_bos=False)
+    with pytest.raises(LeapError, match="token 63 is 'x9' for the draft model but"):
+        drafter_for(engine, draft_model(1, 1), tokenizer=other)
+    drafter_for(engine, draft_model(1, 1), tokenizer=tok)  # the same strings pass
+
+
+def test_refuses_another_dtype():
+    engine = target(0)
+    with pytest.raises(LeapError, match="must match"):
+        drafter_for(engine, draft_model(1, 1).to(torch.float32))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "exactly one of the options path"),
+    ({"path": "a.gguf", "model": object()}, "exactly one of the options path"),
+    ({"path": 3}, "option path must be a string"),
+    ({"path": "x", "num_draft": 0}, "draft-model option num_draft must be an integer >= 1"),
+    ({"path": "x", "branch": 1.5}, "draft-model option branch"),
+    ({"path": "x", "threshold": -1}, "draft-model option threshold"),
+    ({"path": "x", "depth": 3}, "unknown draft-model option.*depth"),
+])
+def test_invalid_options(options, message):
+    with pytest.raises(LeapError, match=message):
+        make_drafter("draft-model", **options)
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    engine = target(0)
+    with pytest.raises(LeapError, match="model not found"):
+        drafter_for_path = make_drafter("draft-model", path=str(tmp_path / "missing.gguf"))
+        drafter_for_path.bind(engine)
+
+
+def test_defaults():
+    assert DraftModelOptions(path="m.gguf") == DraftModelOptions(
+        path="m.gguf", model=None, tokenizer=None, num_draft=6, branch=1, threshold=0.3)
+
+
+@pytest.mark.slow
+def test_bundled_model_drafting_for_itself_from_its_path(bundled_engine):
+    from leapdecode.model.source import default_model_path
+
+    drafter = make_drafter("draft-model", path=str(default_model_path()), threshold=0.0, num_draft=4)
+    drafter.bind(bundled_engine)  # loads a second copy and compares the tokenizers
+    result = generate(bundled_engine, drafter, bundled_engine.encode_prompt("Name three colors."), 20)
+    assert result.stats.accepted == result.stats.drafted > 0

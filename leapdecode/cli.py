@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leap: error: file not found: {exc.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("", file=sys.stderr)
+        print(file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

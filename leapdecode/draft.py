@@ -42,7 +42,7 @@ class Draft:
         return len(self.token_ids)
 
     @staticmethod
-    def chain(token_ids: list[int], probs: torch.Tensor | None = None, source: str = "") -> "Draft":
+    def chain(token_ids: list[int], probs: torch.Tensor | None = None, source: str = "") -> Draft:
         return Draft(list(token_ids), list(range(-1, len(token_ids) - 1)), probs, source)
 
     def depths(self) -> list[int]:
@@ -64,7 +64,7 @@ class Draft:
             node = self.parents[node]
         return path[::-1]
 
-    def truncated(self, max_nodes: int) -> "Draft":
+    def truncated(self, max_nodes: int) -> Draft:
         """The first `max_nodes` nodes (parents precede children, so this stays a tree)."""
         if len(self) <= max_nodes:
             return self

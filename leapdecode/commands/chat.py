@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from leapdecode.commands.common import (add_generation_arguments, add_model_arguments, format_stats,
-                                        generation_config, load_engine)
+from leapdecode.commands.common import (
+    add_generation_arguments,
+    add_model_arguments,
+    format_stats,
+    generation_config,
+    load_engine,
+)
 
 HELP = "Commands: /reset clears the conversation, /exit quits (or Ctrl-D)."
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from leapdecode.commands.common import (add_generation_arguments, add_model_arguments, format_stats,
-                                        generation_config, load_engine)
+from leapdecode.commands.common import (
+    add_generation_arguments,
+    add_model_arguments,
+    format_stats,
+    generation_config,
+    load_engine,
+)
 
 
 def add_arguments(p) -> None:

@@ -70,7 +70,7 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
 
     @staticmethod
-    def from_hf(cfg: dict) -> "ModelConfig":
+    def from_hf(cfg: dict) -> ModelConfig:
         """From a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM)."""
         arch = cfg.get("model_type", "llama")
         if arch not in ("llama", "mistral", "qwen2"):

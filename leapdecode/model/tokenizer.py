@@ -120,7 +120,7 @@ class Tokenizer:
         return self.encode(self.render_chat(messages), add_bos=False)
 
     @staticmethod
-    def from_gguf_metadata(meta: dict) -> "Tokenizer":
+    def from_gguf_metadata(meta: dict) -> Tokenizer:
         backend = _gguf_backend(meta)
         tokens = meta["tokenizer.ggml.tokens"]
         eos = {meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
@@ -130,7 +130,7 @@ class Tokenizer:
                          chat_template=template, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
 
     @staticmethod
-    def from_hf_folder(folder: Path) -> "Tokenizer":
+    def from_hf_folder(folder: Path) -> Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise LeapError(f"{folder}: no tokenizer.json")

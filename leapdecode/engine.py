@@ -215,8 +215,9 @@ class Engine:
             draft = drafter.propose(tokens, budget).truncated(budget)
             t2 = time.perf_counter()
             step = self.verify(draft, root, cache, params, rng)
-            stats.observe_step(len(draft), len(step.accepted), t2 - t1, time.perf_counter() - t2)
-            drafter.observe(step)
+            t3 = time.perf_counter()
+            drafter.observe(step)  # learning from the step is drafting cost too
+            stats.observe_step(len(draft), len(step.accepted), t2 - t1 + time.perf_counter() - t3, t3 - t2)
             tokens += step.committed
             root = step.bonus
             yield step.committed

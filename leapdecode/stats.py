@@ -14,8 +14,8 @@ class Stats:
     steps: int = 0  # verification forwards after prefill
     drafted: int = 0  # draft nodes sent to the target
     accepted: int = 0  # draft nodes accepted (bonus tokens excluded)
-    draft_s: float = 0.0
-    verify_s: float = 0.0
+    draft_s: float = 0.0  # proposing and learning from each step (propose + observe)
+    verify_s: float = 0.0  # the verification forward, acceptance and cache compaction
     accepted_by_depth: list[int] = field(default_factory=list)  # [d] = steps that accepted >= d+1 nodes
     drafter: str = "none"
     backend: str = "torch"

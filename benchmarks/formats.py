@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated backend:quant:activations")
     ap.add_argument("--ks", default="1,2,4,8,16,32")
+    ap.add_argument("--drafters", default="none,pld,auto", help="comma-separated; the first is the baseline")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = Engine.load()
@@ -55,27 +55,35 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     curves = {spec: measure_cost(e.model, tuple(sorted(set(ks)))) for spec, e in engines.items()}
     cost = {spec: dict(zip(c.ks, c.seconds)) for spec, c in curves.items()}
-    speed = {(spec, d): [] for spec in engines for d in ("none", "pld")}
-    same = {spec: True for spec in engines}
-    for text in prompts(Path(args.data), args.prompts):
+    drafters = args.drafters.split(",")
+    speed = {(spec, d): [] for spec in engines for d in drafters}  # (tokens, seconds) incl. prefill
+    same = {(spec, d): 0 for spec in engines for d in drafters}
+    texts = prompts(Path(args.data), args.prompts)
+    for text in texts:
         for spec, eng in engines.items():
             out = {}
-            for drafter in ("none", "pld"):
-                r = eng.generate(text, GenerationConfig(max_new_tokens=args.max_new_tokens, drafter=drafter))
-                speed[(spec, drafter)].append(r.stats.decode_tokens_per_s)
-                out[drafter] = r.token_ids
-            same[spec] &= out["none"] == out["pld"]
-    ref = next(iter(engines))
-    print(f"bundled model, {args.threads} threads, {args.prompts} prompts x {args.max_new_tokens} new tokens; "
-          f"forward of k tokens after 128 cached (ms, median of 3)\n")
-    print("| config | " + " | ".join(f"k={k}" for k in ks) + " | decode tok/s (none) | pld | pld == none |")
-    print("|---|" + "---|" * (len(ks) + 3))
-    for spec in engines:
-        tps = {d: statistics.mean(speed[(spec, d)]) for d in ("none", "pld")}
-        ratio = tps["none"] / statistics.mean(speed[(ref, "none")])
-        print(f"| {spec} | " + " | ".join(f"{cost[spec][k] * 1e3:.1f}" for k in ks)
-              + f" | {tps['none']:.1f} ({ratio:.2f}x) | {tps['pld']:.1f} | {same[spec]} |")
+            for d in drafters:
+                r = eng.generate(text, GenerationConfig(max_new_tokens=args.max_new_tokens, drafter=d))
+                speed[(spec, d)].append((r.stats.new_tokens, r.stats.prefill_s + r.stats.decode_s))
+                out[d] = r.token_ids
+                same[(spec, d)] += out[d] == out[drafters[0]]
 
+    def tps(spec, d):
+        return sum(n for n, _ in speed[(spec, d)]) / sum(t for _, t in speed[(spec, d)])
+
+    ref = next(iter(engines))
+    print(f"bundled model, {args.threads} threads, {len(texts)} prompts x {args.max_new_tokens} new tokens, greedy; "
+          f"forward of k tokens after 256 cached (ms, best of 3); tokens/s include prefill\n")
+    print("| config | " + " | ".join(f"k={k}" for k in ks) + " | "
+          + " | ".join(f"{d} tok/s" for d in drafters) + f" | {drafters[0]} vs {ref} | output == {drafters[0]} |")
+    print("|---|" + "---|" * (len(ks) + len(drafters) + 2))
+    for spec in engines:
+        rates = " | ".join(f"{tps(spec, d):.1f}" + ("" if d == drafters[0] else
+                                                   f" ({tps(spec, d) / tps(spec, drafters[0]):.2f}x)")
+                           for d in drafters)
+        match = ", ".join(f"{d} {same[(spec, d)]}/{len(texts)}" for d in drafters[1:])
+        print(f"| {spec} | " + " | ".join(f"{cost[spec][k] * 1e3:.1f}" for k in ks)
+              + f" | {rates} | {tps(spec, drafters[0]) / tps(ref, drafters[0]):.2f}x | {match} |")
 
 if __name__ == "__main__":
     main()

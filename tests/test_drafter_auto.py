@@ -92,7 +92,7 @@ def test_acceptance_stats_forget_old_evidence():
 
 def test_defaults_and_validation():
     opts = AutoOptions()
-    assert opts.sources == ("suffix", "pld", "copy", "recycling") and opts.max_nodes == 64
+    assert opts.sources == ("suffix", "pld", "copy") and opts.max_nodes == 64
     assert isinstance(make_drafter("auto"), Auto)
     for bad in ({"sources": ()}, {"sources": ("auto",)}, {"max_nodes": 0}, {"prior_rate": 1.5}):
         with pytest.raises(LeapError):

@@ -61,6 +61,7 @@ def describe_machine(engine) -> dict:
         "physical_cores": physical_cores(),
         "threads": torch.get_num_threads(),
         "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "backend": engine.backend,
         "model": engine.name,
         "torch": torch.__version__,
         "python": platform.python_version(),

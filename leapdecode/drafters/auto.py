@@ -28,7 +28,9 @@ MAX_DEPTH_KEY, MAX_RANK_KEY = 12, 4
 
 @dataclass(frozen=True)
 class AutoOptions:
-    sources: tuple[str, ...] = ("suffix", "pld", "copy", "recycling")
+    # recycling is left out by default: on a 2-core CPU its wide trees cost more to verify than they
+    # return, and its per-step top-k over the vocabulary is a fixed cost (measured: BENCHMARKS.md)
+    sources: tuple[str, ...] = ("suffix", "pld", "copy")
     max_nodes: int = 64  # largest tree considered
     prior_rate: float = 0.3  # acceptance rate assumed before any evidence (explores every source)
     prior_weight: float = 2.0  # how many observations the prior is worth

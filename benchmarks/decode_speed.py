@@ -21,7 +21,7 @@ from leapdecode.bench.machine import describe_machine
 from leapdecode.bench.peers import PeerContext, make_peers
 from leapdecode.bench.runner import run_bench
 from leapdecode.engine import Engine
-from leapdecode.model.linear import Linear
+from leapdecode.model.linear import linear_slots
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 CATEGORIES = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
@@ -42,9 +42,9 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
 def weight_bytes_per_token(engine: Engine) -> int:
     """Bytes of every weight matrix a one-token forward reads (embedding lookup excluded: one row)."""
     total = 0
-    for m in engine.model.modules():
-        if isinstance(m, Linear):
-            total += m.weight.numel() * m.weight.element_size()
+    for owner, attr in linear_slots(engine.model):
+        layer = getattr(owner, attr)
+        total += layer.nbytes if hasattr(layer, "nbytes") else layer.weight.numel() * layer.weight.element_size()
     return total
 
 

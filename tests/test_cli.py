@@ -17,15 +17,20 @@ def leap(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.Comp
     return subprocess.run(LEAP + list(args), input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
-def test_generate_json_default_model_equals_api(default_engine):
-    proc = leap("generate", "Name two planets.", "--json", "--max-new-tokens", "24", "--drafter", "pld")
+@pytest.mark.parametrize("flags,engine_fixture", [
+    ([], "default_engine"),  # the fastest kernels, as users get them
+    (["--backend", "torch", "--quant", "none", "--activations", "float32"], "bundled_engine"),  # == transformers
+])
+def test_generate_json_default_model_equals_api(flags, engine_fixture, request):
+    engine = request.getfixturevalue(engine_fixture)
+    proc = leap("generate", "Name two planets.", "--json", "--max-new-tokens", "24", "--drafter", "pld", *flags)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"text", "token_ids", "stats"}
-    ref = default_engine.generate("Name two planets.", GenerationConfig(max_new_tokens=24, drafter="none"))
+    ref = engine.generate("Name two planets.", GenerationConfig(max_new_tokens=24, drafter="none"))
     assert out["token_ids"] == ref.token_ids and out["text"] == ref.text
     assert out["stats"]["drafter"] == "pld" and out["stats"]["new_tokens"] == len(ref.token_ids)
-    assert out["stats"]["backend"] == default_engine.backend
+    assert out["stats"]["backend"] == engine.backend
 
 
 def test_generate_streams_text_and_stats():

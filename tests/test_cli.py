@@ -14,7 +14,7 @@ LEAP = [sys.executable, "-m", "leapdecode.cli"]
 
 
 def leap(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(LEAP + list(args), input=stdin, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(LEAP + list(args), check=False, input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("flags,engine_fixture", [

@@ -54,9 +54,9 @@ def test_bundled_greedy_equals_transformers_generate(hf_bundled, bundled_engine,
 
 
 def _hf_config(arch: str, **kw):
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+    common = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
     common.update(kw)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
@@ -88,7 +88,7 @@ def test_random_config_logits_equal_transformers(tmp_path, case, dtype, tol):
                 torch.nn.init.normal_(proj.bias, std=0.5)
     hf.save_pretrained(tmp_path)
     char_tokenizer(96).backend.save(str(tmp_path / "tokenizer.json"))
-    model, tok, _ = load(tmp_path, dtype={torch.float32: "float32", torch.float64: "float64"}[dtype])
+    model, _tok, _ = load(tmp_path, dtype={torch.float32: "float32", torch.float64: "float64"}[dtype])
     x = torch.randint(0, 96, (1, 80), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(x).logits[0]

@@ -159,8 +159,8 @@ def machine_lines(meta: dict) -> list[str]:
     flags = ", ".join(m.get("cpu_flags") or []) or "flags unknown"
     cpu = f"{m.get('cpu')} ({flags}); {m.get('physical_cores')} cores, {m.get('logical_cpus')} logical CPUs"
     lines = [f"- CPU: {cpu}; {m.get('threads')} threads",
-             f"- Model: `{st.get('model', m.get('model'))}`, dtype {st.get('dtype', m.get('dtype'))}, "
-             f"kernels {m.get('backend', 'torch')}",
+             (f"- Model: `{st.get('model', m.get('model'))}`, dtype {st.get('dtype', m.get('dtype'))}, "
+             f"kernels {m.get('backend', 'torch')}"),
              f"- torch {m.get('torch')}, Python {m.get('python')}, {m.get('os')}, leapdecode {m.get('leapdecode')}",
              f"- Date: {m.get('date')}" + (f" (resumed {', '.join(meta['resumed'])})" if meta.get("resumed") else ""),
              f"- Budget: max {st.get('max_new_tokens')} new tokens, temperature {st.get('temperature')}"]

@@ -8,8 +8,11 @@ one-token forward. That ratio is a property of the hardware and kernels (on a 2-
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -65,6 +68,25 @@ def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats
     for i in range(1, len(times)):
         times[i] = max(times[i], times[i - 1])
     return CostCurve(ks, tuple(times))
+
+
+def cached(model, describe: dict, folder: Path) -> CostCurve:
+    """The curve measured earlier for the same model, kernels, threads and machine (`describe`), or a
+    fresh measurement saved for next time: a one-shot `leap generate` should not pay a second of timing."""
+    key = hashlib.sha256(json.dumps(describe, sort_keys=True).encode()).hexdigest()[:20]
+    path = folder / f"cost-{key}.json"
+    try:
+        saved = json.loads(path.read_text())
+        return CostCurve(tuple(saved["ks"]), tuple(saved["seconds"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    curve = measure(model)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"describe": describe, "ks": curve.ks, "seconds": curve.seconds}))
+    except OSError:
+        pass  # a read-only cache only costs the measurement again next time
+    return curve
 
 
 def _sync(device) -> None:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from leapdecode.costmodel import CostCurve
-from leapdecode.costmodel import measure as measure_cost
+from leapdecode.costmodel import cached as cached_cost
 from leapdecode.draft import tree_inputs
 from leapdecode.drafters.base import Drafter, StepResult, make_drafter
 from leapdecode.errors import LeapError
+from leapdecode.kernels.build import cache_dir
 from leapdecode.model.linear import LinearSpec, convert_linears
 from leapdecode.model.llama import Transformer
 from leapdecode.model.loader import is_gguf
@@ -137,8 +138,16 @@ class Engine:
     def cost_curve(self) -> CostCurve:
         """Measured seconds of a verification forward of k tokens (measured once, on first use)."""
         if self._cost_curve is None:
-            self._cost_curve = measure_cost(self.model)
+            self._cost_curve = cached_cost(self.model, self._hardware_key(), cache_dir())
         return self._cost_curve
+
+    def _hardware_key(self) -> dict:
+        """What a verify-cost measurement depends on; random-weight models built in code are not cached."""
+        from leapdecode.bench.machine import cpu_flags, cpu_model  # the bench package imports this module
+
+        return {"model": self.name, "config": repr(self.model.cfg), "backend": self.backend, "dtype": str(self.model.dtype),
+                "device": str(self.model.device), "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                "flags": cpu_flags()}
 
     # ------------------------------------------------------------ generation
 

@@ -23,14 +23,6 @@ from leapdecode.sampling import SamplingParams
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.cache
 def target(seed: int) -> Engine:
     return tiny_engine_for(tiny_config(vocab=VOCAB, layers=3), seed)

@@ -24,14 +24,6 @@ from leapdecode.sampling import SamplingParams, target_probs
 P_MIN = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def exact_sequence_probs(engine: Engine, prompt: list[int], params: SamplingParams, n_new: int) -> dict:
     """P(continuation) for every continuation of n_new tokens, from full forwards of each prefix."""
     model = engine.model

@@ -33,15 +33,6 @@ N_LAYERS = 6
 SELF_DRAFTERS = ("swift", "ffn-skip", "early-exit")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the timing-free tests do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def engine_with_identities(seed: int, attn_zero=(), mlp_zero=(), layers=N_LAYERS, vocab=64) -> Engine:
     """A random float64 model whose listed sub-layers add exactly zero (o_proj / down_proj zeroed)."""
     cfg = tiny_config(vocab=vocab, layers=layers)

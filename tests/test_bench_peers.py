@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # a dev dependency: the reference implementation
 from conftest import char_tokenizer
 
 from leapdecode.bench import parse_questions, run_bench
 from leapdecode.bench.peers import PeerContext, cut_at_eos, make_peers
 from leapdecode.engine import Engine
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 64
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # a dev dependency: the reference implementation
 from conftest import char_tokenizer
 
 from leapdecode.engine import GenerationConfig
 from leapdecode.model.source import default_model_path, load
-
-transformers = pytest.importorskip("transformers")
 
 PROMPTS = [
     "What is the capital of France?",

@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+
 #include "pool.h"
 
 // Tile loops over rows and columns must be fully unrolled so accumulator arrays live in registers.
@@ -476,11 +478,62 @@ void attn_chunk(void* ctx, int64_t task, int worker) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-
 void quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t nbp, int8_t* q, float* d, float* s,
                   int threads, bool grouped) {
     QuantJob j{x, ldx, M, K, K / QK, nbp, 16, q, d, s, grouped};
     ld::Pool::get().run(ceil_div(M, j.rows), quant_chunk, &j, M * K >= (1 << 16) ? threads : 1);
+}
+
+inline int64_t padded_blocks(int64_t K) { return (K / QK + 7) / 8 * 8; }
+
+// Bytes of scratch a linear with int8 activations needs for M rows of K inputs.
+inline size_t act_scratch_bytes(int64_t M, int64_t K) {
+    return (size_t)(M * K + 2 * M * padded_blocks(K) * (int64_t)sizeof(float));
+}
+
+int check_linear(int fmt, int act, int64_t K) {
+    if (fmt < F32 || fmt > Q4_1 || act < ACT_F32 || act > ACT_INT8) return -4;
+    if (fmt != F32 && (K % QK != 0)) return -2;
+    if (fmt == F32 && act != ACT_F32) return -3;
+    return 0;
+}
+
+// y = x @ W^T for checked arguments; `scratch` holds act_scratch_bytes(M, K) for int8 activations.
+void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* qs,
+            const uint16_t* d, const uint16_t* m, const float* f, float* y, int64_t ldy, int threads,
+            void* scratch) {
+    const int64_t nb = K / QK, nbp = padded_blocks(K);
+    const Plan p = plan_for(fmt, act, M);
+    LinearJob j{p, WQ{(const uint8_t*)qs, d, m, f, K, nb, nbp}, Inputs{x, ldx, {nullptr, nullptr, nullptr, K, nbp}},
+                M, N, 0, y, ldy};
+    if (act == ACT_INT8) {
+        float* dx = (float*)scratch;
+        float* sx = dx + M * nbp;
+        int8_t* qx = (int8_t*)(sx + M * nbp);
+        quantize_act(x, ldx, M, K, nbp, qx, dx, sx, threads, LD_VNNI512 && fmt == Q4_1);
+        j.in.a = QAct{qx, dx, sx, K, nbp};
+    }
+    const int nt = M * N * K < (1 << 17) ? 1 : threads;
+    // Several chunks per thread, so a thread that loses its core leaves its share to the others.
+    j.rows = ceil_div(ceil_div(N, 8 * (int64_t)nt), p.nr) * p.nr;
+    ld::Pool::get().run(ceil_div(N, j.rows), linear_chunk, &j, nt);
+}
+
+int check_attention(int64_t H, int64_t Hkv, int64_t D) {
+    if (D % 8 != 0 || D > 256) return -6;
+    if (Hkv <= 0 || H % Hkv != 0) return -7;
+    return 0;
+}
+
+// Threads attention uses for these sizes (each needs attention_room(T) ints and floats of scratch).
+inline int attention_threads(const AttnArgs& a, int threads) {
+    return a.B * a.H * a.S * a.T * a.D < (1 << 15) ? 1 : threads;
+}
+inline int64_t attention_room(int64_t T) { return T + 8; }  // key indices and scores, padded to a chunk
+
+void attention(const AttnArgs& a, int nt, int32_t* idx, float* p) {
+    AttnJob j{a, attention_room(a.T), idx, p};
+    ld::Pool::get().run(a.B * a.H * a.S, attn_chunk, &j, nt);
 }
 
 }  // namespace
@@ -502,27 +555,10 @@ int ld_linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x,
               const void* qs, const uint16_t* d, const uint16_t* m, const float* f, float* y, int64_t ldy,
               int threads) {
     if (M <= 0 || N <= 0 || K <= 0) return M == 0 ? 0 : -1;
-    if (fmt != F32 && (K % QK != 0)) return -2;
-    if (fmt == F32 && act != ACT_F32) return -3;
-    if (fmt < F32 || fmt > Q4_1 || act < ACT_F32 || act > ACT_INT8) return -4;
-    const int64_t nb = K / QK, nbp = (nb + 7) / 8 * 8;
-    const Plan p = plan_for(fmt, act, M);
-    LinearJob j{p, WQ{(const uint8_t*)qs, d, m, f, K, nb, nbp}, Inputs{x, ldx, {nullptr, nullptr, nullptr, K, nbp}},
-                M, N, 0, y, ldy};
-    void* scratch = nullptr;
-    if (act == ACT_INT8) {
-        scratch = malloc((size_t)(M * K + 2 * M * nbp * (int64_t)sizeof(float)));
-        if (!scratch) return -5;
-        float* dx = (float*)scratch;
-        float* sx = dx + M * nbp;
-        int8_t* qx = (int8_t*)(sx + M * nbp);
-        quantize_act(x, ldx, M, K, nbp, qx, dx, sx, threads, LD_VNNI512 && fmt == Q4_1);
-        j.in.a = QAct{qx, dx, sx, K, nbp};
-    }
-    const int nt = M * N * K < (1 << 17) ? 1 : threads;
-    // Several chunks per thread, so a thread that loses its core leaves its share to the others.
-    j.rows = ceil_div(ceil_div(N, 8 * (int64_t)nt), p.nr) * p.nr;
-    ld::Pool::get().run(ceil_div(N, j.rows), linear_chunk, &j, nt);
+    if (const int rc = check_linear(fmt, act, K)) return rc;
+    void* scratch = act == ACT_INT8 ? malloc(act_scratch_bytes(M, K)) : nullptr;
+    if (act == ACT_INT8 && !scratch) return -5;
+    linear(fmt, act, M, N, K, x, ldx, qs, d, m, f, y, ldy, threads, scratch);
     free(scratch);
     return 0;
 }
@@ -530,19 +566,19 @@ int ld_linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x,
 int ld_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H, int64_t Hkv,
                  int64_t S, int64_t T, int64_t D, const int64_t* qst, const int64_t* kst, const int64_t* vst,
                  const int64_t* ost, const uint8_t* mask, int64_t mask_stride, float scale, int threads) {
-    if (D % 8 != 0 || D > 256) return -6;
-    if (Hkv <= 0 || H % Hkv != 0) return -7;
+    if (const int rc = check_attention(H, Hkv, D)) return rc;
     if (B * H * S == 0) return 0;
-    const int64_t tasks = B * H * S;
-    const int nt = tasks * T * D < (1 << 15) ? 1 : threads;
-    const int64_t room = T + 8;  // per thread: compacted key indices and scores (padded to a chunk of 8)
-    AttnJob j{AttnArgs{q, k, v, out, B, H, Hkv, S, T, D, qst, kst, vst, ost, mask, mask_stride, scale}, room,
-              (int32_t*)malloc(sizeof(int32_t) * room * nt), (float*)malloc(sizeof(float) * room * nt)};
-    if (j.idx && j.p) ld::Pool::get().run(tasks, attn_chunk, &j, nt);
-    const int rc = j.idx && j.p ? 0 : -5;
-    free(j.idx);
-    free(j.p);
+    const AttnArgs a{q, k, v, out, B, H, Hkv, S, T, D, qst, kst, vst, ost, mask, mask_stride, scale};
+    const int nt = attention_threads(a, threads);
+    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * attention_room(T) * nt);
+    float* p = (float*)malloc(sizeof(float) * attention_room(T) * nt);
+    if (idx && p) attention(a, nt, idx, p);
+    const int rc = idx && p ? 0 : -5;
+    free(idx);
+    free(p);
     return rc;
 }
 
 }  // extern "C"
+
+#include "stack.h"

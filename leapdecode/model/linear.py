@@ -206,8 +206,19 @@ def convert_linears(model, backend: str = "auto", quant: str = "auto", gguf_path
         _check_parts(parts, old, attr)
         setattr(owner, attr, be.make(parts, old.bias, spec.activations, model))
     _set_attention(model, spec.backend)
+    model.stack = _native_stack(model) if spec.backend == "native" else None
     model.linear_spec = spec
     return spec
+
+
+def _native_stack(model):
+    """One kernel call for all blocks where the model's shapes allow it (else the per-block path)."""
+    from leapdecode.model.stack import NativeStack
+
+    try:
+        return NativeStack(model)
+    except LeapError:
+        return None
 
 
 def _set_attention(model, backend: str) -> None:

@@ -112,6 +112,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm, self.lm_head = norm, lm_head
         self.rope = Rope(cfg, embed.dtype, embed.device)
+        self.stack = None  # a backend may run all blocks in one call (see leapdecode.model.stack)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,13 +135,18 @@ class Transformer(nn.Module):
         (None = causal). `layers` (a list of (skip_attn, skip_mlp) per block) runs a reduced model for
         self-drafting. Returns logits [B, S, V] (or [B, 1, V] with last_only)."""
         s, n = tokens.shape[1], cache.length
-        if mask is None and s > 1:
-            mask = torch.ones(s, n + s, dtype=torch.bool, device=tokens.device).tril(n)  # causal
         x = F.embedding(tokens, self.embed)  # [B, S, D]
         cos, sin = self.rope(positions)  # [S, hd]
-        for i, block in enumerate(self.blocks):
-            skip_attn, skip_mlp = layers[i] if layers is not None else (False, False)
-            x = block(x, cos, sin, cache, i, mask, skip_attn, skip_mlp)
+        if self.stack is not None:
+            self.stack = self.stack.for_model(self)  # follows copies and replaced modules
+        if self.stack is not None and self.stack.accepts(x, cache):
+            x = self.stack(x, cos, sin, cache, mask, layers)
+        else:
+            if mask is None and s > 1:
+                mask = torch.ones(s, n + s, dtype=torch.bool, device=tokens.device).tril(n)  # causal
+            for i, block in enumerate(self.blocks):
+                skip_attn, skip_mlp = layers[i] if layers is not None else (False, False)
+                x = block(x, cos, sin, cache, i, mask, skip_attn, skip_mlp)
         if advance:
             cache.advance(s)
         if last_only:

@@ -1,0 +1,225 @@
+// The transformer blocks of a Llama-family model in one call: for S new rows, every block's RMSNorm,
+// fused q/k/v projection (+ bias), RoPE, key/value cache write, attention, output projection, residual,
+// RMSNorm, fused gate/up projection, SiLU-gated product, down projection and residual.
+//
+// Why: with the matrices in these kernels a one-token step of a small model spent as long in ~25 small
+// Python/torch operations per block as in the matrices. Everything here works row by row with a fixed
+// order of operations, so (like the linear and attention kernels) the output of a row never depends on
+// how many rows are computed together: verifying a draft stays bit-identical to one-token steps.
+//
+// Included at the end of native.cpp (one translation unit, so it shares the kernels' internals).
+
+namespace {
+
+constexpr int kMaxParts = 4;
+
+struct LdPart {  // one weight of a linear layer, writing output columns [col, col + N)
+    int32_t fmt, act;
+    int64_t N, K, col;
+    const void* qs;
+    const uint16_t* d;
+    const uint16_t* m;
+    const float* f;
+};
+
+struct LdLinear {
+    int64_t nparts, N, K;  // N: all parts' outputs together
+    LdPart parts[kMaxParts];
+    const float* bias;  // [N] or null
+};
+
+struct LdBlock {
+    LdLinear qkv, o, w13, w2;
+    const float* attn_norm;  // [D]
+    const float* mlp_norm;   // [D]
+};
+
+struct LdStack {
+    int64_t L, D, H, Hkv, hd, I;
+    float eps;
+    const LdBlock* blocks;  // [L]
+};
+
+struct StepArgs {  // one call: S new rows after n cached ones
+    float* x;                        // [S, D] residual stream, updated in place
+    int64_t S, n, Tmax;              // cache slots: [L, Hkv, Tmax, hd] (batch 1)
+    const float *cos, *sin;          // [S, hd]
+    float *kc, *vc;
+    const uint8_t* mask;             // [S, n + S] (row stride mask_stride), or null for causal
+    int64_t mask_stride;
+    const uint8_t* skip;             // [L, 2] (attention, MLP) or null
+    int threads;
+};
+
+// f(i) for every row i < S, on the pool's threads when there are enough rows to pay for it.
+template <class F>
+void for_rows(int64_t S, int threads, F& f) {
+    constexpr int64_t kRows = 8;
+    struct Ctx {
+        F* f;
+        int64_t S;
+    } c{&f, S};
+    auto chunk = [](void* ctx, int64_t k, int) {
+        const Ctx& c = *(const Ctx*)ctx;
+        const int64_t e = (k + 1) * kRows < c.S ? (k + 1) * kRows : c.S;
+        for (int64_t i = k * kRows; i < e; ++i) (*c.f)(i);
+    };
+    ld::Pool::get().run(ceil_div(S, kRows), chunk, &c, S >= 2 * kRows ? threads : 1);
+}
+
+void rmsnorm_row(const float* x, const float* w, float* out, int64_t D, float eps) {
+    const int64_t D8 = D & ~int64_t(7);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D8; c += 8) {
+        const __m256 v = _mm256_loadu_ps(x + c);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    float ss = hsum8(acc);
+    for (int64_t c = D8; c < D; ++c) ss += x[c] * x[c];
+    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int64_t c = 0; c < D; ++c) out[c] = w[c] * (x[c] * r);
+}
+
+// Half-split rotary embedding of one head, in place (the reference's rotate_half layout).
+inline void rope_head(float* x, const float* cos, const float* sin, int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t j = 0; j < half; ++j) {
+        const float a = x[j], b = x[j + half];
+        x[j] = a * cos[j] - b * sin[j];
+        x[j + half] = b * cos[j + half] + a * sin[j + half];
+    }
+}
+
+// out[c] = silu(g[c]) * u[c], with sigmoid from exp of a non-positive argument (no overflow).
+void silu_mul_row(const float* g, const float* u, float* out, int64_t I) {
+    const int64_t I8 = I & ~int64_t(7);
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t c = 0; c < I8; c += 8) {
+        const __m256 v = _mm256_loadu_ps(g + c);
+        const __m256 e = exp256(_mm256_or_ps(v, sign));  // exp(-|v|)
+        const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 neg = _mm256_div_ps(e, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(pos, neg, v);  // sign bit of v picks the form
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_mul_ps(v, sig), _mm256_loadu_ps(u + c)));
+    }
+    for (int64_t c = I8; c < I; ++c) {
+        const float v = g[c], e = expf(-fabsf(v));
+        const float sig = v >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+        out[c] = v * sig * u[c];
+    }
+}
+
+int check_stack(const LdStack& st) {
+    if (st.L <= 0 || st.D <= 0 || st.I <= 0) return -1;
+    if (const int rc = check_attention(st.H, st.Hkv, st.hd)) return rc;
+    for (int64_t l = 0; l < st.L; ++l) {
+        const LdBlock& b = st.blocks[l];
+        for (const LdLinear* lin : {&b.qkv, &b.o, &b.w13, &b.w2}) {
+            if (lin->nparts < 1 || lin->nparts > kMaxParts) return -8;
+            for (int64_t p = 0; p < lin->nparts; ++p)
+                if (const int rc = check_linear(lin->parts[p].fmt, lin->parts[p].act, lin->parts[p].K)) return rc;
+        }
+        if (b.qkv.N != (st.H + 2 * st.Hkv) * st.hd || b.qkv.K != st.D || b.o.N != st.D || b.o.K != st.H * st.hd ||
+            b.w13.N != 2 * st.I || b.w13.K != st.D || b.w2.N != st.D || b.w2.K != st.I)
+            return -9;
+    }
+    return 0;
+}
+
+void run_linear_parts(const LdLinear& lin, int64_t M, const float* x, float* y, int threads, void* scratch) {
+    for (int64_t p = 0; p < lin.nparts; ++p) {
+        const LdPart& w = lin.parts[p];
+        linear(w.fmt, w.act, M, w.N, w.K, x, lin.K, w.qs, w.d, w.m, w.f, y + w.col, lin.N, threads, scratch);
+    }
+    if (lin.bias)
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t c = 0; c < lin.N; ++c) y[i * lin.N + c] += lin.bias[c];
+}
+
+struct Buffers {  // per call, sized for S rows
+    float *h, *qkv, *att, *gu, *act, *tmp;
+    int32_t* idx;
+    float* p;
+    void* scratch;
+};
+
+void attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
+    const int64_t S = a.S, hd = st.hd, Nq = st.H * hd, Nkv = st.Hkv * hd, Nqkv = Nq + 2 * Nkv;
+    const LdBlock& blk = st.blocks[l];
+    auto norm = [&](int64_t i) { rmsnorm_row(a.x + i * st.D, blk.attn_norm, b.h + i * st.D, st.D, st.eps); };
+    for_rows(S, a.threads, norm);
+    run_linear_parts(blk.qkv, S, b.h, b.qkv, a.threads, b.scratch);
+    float* kc = a.kc + l * st.Hkv * a.Tmax * hd;  // [Hkv, Tmax, hd]
+    float* vc = a.vc + l * st.Hkv * a.Tmax * hd;
+    auto rope = [&](int64_t i) {
+        float* row = b.qkv + i * Nqkv;
+        const float *cos = a.cos + i * hd, *sin = a.sin + i * hd;
+        for (int64_t h = 0; h < st.H + st.Hkv; ++h) rope_head(row + h * hd, cos, sin, hd);
+        for (int64_t h = 0; h < st.Hkv; ++h) {
+            memcpy(kc + (h * a.Tmax + a.n + i) * hd, row + Nq + h * hd, sizeof(float) * hd);
+            memcpy(vc + (h * a.Tmax + a.n + i) * hd, row + Nq + Nkv + h * hd, sizeof(float) * hd);
+        }
+    };
+    for_rows(S, a.threads, rope);
+    const int64_t qst[3] = {0, hd, Nqkv}, kst[3] = {0, a.Tmax * hd, hd}, ost[3] = {0, hd, Nq};
+    const AttnArgs at{b.qkv, kc, vc, b.att, 1, st.H, st.Hkv, S, a.n + S, hd, qst, kst, kst, ost,
+                      a.mask, a.mask_stride, (float)pow((double)hd, -0.5)};  // as d ** -0.5
+    attention(at, attention_threads(at, a.threads), b.idx, b.p);
+    run_linear_parts(blk.o, S, b.att, b.tmp, a.threads, b.scratch);
+    auto residual = [&](int64_t i) {
+        for (int64_t c = 0; c < st.D; ++c) a.x[i * st.D + c] += b.tmp[i * st.D + c];
+    };
+    for_rows(S, a.threads, residual);
+}
+
+void mlp_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
+    const int64_t S = a.S, I = st.I;
+    const LdBlock& blk = st.blocks[l];
+    auto norm = [&](int64_t i) { rmsnorm_row(a.x + i * st.D, blk.mlp_norm, b.h + i * st.D, st.D, st.eps); };
+    for_rows(S, a.threads, norm);
+    run_linear_parts(blk.w13, S, b.h, b.gu, a.threads, b.scratch);
+    auto gate = [&](int64_t i) { silu_mul_row(b.gu + i * 2 * I, b.gu + i * 2 * I + I, b.act + i * I, I); };
+    for_rows(S, a.threads, gate);
+    run_linear_parts(blk.w2, S, b.act, b.tmp, a.threads, b.scratch);
+    auto residual = [&](int64_t i) {
+        for (int64_t c = 0; c < st.D; ++c) a.x[i * st.D + c] += b.tmp[i * st.D + c];
+    };
+    for_rows(S, a.threads, residual);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Runs every block of `st` over S new rows (see StepArgs). Returns 0, or a negative code.
+int ld_stack_forward(const LdStack* st, float* x, int64_t S, int64_t n, const float* cos, const float* sin,
+                     float* kc, float* vc, int64_t Tmax, const uint8_t* mask, int64_t mask_stride,
+                     const uint8_t* skip, int threads) {
+    if (const int rc = check_stack(*st)) return rc;
+    if (S <= 0) return S == 0 ? 0 : -1;
+    if (n + S > Tmax) return -10;
+    const StepArgs a{x, S, n, Tmax, cos, sin, kc, vc, mask, mask_stride, skip, threads};
+    const int64_t D = st->D, I = st->I, Nqkv = (st->H + 2 * st->Hkv) * st->hd, room = attention_room(n + S);
+    const int64_t floats = S * (D + Nqkv + st->H * st->hd + 2 * I + I + D) + 2 * room * threads;
+    const int64_t k_max = std::max({D, I, st->H * st->hd});  // widest input of a linear layer
+    float* mem = (float*)malloc(sizeof(float) * floats + act_scratch_bytes(S, k_max));
+    if (!mem) return -5;
+    Buffers b;
+    b.h = mem;
+    b.qkv = b.h + S * D;
+    b.att = b.qkv + S * Nqkv;
+    b.gu = b.att + S * st->H * st->hd;
+    b.act = b.gu + S * 2 * I;
+    b.tmp = b.act + S * I;
+    b.p = b.tmp + S * D;
+    b.idx = (int32_t*)(b.p + room * threads);
+    b.scratch = (void*)((int32_t*)b.idx + room * threads);
+    for (int64_t l = 0; l < st->L; ++l) {
+        if (!(skip && skip[2 * l])) attention_part(*st, a, l, b);
+        if (!(skip && skip[2 * l + 1])) mlp_part(*st, a, l, b);
+    }
+    free(mem);
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,134 @@
+"""All transformer blocks in one native call (see kernels/stack.h), for models on the native backend.
+
+`convert_linears` attaches a `NativeStack` to a model whose linear layers it made native. The model's
+forward hands it the embedded rows; it runs every block (with the skip plan of self-drafting, when one is
+given) and returns the residual stream. It declines (and the model's per-block path runs) for batches of
+more than one sequence, and after any block's modules were replaced since it was built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+
+from leapdecode.errors import LeapError
+from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, lib
+
+MAX_PARTS = 4
+_I32, _I64, _P = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+
+
+class _Part(ctypes.Structure):
+    _fields_ = [("fmt", _I32), ("act", _I32), ("N", _I64), ("K", _I64), ("col", _I64),
+                ("qs", _P), ("d", _P), ("m", _P), ("f", _P)]
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("nparts", _I64), ("N", _I64), ("K", _I64), ("parts", _Part * MAX_PARTS), ("bias", _P)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("w13", _Linear), ("w2", _Linear),
+                ("attn_norm", _P), ("mlp_norm", _P)]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [("L", _I64), ("D", _I64), ("H", _I64), ("Hkv", _I64), ("hd", _I64), ("I", _I64),
+                ("eps", ctypes.c_float), ("blocks", ctypes.POINTER(_Block))]
+
+
+_ERRORS = {-1: "empty model", -2: "in_features must be a multiple of 32 for block formats",
+           -3: "float32 weights need float32 activations", -4: "unknown format", -5: "out of memory",
+           -6: "head_dim must be a multiple of 8 and at most 256", -7: "n_heads must be a multiple of n_kv_heads",
+           -8: "a fused linear layer has too many parts", -9: "a linear layer's shape does not fit the model",
+           -10: "the new rows do not fit in the cache"}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _linear(layer) -> _Linear:
+    if getattr(layer, "backend", None) != "native" or len(layer.parts) > MAX_PARTS:
+        raise LeapError("the native block stack needs native linear layers of at most 4 parts")
+    lin = _Linear(nparts=len(layer.parts), N=layer.out_features, K=layer.in_features, bias=_ptr(layer.bias))
+    for i, (p, col) in enumerate(zip(layer.parts, layer.offsets)):
+        act = "float32" if p.fmt == "f32" else layer.activations
+        lin.parts[i] = _Part(FORMAT_CODES[p.fmt], ACT_CODES[act], p.out_features, p.in_features, col,
+                             _ptr(p.qs), _ptr(p.d), _ptr(p.m), _ptr(p.f))
+    return lin
+
+
+class NativeStack:
+    """The blocks of `model` as one kernel call; holds the modules it points into."""
+
+    def __init__(self, model):
+        cfg = model.cfg
+        self._owner = weakref.ref(model)
+        # (the dict of submodules, name, module) of everything this stack points into: checking these is
+        # cheap, where attribute access on modules is not.
+        self._slots = [(owner._modules, name, owner._modules[name]) for b in model.blocks
+                       for owner, names in ((b, ("attn", "mlp", "attn_norm", "mlp_norm")),
+                                            (b.attn, ("wqkv", "wo")), (b.mlp, ("w13", "w2"))) for name in names]
+        self._slots += [(model.blocks._modules, name, b) for name, b in model.blocks._modules.items()]
+        self._slots.append((model._modules, "blocks", model.blocks))
+        norms = [(b.attn_norm.weight, b.mlp_norm.weight) for b in model.blocks]
+        if any(w.dtype != torch.float32 or not w.is_contiguous() for pair in norms for w in pair):
+            raise LeapError("the native block stack needs contiguous float32 norm weights")
+        eps = {b.attn_norm.eps for b in model.blocks} | {b.mlp_norm.eps for b in model.blocks}
+        if len(eps) != 1:
+            raise LeapError("the native block stack needs one RMSNorm epsilon for every block")
+        arr = (_Block * cfg.n_layers)(*[
+            _Block(_linear(b.attn.wqkv), _linear(b.attn.wo), _linear(b.mlp.w13), _linear(b.mlp.w2),
+                   b.attn_norm.weight.data_ptr(), b.mlp_norm.weight.data_ptr()) for b in model.blocks])
+        self._arr = arr
+        self._stack = _Stack(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                             cfg.intermediate_size, eps.pop(), arr)
+        self._fn = lib().ld_stack_forward
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [ctypes.POINTER(_Stack), _P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _I64, _P,
+                             ctypes.c_int]
+
+    def __deepcopy__(self, memo):  # a copied model rebuilds its own stack on its first forward
+        return self
+
+    def for_model(self, model) -> NativeStack | None:
+        """This stack if `model` still holds the modules it was built from, else one built anew (None when
+        the model no longer runs natively)."""
+        if self._owner() is model and self.current():
+            return self
+        try:
+            return NativeStack(model)
+        except LeapError:
+            return None
+
+    def current(self) -> bool:
+        """Whether the model still holds the modules this stack was built from."""
+        return all(modules.get(name) is module for modules, name, module in self._slots)
+
+    def accepts(self, x: torch.Tensor, cache) -> bool:
+        return x.shape[0] == 1 and cache.k.shape[1] == 1 and x.dtype == torch.float32 and cache.k.is_contiguous()
+
+    def __call__(self, x, cos, sin, cache, mask, layers=None) -> torch.Tensor:
+        """x [1, S, D] (updated in place and returned), cos/sin [S, hd], mask bool [S, n + S] or None
+        (causal), layers: (skip_attn, skip_mlp) per block or None."""
+        s, n = x.shape[1], cache.length
+        if n + s > cache.max_len:
+            raise LeapError(f"context full: {n + s} tokens exceed the cache size {cache.max_len}")
+        x = x.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        mask_ptr, mask_stride = None, 0
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape != (s, n + s):
+                raise LeapError(f"attention mask must be bool [{s}, {n + s}], got {mask.dtype} {tuple(mask.shape)}")
+            mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+            mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0)
+        skip = None if layers is None else torch.tensor(layers, dtype=torch.uint8).contiguous()
+        rc = self._fn(ctypes.byref(self._stack), x.data_ptr(), s, n, cos.data_ptr(), sin.data_ptr(),
+                      cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, mask_ptr, mask_stride,
+                      _ptr(skip), torch.get_num_threads())
+        if rc:
+            raise LeapError(f"native block stack: {_ERRORS.get(rc, rc)}")
+        return x

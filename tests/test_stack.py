@@ -1,0 +1,127 @@
+"""The native block stack (all blocks in one kernel call) against the per-block native path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_engine_for
+
+from leapdecode.draft import Draft, tree_inputs
+from leapdecode.errors import LeapError
+from leapdecode.model.linear import Linear, available_backends, convert_linears
+from leapdecode.model.stack import NativeStack
+
+pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler")
+
+COMBOS = [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int8", "float32")]
+
+
+def _native(quant="none", act="float32", seed=0, **cfg):
+    defaults = dict(dim=64, inter=128, heads=4, kv_heads=2, vocab=96, layers=3)
+    eng = tiny_engine_for(tiny_config(**(defaults | cfg)), seed=seed, dtype=torch.float32)
+    convert_linears(eng.model, "native", quant, None, act)
+    return eng.model
+
+
+def _per_block(model):
+    ref = copy.deepcopy(model)
+    ref.stack = None  # the per-block path with the same native linears and attention
+    return ref
+
+
+def _run(model, ids, n_cached=0, mask=None, layers=None):
+    cache = model.new_cache(64)
+    if n_cached:
+        model(ids[:, :n_cached], torch.arange(n_cached), cache)
+    s = ids.shape[1] - n_cached
+    logits = model(ids[:, n_cached:], torch.arange(n_cached, n_cached + s), cache, mask=mask, layers=layers)
+    return logits, cache
+
+
+def test_native_models_get_a_stack_and_torch_models_do_not():
+    model = _native()
+    assert isinstance(model.stack, NativeStack)
+    convert_linears(model, "torch", "none", None, "float32")
+    assert model.stack is None
+
+
+@pytest.mark.parametrize("quant,act", COMBOS)
+@pytest.mark.parametrize("cfg", [{}, {"qkv_bias": True}, {"heads": 4, "kv_heads": 4}, {"dim": 96, "heads": 3,
+                                                                                      "kv_heads": 1}])
+def test_stack_agrees_with_the_per_block_path(quant, act, cfg):
+    model = _native(quant, act, **cfg)
+    ref = _per_block(model)
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(5))
+    a, ca = _run(model, ids, n_cached=11)
+    b, cb = _run(ref, ids, n_cached=11)
+    tol = 1e-4 if act == "float32" else 0.05  # int8 activations may round one block differently
+    assert float((a - b).abs().max()) < tol
+    n = ca.length
+    assert n == cb.length == 20
+    assert float((ca.k[:, :, :, :n] - cb.k[:, :, :, :n]).abs().max()) < tol * 10
+
+
+def test_stack_follows_the_skip_plan():
+    model = _native(layers=4)
+    ref = _per_block(model)
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(6))
+    plan = [(False, True), (True, False), (True, True), (False, False)]
+    a, _ = _run(model, ids, n_cached=5, layers=plan)
+    b, _ = _run(ref, ids, n_cached=5, layers=plan)
+    full, _ = _run(model, ids, n_cached=5)
+    assert float((a - b).abs().max()) < 1e-4
+    assert float((a - full).abs().max()) > 1e-2  # the plan did skip something
+
+
+def test_tree_verification_through_the_stack_is_bitwise_equal_to_single_steps():
+    model = _native("int4", "int8")
+    prefix = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(7))
+    draft = Draft(token_ids=[3, 4, 5, 6, 7], parents=[-1, 0, 0, 2, 1])
+    cache = model.new_cache(64)
+    model(prefix, torch.arange(7), cache)
+    tokens, positions, mask = tree_inputs(draft, root_token=9, n_cached=7)
+    tree = model(tokens[None], positions, cache, mask=mask, advance=False)[0]  # [6, V]
+    for node in range(len(draft.token_ids)):
+        path = draft.path_to(node)
+        ids = torch.tensor([[9] + [draft.token_ids[i] for i in path]])
+        c = model.new_cache(64)
+        model(prefix, torch.arange(7), c)
+        alone = model(ids, torch.arange(7, 7 + ids.shape[1]), c)[0, -1]
+        assert torch.equal(tree[node + 1], alone)
+
+
+def test_a_copy_gets_its_own_stack():
+    model = _native()
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(8))
+    twin = copy.deepcopy(model)
+    before, _ = _run(model, ids)
+    twin.blocks[0].mlp_norm.weight.mul_(3.0)  # must not reach the original's forward
+    changed, _ = _run(twin, ids)
+    after, _ = _run(model, ids)
+    assert twin.stack is not model.stack
+    assert torch.equal(before, after) and not torch.equal(before, changed)
+
+
+def test_a_replaced_layer_falls_back_to_the_per_block_path():
+    model = _native()
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(9))
+    expected, _ = _run(_per_block(model), ids)
+    old = model.blocks[1].attn.wo
+    from leapdecode.model import quant as Q
+
+    model.blocks[1].attn.wo = Linear(Q.dequantize(old.parts[0]))  # a torch layer: the stack cannot run it
+    got, _ = _run(model, ids)
+    assert model.stack is None
+    assert float((got - expected).abs().max()) < 1e-4
+
+
+def test_bad_mask_and_full_cache_are_clear_errors():
+    model = _native()
+    cache = model.new_cache(8)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(LeapError, match="mask"):
+        model(ids, torch.arange(4), cache, mask=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(LeapError, match="context full"):
+        model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9), cache)

@@ -19,7 +19,7 @@ COMBOS = [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int8", "flo
 
 
 def _native(quant="none", act="float32", seed=0, **cfg):
-    defaults = dict(dim=64, inter=128, heads=4, kv_heads=2, vocab=96, layers=3)
+    defaults = {"dim": 64, "inter": 128, "heads": 4, "kv_heads": 2, "vocab": 96, "layers": 3}
     eng = tiny_engine_for(tiny_config(**(defaults | cfg)), seed=seed, dtype=torch.float32)
     convert_linears(eng.model, "native", quant, None, act)
     return eng.model

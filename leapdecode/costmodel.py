@@ -8,6 +8,7 @@ one-token forward. That ratio is a property of the hardware and kernels (on a 2-
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import time
@@ -70,9 +71,22 @@ def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats
     return CostCurve(ks, tuple(times))
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of the code a forward runs (model and kernels): a saved curve is stale once it changes."""
+    root = Path(__file__).parent
+    files = sorted([*root.glob("model/*.py"), *root.glob("kernels/*.py"), *root.glob("kernels/*.cpp"),
+                    *root.glob("kernels/*.h")])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cached(model, describe: dict, folder: Path) -> CostCurve:
-    """The curve measured earlier for the same model, kernels, threads and machine (`describe`), or a
-    fresh measurement saved for next time: a one-shot `leap generate` should not pay a second of timing."""
+    """The curve measured earlier for the same model, code, kernels, threads and machine (`describe`), or
+    a fresh measurement saved for next time: a one-shot `leap generate` should not pay a second of timing."""
+    describe = {**describe, "code": code_fingerprint()}
     key = hashlib.sha256(json.dumps(describe, sort_keys=True).encode()).hexdigest()[:20]
     path = folder / f"cost-{key}.json"
     try:

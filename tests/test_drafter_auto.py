@@ -113,3 +113,15 @@ def test_measured_curve_on_a_tiny_model(tiny_engine):
     curve = tiny_engine.cost_curve()
     assert curve.ks[0] == 1 and all(b >= a for a, b in zip(curve.seconds, curve.seconds[1:]))
     assert tiny_engine.cost_curve() is curve  # measured once
+
+
+def test_saved_curve_is_reused_only_for_the_same_code(tiny_engine, tmp_path, monkeypatch):
+    from leapdecode import costmodel
+
+    describe = {"model": "tiny", "threads": 1}
+    first = costmodel.cached(tiny_engine.model, describe, tmp_path)
+    saved = list(tmp_path.glob("cost-*.json"))
+    assert len(saved) == 1 and costmodel.cached(tiny_engine.model, describe, tmp_path) == first
+    monkeypatch.setattr(costmodel, "code_fingerprint", lambda: "other code")
+    costmodel.cached(tiny_engine.model, describe, tmp_path)
+    assert len(list(tmp_path.glob("cost-*.json"))) == 2  # a code change measures again

@@ -9,6 +9,9 @@ Terms, defined once:
 - ``probs`` (optional, ``[n, V]``): row i is the draft distribution that node i's token was drawn from
   (siblings drawn from one distribution share the same row). Drafts without it are treated as
   deterministic proposals.
+- ``scores`` (optional) and ``match_len`` are the drafter's own evidence, for `auto` to learn from:
+  node i's estimated chance that its whole path is accepted, and the length of the context suffix the
+  draft was matched on (0 = not a match-based draft). Verification never reads them.
 - After one verification forward, the *accepted* nodes are a root-to-leaf path of draft nodes whose
   tokens the target agrees with, and the *bonus* token is the target's own token after the last accepted
   node (or after the root when nothing is accepted). One step therefore commits ``len(accepted) + 1``
@@ -17,6 +20,7 @@ Terms, defined once:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +32,8 @@ class Draft:
     parents: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None  # [n, V]
     source: str = ""  # which drafter proposed it (for statistics)
+    scores: list[float] | None = None  # [n] the drafter's estimate of each node's path acceptance
+    match_len: int = 0  # tokens of context the proposal was matched on
 
     def __post_init__(self):
         if len(self.token_ids) != len(self.parents):
@@ -37,13 +43,15 @@ class Draft:
                 raise ValueError(f"parents[{i}] = {p}: a parent must be -1 or an earlier node")
         if self.probs is not None and self.probs.shape[0] != len(self.token_ids):
             raise ValueError(f"probs has {self.probs.shape[0]} rows for {len(self.token_ids)} nodes")
+        if self.scores is not None and len(self.scores) != len(self.token_ids):
+            raise ValueError(f"scores has {len(self.scores)} values for {len(self.token_ids)} nodes")
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     @staticmethod
-    def chain(token_ids: list[int], probs: torch.Tensor | None = None, source: str = "") -> Draft:
-        return Draft(list(token_ids), list(range(-1, len(token_ids) - 1)), probs, source)
+    def chain(token_ids: list[int], probs: torch.Tensor | None = None, source: str = "", match_len: int = 0) -> Draft:
+        return Draft(list(token_ids), list(range(-1, len(token_ids) - 1)), probs, source, match_len=match_len)
 
     def depths(self) -> list[int]:
         """Depth of each node: 1 for a child of the root."""
@@ -69,7 +77,8 @@ class Draft:
         if len(self) <= max_nodes:
             return self
         probs = None if self.probs is None else self.probs[:max_nodes]
-        return Draft(self.token_ids[:max_nodes], self.parents[:max_nodes], probs, self.source)
+        scores = None if self.scores is None else self.scores[:max_nodes]
+        return Draft(self.token_ids[:max_nodes], self.parents[:max_nodes], probs, self.source, scores, self.match_len)
 
 
 def tree_inputs(draft: Draft, root_token: int, n_cached: int, device=None):
@@ -93,3 +102,15 @@ def tree_inputs(draft: Draft, root_token: int, n_cached: int, device=None):
     tree[0, 0] = True
     mask = torch.cat([torch.ones(s, n_cached, dtype=torch.bool), tree], dim=1)  # [S, n_cached + S]
     return tokens, positions, mask.to(device)
+
+
+MAX_EVIDENCE = 32  # longest repeated run a drafter measures for `match_len`
+
+
+def match_length(seq: Sequence[int], a: int, b: int, limit: int) -> int:
+    """How many tokens before positions a and b of `seq` agree (a < b), up to `limit`: the length of a
+    repeated run ending just before a and just before b."""
+    n = 0
+    while n < limit and a - n > 0 and seq[a - n - 1] == seq[b - n - 1]:
+        n += 1
+    return n

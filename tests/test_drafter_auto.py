@@ -8,7 +8,7 @@ import torch
 from leapdecode.costmodel import CostCurve
 from leapdecode.draft import Draft
 from leapdecode.drafters import StepResult, make_drafter
-from leapdecode.drafters.auto import AcceptanceStats, Auto, AutoOptions
+from leapdecode.drafters.auto import AcceptanceStats, Auto, AutoOptions, evidence
 from leapdecode.errors import LeapError
 
 
@@ -54,7 +54,7 @@ def test_merges_shared_prefixes_into_one_trie():
     a = auto_with({"x": FixedDrafter(Draft.chain([5, 6, 7])), "y": FixedDrafter(Draft([5, 9], [-1, 0]))}, FLAT)
     d = a.propose([1, 2, 3], 16)
     assert d.token_ids == [5, 6, 7, 9] and d.parents == [-1, 0, 1, 0]
-    assert a._last[0].origins == {"x": 0, "y": 0}
+    assert a._last[0].origins == {"x": (0, (0, -1)), "y": (0, (0, -1))}  # rank 0, shortest-match bin, no scores
 
 
 def test_cost_decides_the_tree_size():
@@ -88,6 +88,32 @@ def test_acceptance_stats_forget_old_evidence():
         s.update("x", 1, 0, False)
     assert s.counts[("x", 1, 0)][1] <= 10
     assert s.key("x", 99, 9) == ("x", 12, 4)
+
+
+@pytest.mark.parametrize("match_len,scores,expected", [
+    (0, None, (0, -1)), (2, None, (0, -1)), (3, None, (1, -1)), (8, None, (2, -1)), (16, None, (3, -1)),
+    (17, None, (4, -1)), (5, [0.1], (2, 0)), (5, [0.5], (2, 1)), (5, [0.9], (2, 2)), (5, [1.0], (2, 3)),
+])
+def test_evidence_bins(match_len, scores, expected):
+    assert evidence(Draft([4], [-1], scores=scores, match_len=match_len), 0) == expected
+
+
+def test_evidence_learns_which_matches_to_verify():
+    """A source whose long matches are always right and short ones always wrong: after some steps auto
+    verifies the long-match proposals and skips the short-match ones."""
+    curve = CostCurve((1, 2, 64), (1.0, 1.2, 40.0))  # one draft token pays when accepted 20% of the time
+    src = FixedDrafter(Draft.chain([5], match_len=20))
+    a = auto_with({"x": src}, curve)
+    for long_match in [True, False] * 20:
+        src.draft = Draft.chain([5], match_len=20 if long_match else 1)
+        d = a.propose([1], 8)
+        if len(d):
+            a.observe(StepResult(d, [1, 5], torch.zeros(2, 10), accepted=[0] if long_match else [], bonus=3))
+    src.draft = Draft.chain([5], match_len=20)
+    assert len(a.propose([1], 8)) == 1
+    src.draft = Draft.chain([5], match_len=1)
+    assert len(a.propose([1], 8)) == 0
+    assert a.stats.rate("x", 1, 0, (4, -1)) > 0.8 > 0.2 > a.stats.rate("x", 1, 0, (0, -1))
 
 
 def test_defaults_and_validation():

@@ -2,7 +2,9 @@
 
 Every source drafter proposes; the proposals are merged into one token trie. Each node's chance of being
 accepted given its parent is estimated from this drafter's own history, per (source, depth, sibling
-rank); a node's path probability is the product along its path, and the expected tokens a tree commits is
+rank) and, finer, per the source's evidence (the length of the context match the draft came from and the
+source's own score of the node): a long match is accepted far more often than a one-token match, so
+the evidence decides whether a proposal is worth verifying. A node's path probability is the product along its path, and the expected tokens a tree commits is
 1 (the bonus) plus the sum of its nodes' path probabilities. Taking nodes by decreasing path probability
 always gives a valid tree, so the tree size N is chosen to maximise
 
@@ -24,6 +26,17 @@ from leapdecode.drafters.base import Drafter, StepResult, parse_options, registe
 from leapdecode.errors import LeapError
 
 MAX_DEPTH_KEY, MAX_RANK_KEY = 12, 4
+MATCH_BINS = (2, 4, 8, 16)  # match lengths up to each bound share a bin; longer ones the last
+SCORE_BINS = (0.3, 0.6, 0.95)  # a source's own node score (its estimated path probability)
+
+
+def evidence(draft: Draft, node: int) -> tuple[int, int]:
+    """(match-length bin, score bin) of a draft node; score bin -1 when the source gives no scores."""
+    mbin = next((i for i, bound in enumerate(MATCH_BINS) if draft.match_len <= bound), len(MATCH_BINS))
+    if draft.scores is None:
+        return mbin, -1
+    score = draft.scores[node]
+    return mbin, next((i for i, bound in enumerate(SCORE_BINS) if score < bound), len(SCORE_BINS))
 
 
 @dataclass(frozen=True)
@@ -48,27 +61,36 @@ class AutoOptions:
 
 @dataclass
 class AcceptanceStats:
-    """Acceptance counts per (source, depth, sibling rank), for nodes whose parent was accepted."""
+    """Acceptance counts of nodes whose parent was accepted, per (source, depth, sibling rank) and per
+    (source, depth, rank, evidence). The finer estimate starts from the coarser one (its prior), so new
+    evidence bins borrow what the source has shown so far."""
 
     prior_rate: float
     prior_weight: float
     memory: int
-    counts: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
+    counts: dict[tuple, list[float]] = field(default_factory=dict)
 
     @staticmethod
     def key(source: str, depth: int, rank: int) -> tuple[str, int, int]:
         return source, min(depth, MAX_DEPTH_KEY), min(rank, MAX_RANK_KEY)
 
-    def rate(self, source: str, depth: int, rank: int) -> float:
-        hits, tries = self.counts.get(self.key(source, depth, rank), (0.0, 0.0))
-        return (hits + self.prior_rate * self.prior_weight) / (tries + self.prior_weight)
+    def rate(self, source: str, depth: int, rank: int, ev: tuple[int, int] | None = None) -> float:
+        coarse = self.key(source, depth, rank)
+        hits, tries = self.counts.get(coarse, (0.0, 0.0))
+        base = (hits + self.prior_rate * self.prior_weight) / (tries + self.prior_weight)
+        if ev is None:
+            return base
+        hits, tries = self.counts.get((*coarse, *ev), (0.0, 0.0))
+        return (hits + base * self.prior_weight) / (tries + self.prior_weight)
 
-    def update(self, source: str, depth: int, rank: int, accepted: bool) -> None:
-        c = self.counts.setdefault(self.key(source, depth, rank), [0.0, 0.0])
-        c[0] += accepted
-        c[1] += 1
-        if c[1] > self.memory:
-            c[0], c[1] = c[0] / 2, c[1] / 2
+    def update(self, source: str, depth: int, rank: int, accepted: bool, ev: tuple[int, int] | None = None) -> None:
+        coarse = self.key(source, depth, rank)
+        for key in (coarse, (*coarse, *ev)) if ev is not None else (coarse,):
+            c = self.counts.setdefault(key, [0.0, 0.0])
+            c[0] += accepted
+            c[1] += 1
+            if c[1] > self.memory:
+                c[0], c[1] = c[0] / 2, c[1] / 2
 
 
 @dataclass
@@ -76,7 +98,8 @@ class _Node:
     token: int
     parent: int
     depth: int
-    origins: dict[str, int] = field(default_factory=dict)  # source -> sibling rank in that source's draft
+    # source -> (sibling rank in that source's draft, evidence of that source for this node)
+    origins: dict[str, tuple[int, tuple[int, int]]] = field(default_factory=dict)
     prob: float = 0.0  # estimated probability that the whole path to this node is accepted
 
 
@@ -125,10 +148,10 @@ class Auto(Drafter):
                     where[key] = len(nodes)
                     nodes.append(_Node(tok, mparent, depth))
                 node = nodes[where[key]]
-                node.origins.setdefault(name, rank)
+                node.origins.setdefault(name, (rank, evidence(draft, i)))
                 mapped.append(where[key])
         for node in nodes:  # parents precede children
-            cond = max(self.stats.rate(s, node.depth, r) for s, r in node.origins.items())
+            cond = max(self.stats.rate(s, node.depth, r, ev) for s, (r, ev) in node.origins.items())
             node.prob = cond * (1.0 if node.parent < 0 else nodes[node.parent].prob)
         return nodes
 
@@ -150,8 +173,8 @@ class Auto(Drafter):
         accepted = set(step.accepted)
         for i, node in enumerate(self._last):
             if node.parent < 0 or node.parent in accepted:  # the node was reachable this step
-                for source, rank in node.origins.items():
-                    self.stats.update(source, node.depth, rank, i in accepted)
+                for source, (rank, ev) in node.origins.items():
+                    self.stats.update(source, node.depth, rank, i in accepted, ev)
         self._last = []
         for d in self.sources.values():
             d.observe(step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from leapdecode.draft import Draft
+from leapdecode.draft import MAX_EVIDENCE, Draft, match_length
 from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
 
@@ -57,7 +57,8 @@ class CopySpec(Drafter):
         if not starts:
             return Draft(source=self.name)
         begin = starts[-1] + gamma
-        return Draft.chain(seq[begin:begin + cap], source=self.name)
+        run = gamma + match_length(seq, starts[-1], len(seq) - gamma, MAX_EVIDENCE - gamma)
+        return Draft.chain(seq[begin:begin + cap], source=self.name, match_len=run)
 
     def _sync(self, tokens: Sequence[int], full_check: bool = False) -> None:
         """Make the index describe `tokens`: extend it, after cutting it back where the two diverge.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from leapdecode.draft import Draft
+from leapdecode.draft import MAX_EVIDENCE, Draft, match_length
 from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
 
@@ -61,7 +61,8 @@ class PromptLookup(Drafter):
         for n in range(min(self.options.max_ngram, n_tokens - 1), self.options.min_ngram - 1, -1):
             start = self._index.get(tuple(tokens[n_tokens - n:]))
             if start is not None:
-                return Draft.chain(tokens[start + n:start + n + cap], source=self.name)
+                run = n + match_length(tokens, start, n_tokens - n, MAX_EVIDENCE - n)
+                return Draft.chain(tokens[start + n:start + n + cap], source=self.name, match_len=run)
         return Draft(source=self.name)
 
     def _sync(self, tokens: Sequence[int]) -> None:

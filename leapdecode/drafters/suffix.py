@@ -214,16 +214,13 @@ class SuffixDecoding(Drafter):
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         self._sync(tokens)
         self._proposed_len = len(self._live.seq)
-        best = ([], [], 0.0)
-        live = self._live.match(self.options.max_depth)
-        if live is not None:
-            best = self._expand(live[1], self._budget(live[0], max_nodes))
-        hit = self._global_match()
-        if hit is not None:
-            other = self._expand(hit[1], self._budget(hit[0], max_nodes))
-            if other[2] > best[2]:
-                best = other
-        return Draft(best[0], best[1], source=self.name)
+        best, best_len = ([], [], [], 0.0), 0
+        for hit in (self._live.match(self.options.max_depth), self._global_match()):
+            if hit is not None:
+                found = self._expand(hit[1], self._budget(hit[0], max_nodes))
+                if found[3] > best[3]:
+                    best, best_len = found, hit[0]
+        return Draft(best[0], best[1], source=self.name, scores=best[2], match_len=best_len)
 
     def observe(self, step: StepResult) -> None:
         """Append the committed tokens, so that `stop` sees the whole output (no propose follows the last)."""
@@ -266,10 +263,12 @@ class SuffixDecoding(Drafter):
     def _budget(self, match_len: int, max_nodes: int) -> int:
         return min(max_nodes, int(self.options.factor * match_len), self.options.max_spec)
 
-    def _expand(self, loc: _Loc, budget: int) -> tuple[list[int], list[int], float]:
-        """Best-first growth by path probability; returns (token_ids, parents, expected accepted)."""
+    def _expand(self, loc: _Loc, budget: int) -> tuple[list[int], list[int], list[float], float]:
+        """Best-first growth by path probability; returns (token_ids, parents, path probabilities,
+        expected accepted)."""
         token_ids: list[int] = []
         parents: list[int] = []
+        probs: list[float] = []
         score = 0.0
         min_prob = self.options.min_prob
         order = itertools.count()  # tie-break: first seen first
@@ -286,6 +285,7 @@ class SuffixDecoding(Drafter):
             neg, _, token, parent, nxt = heapq.heappop(heap)
             parents.append(parent)
             token_ids.append(token)
+            probs.append(-neg)
             score -= neg
             push(nxt, len(token_ids) - 1, -neg)
-        return token_ids, parents, score
+        return token_ids, parents, probs, score

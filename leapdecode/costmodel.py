@@ -2,7 +2,10 @@
 
 Speculation pays when the tokens a tree is expected to commit outgrow what its forward costs over a
 one-token forward. That ratio is a property of the hardware and kernels (on a 2-core CPU a forward of
-16 tokens costs about twice one token; on a large GPU it costs the same), so it is measured, not assumed.
+16 tokens costs several times one token; on a large GPU it costs the same), so it is measured, not
+assumed. It also depends on the context: every verified row attends to every cached token, so on a CPU
+a draft token costs more after a long prompt. `CostModel` holds curves measured at a short and a long
+context and interpolates between them (attention cost is linear in the context).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class CostCurve:
         if len(self.ks) != len(self.seconds) or not self.ks or list(self.ks) != sorted(set(self.ks)):
             raise ValueError("CostCurve needs ascending, unique ks with one time each")
 
-    def __call__(self, k: int) -> float:
+    def __call__(self, k: int, context: int | None = None) -> float:  # one curve: any context
         ks, ts = self.ks, self.seconds
         if k <= ks[0]:
             return ts[0]
@@ -43,6 +46,43 @@ class CostCurve:
 
     def relative(self) -> dict[int, float]:
         return {k: t / self.seconds[0] for k, t in zip(self.ks, self.seconds)}
+
+
+DEFAULT_CONTEXTS = (256, 2048)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of a verification forward of k tokens after `context` cached ones: curves measured at a
+    few contexts, linear in the context between and beyond them."""
+
+    contexts: tuple[int, ...]
+    curves: tuple[CostCurve, ...]
+
+    def __post_init__(self):
+        if len(self.contexts) != len(self.curves) or not self.curves or list(self.contexts) != sorted(set(self.contexts)):
+            raise ValueError("CostModel needs ascending, unique contexts with one curve each")
+
+    def __call__(self, k: int, context: int | None = None) -> float:
+        cs = self.contexts
+        if context is None or len(cs) == 1:
+            return self.curves[0](k)
+        i = min(max(bisect.bisect_left(cs, context), 1), len(cs) - 1)
+        t0, t1 = self.curves[i - 1](k), self.curves[i](k)
+        # below the shortest context the line may fall steeply: never predict under half its time
+        return max(t0 + (t1 - t0) * (context - cs[i - 1]) / (cs[i] - cs[i - 1]), self.curves[0](k) * 0.5)
+
+    def relative(self, context: int | None = None) -> dict[int, float]:
+        """Cost of k tokens over one token at `context` (default: the shortest measured)."""
+        ks = self.curves[0].ks
+        return {k: self(k, context) / self(1, context) for k in ks}
+
+
+def measure_model(model, ks: tuple[int, ...] = DEFAULT_KS, contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
+                  repeats: int = 3) -> CostModel:
+    """`measure` at each context that fits the model (at least one)."""
+    fits = sorted({max(1, min(c, model.cfg.max_seq_len - max(ks) - 1)) for c in contexts})
+    return CostModel(tuple(fits), tuple(measure(model, ks, c, repeats) for c in fits))
 
 
 def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats: int = 3) -> CostCurve:
@@ -83,7 +123,7 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def cached(model, describe: dict, folder: Path) -> CostCurve:
+def cached(model, describe: dict, folder: Path) -> CostModel:
     """The curve measured earlier for the same model, code, kernels, threads and machine (`describe`), or
     a fresh measurement saved for next time: a one-shot `leap generate` should not pay a second of timing."""
     describe = {**describe, "code": code_fingerprint()}
@@ -91,16 +131,19 @@ def cached(model, describe: dict, folder: Path) -> CostCurve:
     path = folder / f"cost-{key}.json"
     try:
         saved = json.loads(path.read_text())
-        return CostCurve(tuple(saved["ks"]), tuple(saved["seconds"]))
+        return CostModel(tuple(saved["contexts"]),
+                         tuple(CostCurve(tuple(saved["ks"]), tuple(t)) for t in saved["seconds"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    curve = measure(model)
+    model_cost = measure_model(model)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"describe": describe, "ks": curve.ks, "seconds": curve.seconds}))
+        path.write_text(json.dumps({"describe": describe, "contexts": model_cost.contexts,
+                                    "ks": model_cost.curves[0].ks,
+                                    "seconds": [c.seconds for c in model_cost.curves]}))
     except OSError:
         pass  # a read-only cache only costs the measurement again next time
-    return curve
+    return model_cost
 
 
 def _sync(device) -> None:

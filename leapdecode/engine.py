@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from leapdecode.costmodel import CostCurve
+from leapdecode.costmodel import CostModel
 from leapdecode.costmodel import cached as cached_cost
 from leapdecode.draft import tree_inputs
 from leapdecode.drafters.base import Drafter, StepResult, make_drafter
 from leapdecode.errors import LeapError
 from leapdecode.kernels.build import cache_dir
+from leapdecode.kernels.native import kernel_scope
 from leapdecode.model.linear import LinearSpec, convert_linears
 from leapdecode.model.llama import Transformer
 from leapdecode.model.loader import is_gguf
@@ -83,7 +85,7 @@ class Engine:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.drafter_options = dict(drafter_options or {})
         self._drafters: dict[str, Drafter] = {}
-        self._cost_curve: CostCurve | None = None
+        self._cost_curve: CostModel | None = None
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
@@ -135,11 +137,19 @@ class Engine:
         d.bind(self)
         return d
 
-    def cost_curve(self) -> CostCurve:
-        """Measured seconds of a verification forward of k tokens (measured once, on first use)."""
+    def cost_curve(self) -> CostModel:
+        """Measured seconds of a verification forward of k tokens after a given context (measured once,
+        on first use; saved per machine, model and code)."""
         if self._cost_curve is None:
-            self._cost_curve = cached_cost(self.model, self._hardware_key(), cache_dir())
+            with self.compute_scope():
+                self._cost_curve = cached_cost(self.model, self._hardware_key(), cache_dir())
         return self._cost_curve
+
+    def compute_scope(self) -> AbstractContextManager:
+        """Where a step runs: with native kernels, torch stays single-threaded so that its idle OpenMP
+        threads never compete with the kernels' threads (see `kernel_scope`)."""
+        native = getattr(self.model, "stack", None) is not None or self.model.lm_head.backend == "native"
+        return kernel_scope() if native else nullcontext()
 
     def _hardware_key(self) -> dict:
         """What a verify-cost measurement depends on; random-weight models built in code are not cached."""
@@ -213,20 +223,23 @@ class Engine:
         drafter.sampling = params  # drafters with probabilities draw from their own distribution
         t0 = time.perf_counter()
         ids = torch.tensor([prompt_ids], device=model.device)  # [1, P]
-        logits = model(ids, torch.arange(len(prompt_ids), device=model.device), cache, last_only=True)
-        root = self._pick(logits[0, -1], params, rng)
+        with self.compute_scope():
+            logits = model(ids, torch.arange(len(prompt_ids), device=model.device), cache, last_only=True)
+            root = self._pick(logits[0, -1], params, rng)
         stats.prefill_s = time.perf_counter() - t0
         yield [root]
         tokens = list(prompt_ids) + [root]
         while (room := cache.max_len - cache.length - 1) >= 0:
-            t1 = time.perf_counter()
-            budget = min(config.max_draft, room)
-            draft = drafter.propose(tokens, budget).truncated(budget)
-            t2 = time.perf_counter()
-            step = self.verify(draft, root, cache, params, rng)
-            t3 = time.perf_counter()
-            drafter.observe(step)  # learning from the step is drafting cost too
-            stats.observe_step(len(draft), len(step.accepted), t2 - t1 + time.perf_counter() - t3, t3 - t2)
+            with self.compute_scope():  # per step: nothing leaks to the caller between yields
+                t1 = time.perf_counter()
+                budget = min(config.max_draft, room)
+                draft = drafter.propose(tokens, budget).truncated(budget)
+                t2 = time.perf_counter()
+                step = self.verify(draft, root, cache, params, rng)
+                t3 = time.perf_counter()
+                drafter.observe(step)  # learning from the step is drafting cost too
+                t4 = time.perf_counter()
+            stats.observe_step(len(draft), len(step.accepted), t2 - t1 + t4 - t3, t3 - t2)
             tokens += step.committed
             root = step.bonus
             yield step.committed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leapdecode.costmodel import CostCurve
+from leapdecode.costmodel import CostCurve, CostModel
 from leapdecode.draft import Draft
 from leapdecode.drafters import StepResult, make_drafter
 from leapdecode.drafters.auto import AcceptanceStats, Auto, AutoOptions, evidence
@@ -135,10 +135,32 @@ def test_cost_curve_interpolates_and_extrapolates():
         CostCurve((4, 1), (1.0, 2.0))
 
 
-def test_measured_curve_on_a_tiny_model(tiny_engine):
-    curve = tiny_engine.cost_curve()
-    assert curve.ks[0] == 1 and all(b >= a for a, b in zip(curve.seconds, curve.seconds[1:]))
-    assert tiny_engine.cost_curve() is curve  # measured once
+def test_cost_model_is_linear_in_the_context():
+    m = CostModel((100, 1100), (CostCurve((1, 8), (1.0, 2.0)), CostCurve((1, 8), (2.0, 10.0))))
+    assert m(8) == 2.0  # no context: the shortest one
+    assert m(8, 100) == 2.0 and m(8, 1100) == 10.0 and m(8, 600) == pytest.approx(6.0)
+    assert m(8, 2100) == pytest.approx(18.0)  # extrapolated: attention keeps growing with the context
+    assert m(8, 0) == pytest.approx(1.2) and m(1, -10**6) == 0.5  # floored at half the shortest curve
+    assert m.relative(1100) == {1: 1.0, 8: 5.0}
+    with pytest.raises(ValueError):
+        CostModel((5, 1), (CostCurve((1,), (1.0,)), CostCurve((1,), (1.0,))))
+
+
+def test_measured_model_on_a_tiny_model(tiny_engine):
+    model = tiny_engine.cost_curve()
+    assert len(model.contexts) == 2 and model.contexts[0] < model.contexts[1] < tiny_engine.model.cfg.max_seq_len
+    for curve in model.curves:
+        assert curve.ks[0] == 1 and all(b >= a for a, b in zip(curve.seconds, curve.seconds[1:]))
+    assert tiny_engine.cost_curve() is model  # measured once
+
+
+def test_auto_sizes_trees_by_the_cost_at_the_current_context():
+    short = CostCurve((1, 2, 64), (1.0, 1.1, 64.0))  # a draft token costs 10% at a short context
+    long = CostCurve((1, 2, 64), (1.0, 3.0, 200.0))  # and 3x at a long one
+    src = FixedDrafter(Draft.chain([5], match_len=3))
+    a = auto_with({"x": src}, CostModel((10, 1000), (short, long)))
+    assert len(a.propose([1] * 10, 8)) == 1
+    assert len(a.propose([1] * 1000, 8)) == 0
 
 
 def test_saved_curve_is_reused_only_for_the_same_code(tiny_engine, tmp_path, monkeypatch):

@@ -125,3 +125,31 @@ def test_bad_mask_and_full_cache_are_clear_errors():
         model(ids, torch.arange(4), cache, mask=torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(LeapError, match="context full"):
         model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9), cache)
+
+
+def test_kernel_scope_keeps_torch_single_threaded_and_restores_it():
+    from leapdecode.kernels.native import kernel_scope, kernel_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernel_scope():
+            assert torch.get_num_threads() == 1 and kernel_threads() == 2
+            with kernel_scope(3):
+                assert kernel_threads() == 3 and torch.get_num_threads() == 1
+            assert kernel_threads() == 2
+        assert torch.get_num_threads() == 2 and kernel_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_generation_on_native_kernels_leaves_torch_threads_as_found():
+    from leapdecode.engine import Engine, GenerationConfig
+
+    model = _native("int4", "int8")
+    eng = Engine(model, tiny_engine_for(tiny_config(vocab=96)).tokenizer)
+    before = torch.get_num_threads()
+    stream = eng.stream(list(range(10)) * 2, GenerationConfig(max_new_tokens=12, drafter="pld"), raw=True)
+    for _ in stream:
+        assert torch.get_num_threads() == before  # between steps the caller sees its own setting
+    assert len(stream.result.token_ids) == 12

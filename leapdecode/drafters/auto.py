@@ -10,7 +10,8 @@ always gives a valid tree, so the tree size N is chosen to maximise
 
     (1 + sum of the N best path probabilities) / cost(1 + N)
 
-with `cost` the measured time of a forward of 1 + N tokens on this machine (`leapdecode.costmodel`).
+with `cost` the measured time of a forward of 1 + N tokens after the current context on this machine
+(`leapdecode.costmodel`).
 When no proposal is worth its cost, N = 0: the step is plain decoding, and speculation cost only the
 drafters' lookups. The merged draft carries no probabilities, so verification treats it as a
 deterministic proposal, which is exact under sampling too.
@@ -128,7 +129,7 @@ class Auto(Drafter):
         for d in self.sources.values():  # model-based sources draft on the request's cache
             d.cache, d.sampling = self.cache, self.sampling
         nodes = self._merge(tokens, budget)
-        chosen = self._choose(nodes, budget)
+        chosen = self._choose(nodes, budget, len(tokens))
         self._last = chosen
         return Draft([n.token for n in chosen], [n.parent for n in chosen], source=self.name)
 
@@ -155,15 +156,16 @@ class Auto(Drafter):
             node.prob = cond * (1.0 if node.parent < 0 else nodes[node.parent].prob)
         return nodes
 
-    def _choose(self, nodes: list[_Node], budget: int) -> list[_Node]:
+    def _choose(self, nodes: list[_Node], budget: int, context: int) -> list[_Node]:
         """The best-N nodes by path probability, N maximising expected tokens per second."""
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].prob, nodes[i].depth, i))[:budget]
-        cost = self.engine.cost_curve() if self.engine is not None else (lambda k: float(k))
-        best_n, best_rate, expected = 0, 1.0 / cost(1), 1.0
+        curve = self.engine.cost_curve() if self.engine is not None else (lambda k, context=None: float(k))
+        best_n, best_rate, expected = 0, 1.0 / curve(1, context), 1.0
         for n, i in enumerate(order, start=1):
             expected += nodes[i].prob
-            if expected / cost(1 + n) > best_rate:
-                best_n, best_rate = n, expected / cost(1 + n)
+            rate = expected / curve(1 + n, context)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
         keep = sorted(order[:best_n])  # original order keeps parents first
         index = {old: new for new, old in enumerate(keep)}
         return [_Node(nodes[i].token, -1 if nodes[i].parent < 0 else index[nodes[i].parent], nodes[i].depth,

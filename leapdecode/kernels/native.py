@@ -1,13 +1,16 @@
 """ctypes binding of the compiled kernels: torch tensors in, torch tensors out, never a copy.
 
-Pointers go straight from `Tensor.data_ptr()` to the kernels. The kernels use torch's thread count
-(`torch.set_num_threads`) with a thread pool of their own (see pool.h for why not OpenMP).
+Pointers go straight from `Tensor.data_ptr()` to the kernels. The kernels run on a thread pool of their
+own (see pool.h for why not OpenMP), with torch's thread count unless `kernel_scope` says otherwise.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -21,6 +24,30 @@ _ERRORS = {-1: "empty shape", -2: "in_features must be a multiple of 32 for bloc
            -6: "head_dim must be a multiple of 8 and at most 256", -7: "n_heads must be a multiple of n_kv_heads"}
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_KERNEL_THREADS: ContextVar[int | None] = ContextVar("leapdecode_kernel_threads", default=None)
+
+
+def kernel_threads() -> int:
+    """Threads the kernels use now: the count of the enclosing `kernel_scope`, else torch's."""
+    return _KERNEL_THREADS.get() or torch.get_num_threads()
+
+
+@contextmanager
+def kernel_scope(threads: int | None = None) -> Iterator[None]:
+    """Kernels on `threads` (default: torch's count) while torch itself runs on one thread.
+
+    Why: after a parallel op torch's OpenMP threads spin for a while; with as many threads as cores they
+    then take cores from the kernels' pool. Measured on 2 cores: a verification step 50% slower right
+    after torch's two-threaded argmax over the logits. Torch's count is restored on exit.
+    """
+    before = torch.get_num_threads()
+    token = _KERNEL_THREADS.set(threads or kernel_threads())
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _KERNEL_THREADS.reset(token)
 
 
 @functools.cache
@@ -50,7 +77,7 @@ def linear_into(y: torch.Tensor, x: torch.Tensor, fmt: str, act: str, n: int, k:
     column stride; y [M, >= n] float32 with unit column stride (a column slice of a wider output is fine)."""
     rc = lib(isa).ld_linear(FORMAT_CODES[fmt], ACT_CODES[act], x.shape[0], n, k, x.data_ptr(), x.stride(0),
                          _ptr(qs), _ptr(d), _ptr(m), _ptr(f), y.data_ptr(), y.stride(0),
-                         threads or torch.get_num_threads())
+                         threads or kernel_threads())
     if rc:
         raise LeapError(f"native linear ({fmt}, {act} activations, [{x.shape[0]}, {k}] x [{n}, {k}]^T): "
                         f"{_ERRORS.get(rc, rc)}")
@@ -66,7 +93,7 @@ def run_linear(calls: list[tuple], x: torch.Tensor, y: torch.Tensor) -> None:
     """y = x @ W^T for the parts described by `calls` (from kernel_args): x [M, K], y [M, N_total] float32,
     rows contiguous. The hot path of every native linear layer: a few microseconds of Python."""
     fn, m, xp, ldx, yp, ldy = lib().ld_linear, x.shape[0], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
-    threads = torch.get_num_threads()
+    threads = kernel_threads()
     for fmt, act, n, k, qs, d, mn, f, col_bytes in calls:
         rc = fn(fmt, act, m, n, k, xp, ldx, qs, d, mn, f, yp + col_bytes, ldy, threads)
         if rc:
@@ -112,7 +139,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     out = torch.empty(b, s, h, d).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
     rc = lib().ld_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, hkv, s, t, d,
                             _strides(q), _strides(k), _strides(v), _strides(out), mask_ptr, mask_stride,
-                            d ** -0.5 if scale is None else scale, torch.get_num_threads())
+                            d ** -0.5 if scale is None else scale, kernel_threads())
     if rc:
         raise LeapError(f"native attention: {_ERRORS.get(rc, rc)}")
     return out

@@ -14,7 +14,7 @@ import weakref
 import torch
 
 from leapdecode.errors import LeapError
-from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, lib
+from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, kernel_threads, lib
 
 MAX_PARTS = 4
 _I32, _I64, _P = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
@@ -128,7 +128,7 @@ class NativeStack:
         skip = None if layers is None else torch.tensor(layers, dtype=torch.uint8).contiguous()
         rc = self._fn(ctypes.byref(self._stack), x.data_ptr(), s, n, cos.data_ptr(), sin.data_ptr(),
                       cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, mask_ptr, mask_stride,
-                      _ptr(skip), torch.get_num_threads())
+                      _ptr(skip), kernel_threads())
         if rc:
             raise LeapError(f"native block stack: {_ERRORS.get(rc, rc)}")
         return x

@@ -1,89 +1,117 @@
-"""End-to-end speed per backend and weight format, side by side in one process.
+"""Every weight format side by side in one run: plain and `auto` per format, against llama.cpp.
 
-For each configuration (backend/quant/activations) of the bundled model: the cost of one forward of k
-new tokens (`leapdecode.costmodel.measure`) and greedy decoding speed with drafter none and pld on a few
-Spec-Bench prompts. Configurations take turns per prompt so machine noise hits them alike. Ratios
-against the float32 torch reference are printed with the table.
+For each configuration (backend:quant:activations) of the bundled model, our engine answers the same
+Spec-Bench questions with drafter `none` and `auto`; llama.cpp (plain and prompt lookup) answers them on
+the same GGUF. Everything runs through `leap bench`'s harness (contenders alternate question by
+question, one warm-up each). Prints, per configuration: the verify cost curve, tokens/s (prefill
+included), `auto` over plain, each over llama.cpp, and whether `auto`'s output equals plain decoding
+*within that configuration* (the lossless check; different formats legitimately differ from each other).
 
-    .venv/bin/python benchmarks/formats.py --data ../shared/data/spec_bench/question.jsonl --threads 2
+    .venv/bin/python benchmarks/formats.py --data ../shared/data/spec_bench/question.jsonl --per-group 5
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from leapdecode.bench.data import load_questions
+from leapdecode.bench.methods import DrafterMethod
+from leapdecode.bench.peers import PeerContext, make_peers
+from leapdecode.bench.runner import run_bench
 from leapdecode.costmodel import measure as measure_cost
-from leapdecode.engine import Engine, GenerationConfig
+from leapdecode.engine import Engine
 from leapdecode.model.linear import convert_linears
 from leapdecode.model.source import default_model_path
 
 DEFAULT_CONFIGS = "torch:none:float32,native:none:float32,native:gguf:float32,native:gguf:int8,native:int8:int8,native:int4:int8"
+GROUPS = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
 
 
-def prompts(path: Path, n: int) -> list[str]:
-    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by_cat: dict[str, list[str]] = {}
-    for it in items:
-        by_cat.setdefault(it["category"], []).append(it["turns"][0])
-    cats = sorted(by_cat)
-    return [by_cat[cats[i % len(cats)]][i // len(cats)] for i in range(n)]  # spread over categories
+def method_name(drafter: str, config: str, configs: list[str]) -> str:
+    """`drafter@config`; plain decoding on the first configuration is the harness's baseline, `none`."""
+    return "none" if drafter == "none" and config == configs[0] else f"{drafter}@{config}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="Spec-Bench question.jsonl")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompts", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated backend:quant:activations")
-    ap.add_argument("--ks", default="1,2,4,8,16,32")
-    ap.add_argument("--drafters", default="none,pld,auto", help="comma-separated; the first is the baseline")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    base = Engine.load()
-    engines = {}
-    for spec in args.configs.split(","):
+class FormatMethod(DrafterMethod):
+    """A drafter on one configuration's engine."""
+
+    def __init__(self, engine: Engine, drafter: str, name: str):
+        super().__init__(engine, drafter)
+        self.name = name
+
+
+def engines_for(configs: list[str]) -> dict[str, Engine]:
+    base = Engine.load(backend="torch", quant="none", activations="float32")
+    out = {}
+    for spec in configs:
         backend, quant, act = spec.split(":")
         model = copy.deepcopy(base.model)
         convert_linears(model, backend, quant, default_model_path(), act)
-        engines[spec] = Engine(model, base.tokenizer, name=spec)
-    ks = [int(k) for k in args.ks.split(",")]
-    curves = {spec: measure_cost(e.model, tuple(sorted(set(ks)))) for spec, e in engines.items()}
-    cost = {spec: dict(zip(c.ks, c.seconds)) for spec, c in curves.items()}
-    drafters = args.drafters.split(",")
-    speed = {(spec, d): [] for spec in engines for d in drafters}  # (tokens, seconds) incl. prefill
-    same = {(spec, d): 0 for spec in engines for d in drafters}
-    texts = prompts(Path(args.data), args.prompts)
-    for text in texts:
-        for spec, eng in engines.items():
-            out = {}
-            for d in drafters:
-                r = eng.generate(text, GenerationConfig(max_new_tokens=args.max_new_tokens, drafter=d))
-                speed[(spec, d)].append((r.stats.new_tokens, r.stats.prefill_s + r.stats.decode_s))
-                out[d] = r.token_ids
-                same[(spec, d)] += out[d] == out[drafters[0]]
+        out[spec] = Engine(model, base.tokenizer, name=f"{base.name}:{spec}")
+    return out
 
-    def tps(spec, d):
-        return sum(n for n, _ in speed[(spec, d)]) / sum(t for _, t in speed[(spec, d)])
 
-    ref = next(iter(engines))
-    print(f"bundled model, {args.threads} threads, {len(texts)} prompts x {args.max_new_tokens} new tokens, greedy; "
-          f"forward of k tokens after 256 cached (ms, best of 3); tokens/s include prefill\n")
-    print("| config | " + " | ".join(f"k={k}" for k in ks) + " | "
-          + " | ".join(f"{d} tok/s" for d in drafters) + f" | {drafters[0]} vs {ref} | output == {drafters[0]} |")
-    print("|---|" + "---|" * (len(ks) + len(drafters) + 2))
-    for spec in engines:
-        rates = " | ".join(f"{tps(spec, d):.1f}" + ("" if d == drafters[0] else
-                                                   f" ({tps(spec, d) / tps(spec, drafters[0]):.2f}x)")
-                           for d in drafters)
-        match = ", ".join(f"{d} {same[(spec, d)]}/{len(texts)}" for d in drafters[1:])
-        print(f"| {spec} | " + " | ".join(f"{cost[spec][k] * 1e3:.1f}" for k in ks)
-              + f" | {rates} | {tps(spec, drafters[0]) / tps(ref, drafters[0]):.2f}x | {match} |")
+def summarize(records: list[dict], configs: list[str], ks: list[int], curves: dict) -> str:
+    tok, sec, outs = defaultdict(int), defaultdict(float), defaultdict(dict)
+    for r in records:
+        tok[r["method"]] += r["new_tokens"]
+        sec[r["method"]] += r["wall_s"]
+        outs[r["method"]][(r["question_id"], r["turn"])] = r["output_ids"]
+
+    def tps(m):
+        return tok[m] / sec[m] if sec[m] else float("nan")
+
+    lc = tps("llamacpp")
+    lines = ["| config | " + " | ".join(f"k={k}" for k in ks) + " | plain tok/s | auto tok/s | auto / plain "
+             "| plain / llama.cpp | auto / llama.cpp | auto output == plain |", "|---|" + "---|" * (len(ks) + 6)]
+    for spec in configs:
+        plain, auto = method_name("none", spec, configs), method_name("auto", spec, configs)
+        same = sum(outs[auto].get(key) == out for key, out in outs[plain].items())
+        lines.append(f"| {spec} | " + " | ".join(f"{curves[spec][k] * 1e3:.1f}" for k in ks)
+                     + f" | {tps(plain):.1f} | {tps(auto):.1f} | {tps(auto) / tps(plain):.2f}x | {tps(plain) / lc:.2f}x"
+                     f" | {tps(auto) / lc:.2f}x | {same}/{len(outs[plain])} |")
+    lines.append(f"\nllama.cpp plain {lc:.1f} tok/s, prompt lookup {tps('llamacpp-pld'):.1f} tok/s; "
+                 "k columns: ms for a forward of k tokens after 256 cached (best of 3).")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="Spec-Bench question.jsonl")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-group", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated backend:quant:activations")
+    ap.add_argument("--ks", default="1,2,4,8,16")
+    ap.add_argument("--out", default="bench_results/formats")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    configs, ks = args.configs.split(","), [int(k) for k in args.ks.split(",")]
+    engines = engines_for(configs)
+    curves = {}
+    for spec, eng in engines.items():
+        with eng.compute_scope():
+            curve = measure_cost(eng.model, tuple(sorted(set(ks))))
+        curves[spec] = dict(zip(curve.ks, curve.seconds))
+    methods = [FormatMethod(eng, d, method_name(d, spec, configs)) for spec, eng in engines.items()
+               for d in ("none", "auto")]
+    ctx = PeerContext(model_path=default_model_path(), dtype=torch.float32, eos_ids=frozenset(
+        next(iter(engines.values())).tokenizer.eos_ids), threads=args.threads, n_ctx=4096)
+    questions = load_questions(args.data, categories=GROUPS, per_category=args.per_group)
+    base = engines[configs[0]]
+    records = run_bench(base, questions, methods, make_peers(["llamacpp", "llamacpp-pld"], ctx),
+                        max_new_tokens=args.max_new_tokens, out_dir=args.out)
+    text = summarize(records, configs, ks, curves)
+    Path(args.out, "formats.md").write_text(text + "\n")
+    print(text)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -113,7 +113,7 @@ def test_evidence_learns_which_matches_to_verify():
     assert len(a.propose([1], 8)) == 1
     src.draft = Draft.chain([5], match_len=1)
     assert len(a.propose([1], 8)) == 0
-    assert a.stats.rate("x", 1, 0, (4, -1)) > 0.8 > 0.2 > a.stats.rate("x", 1, 0, (0, -1))
+    assert a.stats.rate("x", 1, 0, (4, -1)) > 0.8 and a.stats.rate("x", 1, 0, (0, -1)) < 0.2
 
 
 def test_defaults_and_validation():

@@ -212,7 +212,7 @@ def plot_speedups(s: Summary, path: Path) -> None:
     plt = _pyplot()
     shown = [c for c in s.contenders if c != BASELINE]
     cols = [g for g in s.groups if s.speedup[BASELINE][g] is not None] + [OVERALL]  # groups that ran
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cols)), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cols)) + 1.8, 4.0))
     width = 0.8 / max(1, len(shown))
     for i, c in enumerate(shown):
         xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cols))]
@@ -222,8 +222,8 @@ def plot_speedups(s: Summary, path: Path) -> None:
     ax.set_xticks(range(len(cols)), cols, rotation=20, ha="right")
     ax.set_ylabel(f"speedup over {BASELINE} (plain decoding)")
     ax.set_title("Speedup per Spec-Bench group")
-    if shown:
-        ax.legend(fontsize="small")
+    if shown:  # beside the axes: with many contenders a legend inside hides bars
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -238,7 +238,7 @@ def plot_accepted(s: Summary, path: Path) -> None:
     shown = [c for c in s.contenders if s.accepted_hist.get(c) and c != BASELINE] or [BASELINE]
     hists = {c: capped(s.accepted_hist.get(c) or [0]) for c in shown}
     n = max(len(h) for h in hists.values())
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * n + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * n + 2) + 1.8, 4.0))
     width = 0.8 / len(shown)
     for i, c in enumerate(shown):
         total = sum(hists[c]) or 1
@@ -251,7 +251,7 @@ def plot_accepted(s: Summary, path: Path) -> None:
     ax.set_xlabel("tokens committed per step (accepted draft tokens + 1)")
     ax.set_ylabel("fraction of steps")
     ax.set_title("Accepted tokens per verification step")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

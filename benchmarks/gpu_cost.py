@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -95,7 +96,7 @@ def lossless_check(device: str) -> str:
 
 
 def load_curve(path: str) -> CostModel:
-    saved = json.loads(open(path).read())
+    saved = json.loads(Path(path).read_text())
     curves = saved["seconds"] if isinstance(saved["seconds"][0], list) else [saved["seconds"]]
     contexts = saved.get("contexts", [256])
     return CostModel(tuple(contexts), tuple(CostCurve(tuple(saved["ks"]), tuple(t)) for t in curves))

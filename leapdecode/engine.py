@@ -86,6 +86,7 @@ class Engine:
         self.drafter_options = dict(drafter_options or {})
         self._drafters: dict[str, Drafter] = {}
         self._cost_curve: CostModel | None = None
+        self.step_overhead = 0.0  # seconds per step outside the verification forward (moving average)
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
@@ -240,6 +241,8 @@ class Engine:
                 drafter.observe(step)  # learning from the step is drafting cost too
                 t4 = time.perf_counter()
             stats.observe_step(len(draft), len(step.accepted), t2 - t1 + t4 - t3, t3 - t2)
+            # what a step costs beyond its forward (drafting, acceptance, bookkeeping), for `auto`
+            self.step_overhead += 0.05 * ((t4 - t1 - step.forward_s) - self.step_overhead)
             tokens += step.committed
             root = step.bonus
             yield step.committed
@@ -248,10 +251,12 @@ class Engine:
         """One forward over [root] + draft, acceptance, and the cache compacted to the accepted path."""
         start = cache.length
         tokens, positions, mask = tree_inputs(draft, root, start, self.model.device)
+        t0 = time.perf_counter()
         logits = self.model(tokens[None], positions, cache, mask if len(draft) else None)[0]  # [1+n, V]
+        forward_s = time.perf_counter() - t0
         accepted, bonus = accept(draft, logits, params, rng)
         cache.keep([start] + [start + 1 + i for i in accepted], start)
-        return StepResult(draft, tokens.tolist(), logits, accepted, bonus)
+        return StepResult(draft, tokens.tolist(), logits, accepted, bonus, forward_s)
 
     @staticmethod
     def _pick(logits: torch.Tensor, params: SamplingParams, rng) -> int:

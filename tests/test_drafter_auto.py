@@ -78,8 +78,19 @@ def test_observe_updates_statistics_and_forwards_to_sources():
     step = StepResult(draft, [1, 5, 6], torch.zeros(3, 10), accepted=[0], bonus=3)
     a.observe(step)
     assert a.stats.rate("x", 1, 0) > before  # depth 1 accepted
-    assert a.stats.rate("x", 2, 0) < before  # depth 2 was reachable and rejected
+    assert a.stats.rate("x", 2, 0) < a.stats.rate("x", 1, 0)  # depth 2 was reachable and rejected
     assert src.observed == 1
+
+
+def test_deep_nodes_borrow_the_acceptance_of_the_level_above():
+    s = AcceptanceStats(prior_rate=0.3, prior_weight=2.0, memory=400)
+    for _ in range(50):
+        for depth in (1, 2, 3):
+            s.update("x", depth, 0, True, (4, -1))  # a long match: always right so far
+    assert s.rate("x", 3, 0, (4, -1)) > 0.9
+    assert s.rate("x", 9, 0, (4, -1)) > 0.9  # never observed that deep: leans on depth 3, not on 0.3
+    assert s.rate("x", 9, 0, (0, -1)) < s.rate("x", 9, 0, (4, -1))  # an unseen bin: the coarser estimate
+    assert s.rate("y", 5, 0) == pytest.approx(0.3)  # nothing known: the prior all the way down
 
 
 def test_acceptance_stats_forget_old_evidence():
@@ -118,7 +129,7 @@ def test_evidence_learns_which_matches_to_verify():
 
 def test_defaults_and_validation():
     opts = AutoOptions()
-    assert opts.sources == ("suffix", "pld", "copy") and opts.max_nodes == 64
+    assert opts.sources == ("suffix", "copy") and opts.max_nodes == 64
     assert isinstance(make_drafter("auto"), Auto)
     for bad in ({"sources": ()}, {"sources": ("auto",)}, {"max_nodes": 0}, {"prior_rate": 1.5}):
         with pytest.raises(LeapError):

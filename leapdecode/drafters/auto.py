@@ -8,10 +8,11 @@ the evidence decides whether a proposal is worth verifying. A node's path probab
 1 (the bonus) plus the sum of its nodes' path probabilities. Taking nodes by decreasing path probability
 always gives a valid tree, so the tree size N is chosen to maximise
 
-    (1 + sum of the N best path probabilities) / cost(1 + N)
+    (1 + sum of the N best path probabilities) / (cost(1 + N) + overhead)
 
 with `cost` the measured time of a forward of 1 + N tokens after the current context on this machine
-(`leapdecode.costmodel`).
+(`leapdecode.costmodel`) and `overhead` the engine's measured time per step outside the forward
+(drafting, acceptance, bookkeeping), which fewer, larger steps pay less often.
 When no proposal is worth its cost, N = 0: the step is plain decoding, and speculation cost only the
 drafters' lookups. The merged draft carries no probabilities, so verification treats it as a
 deterministic proposal, which is exact under sampling too.
@@ -42,9 +43,9 @@ def evidence(draft: Draft, node: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class AutoOptions:
-    # recycling is left out by default: on a 2-core CPU its wide trees cost more to verify than they
-    # return, and its per-step top-k over the vocabulary is a fixed cost (measured: BENCHMARKS.md)
-    sources: tuple[str, ...] = ("suffix", "pld", "copy")
+    # measured (BENCHMARKS.md): recycling's wide trees cost more to verify than they return on a 2-core
+    # CPU, and pld adds drafting time but little the suffix index does not already find
+    sources: tuple[str, ...] = ("suffix", "copy")
     max_nodes: int = 64  # largest tree considered
     prior_rate: float = 0.3  # acceptance rate assumed before any evidence (explores every source)
     prior_weight: float = 2.0  # how many observations the prior is worth
@@ -63,8 +64,9 @@ class AutoOptions:
 @dataclass
 class AcceptanceStats:
     """Acceptance counts of nodes whose parent was accepted, per (source, depth, sibling rank) and per
-    (source, depth, rank, evidence). The finer estimate starts from the coarser one (its prior), so new
-    evidence bins borrow what the source has shown so far."""
+    (source, depth, rank, evidence). An estimate with few observations leans on its prior: the same
+    estimate one level up (acceptance deep in a long match resembles acceptance just above it), and at
+    depth 1 the estimate without evidence, then `prior_rate`."""
 
     prior_rate: float
     prior_weight: float
@@ -76,13 +78,15 @@ class AcceptanceStats:
         return source, min(depth, MAX_DEPTH_KEY), min(rank, MAX_RANK_KEY)
 
     def rate(self, source: str, depth: int, rank: int, ev: tuple[int, int] | None = None) -> float:
-        coarse = self.key(source, depth, rank)
-        hits, tries = self.counts.get(coarse, (0.0, 0.0))
-        base = (hits + self.prior_rate * self.prior_weight) / (tries + self.prior_weight)
+        depth = min(depth, MAX_DEPTH_KEY)
         if ev is None:
-            return base
-        hits, tries = self.counts.get((*coarse, *ev), (0.0, 0.0))
-        return (hits + base * self.prior_weight) / (tries + self.prior_weight)
+            prior = self.prior_rate if depth <= 1 else self.rate(source, depth - 1, rank)
+            key = self.key(source, depth, rank)
+        else:
+            prior = self.rate(source, depth, rank) if depth <= 1 else self.rate(source, depth - 1, rank, ev)
+            key = (*self.key(source, depth, rank), *ev)
+        hits, tries = self.counts.get(key, (0.0, 0.0))
+        return (hits + prior * self.prior_weight) / (tries + self.prior_weight)
 
     def update(self, source: str, depth: int, rank: int, accepted: bool, ev: tuple[int, int] | None = None) -> None:
         coarse = self.key(source, depth, rank)
@@ -160,10 +164,11 @@ class Auto(Drafter):
         """The best-N nodes by path probability, N maximising expected tokens per second."""
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].prob, nodes[i].depth, i))[:budget]
         curve = self.engine.cost_curve() if self.engine is not None else (lambda k, context=None: float(k))
-        best_n, best_rate, expected = 0, 1.0 / curve(1, context), 1.0
+        extra = getattr(self.engine, "step_overhead", 0.0)  # paid once per step whatever its size
+        best_n, best_rate, expected = 0, 1.0 / (curve(1, context) + extra), 1.0
         for n, i in enumerate(order, start=1):
             expected += nodes[i].prob
-            rate = expected / curve(1 + n, context)
+            rate = expected / (curve(1 + n, context) + extra)
             if rate > best_rate:
                 best_n, best_rate = n, rate
         keep = sorted(order[:best_n])  # original order keeps parents first

@@ -30,6 +30,7 @@ class StepResult:
     logits: torch.Tensor
     accepted: list[int]
     bonus: int
+    forward_s: float = 0.0  # seconds of the verification forward itself
 
     @property
     def committed(self) -> list[int]:

@@ -1,10 +1,13 @@
-"""Greedy output with any drafter equals plain decoding exactly (float64, random small models)."""
+"""Greedy output with any drafter equals plain decoding exactly: float64 random small models on the torch
+path, and float32 ones on the native kernels (whose rows are computed identically whatever the number of
+rows in a forward, so exactness holds in float32 too)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 from conftest import tiny_config, tiny_engine_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,9 +15,19 @@ from hypothesis import strategies as st
 from leapdecode.draft import Draft
 from leapdecode.drafters import Drafter, available
 from leapdecode.engine import GenerationConfig
+from leapdecode.model.linear import available_backends, convert_linears
+
+
+def _native(quant: str, activations: str, seed: int):
+    engine = tiny_engine_for(tiny_config(vocab=48, dim=64, inter=128, qkv_bias=True), seed=seed, dtype=torch.float32)
+    convert_linears(engine.model, "native", quant, None, activations)
+    return engine
+
 
 ENGINES = [tiny_engine_for(seed=s) for s in range(2)] + [
     tiny_engine_for(tiny_config(vocab=48, qkv_bias=True, tie=True, layers=3), seed=7)]
+if "native" in available_backends():  # the fast backend: its tests elsewhere skip, with the reason, without it
+    ENGINES += [_native("int4", "int8", 11), _native("none", "float32", 12)]
 V = 48
 # drafters that need construction options (a draft model path) have their own test files
 NEEDS_OPTIONS = {"draft-model"}
@@ -51,7 +64,7 @@ def plain(engine, prompt, n):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prompt=st.lists(st.integers(0, V - 1), min_size=1, max_size=24), which=st.integers(0, 2),
+@given(prompt=st.lists(st.integers(0, V - 1), min_size=1, max_size=24), which=st.integers(0, len(ENGINES) - 1),
        seed=st.integers(0, 2**16), p_true=st.floats(0.0, 1.0), max_draft=st.integers(0, 12))
 def test_random_tree_drafter_is_lossless(prompt, which, seed, p_true, max_draft):
     engine, n = ENGINES[which], 20

@@ -19,7 +19,7 @@ from leapdecode.kernels.build import best_isa, build
 
 FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2}
 ACT_CODES = {"float32": 0, "int8": 1}
-_ERRORS = {-1: "empty shape", -2: "in_features must be a multiple of 32 for block formats",
+ERRORS = {-1: "empty shape", -2: "in_features must be a multiple of 32 for block formats",
            -3: "float32 weights need float32 activations", -4: "unknown format", -5: "out of memory",
            -6: "head_dim must be a multiple of 8 and at most 256", -7: "n_heads must be a multiple of n_kv_heads"}
 
@@ -80,7 +80,7 @@ def linear_into(y: torch.Tensor, x: torch.Tensor, fmt: str, act: str, n: int, k:
                          threads or kernel_threads())
     if rc:
         raise LeapError(f"native linear ({fmt}, {act} activations, [{x.shape[0]}, {k}] x [{n}, {k}]^T): "
-                        f"{_ERRORS.get(rc, rc)}")
+                        f"{ERRORS.get(rc, rc)}")
 
 
 def kernel_args(qw, act: str, col: int = 0) -> tuple:
@@ -99,7 +99,7 @@ def run_linear(calls: list[tuple], x: torch.Tensor, y: torch.Tensor) -> None:
         if rc:
             names = {v: n for n, v in FORMAT_CODES.items()}, {v: n for n, v in ACT_CODES.items()}
             raise LeapError(f"native linear ({names[0].get(fmt)}, {names[1].get(act)} activations, "
-                            f"[{m}, {k}] x [{n}, {k}]^T): {_ERRORS.get(rc, rc)}")
+                            f"[{m}, {k}] x [{n}, {k}]^T): {ERRORS.get(rc, rc)}")
 
 
 def quantize_activations(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,5 +141,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
                             _strides(q), _strides(k), _strides(v), _strides(out), mask_ptr, mask_stride,
                             d ** -0.5 if scale is None else scale, kernel_threads())
     if rc:
-        raise LeapError(f"native attention: {_ERRORS.get(rc, rc)}")
+        raise LeapError(f"native attention: {ERRORS.get(rc, rc)}")
     return out

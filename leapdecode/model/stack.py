@@ -15,6 +15,7 @@ import torch
 
 from leapdecode.errors import LeapError
 from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, kernel_threads, lib
+from leapdecode.kernels.native import ERRORS as KERNEL_ERRORS
 
 MAX_PARTS = 4
 _I32, _I64, _P = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
@@ -39,11 +40,9 @@ class _Stack(ctypes.Structure):
                 ("eps", ctypes.c_float), ("blocks", ctypes.POINTER(_Block))]
 
 
-_ERRORS = {-1: "empty model", -2: "in_features must be a multiple of 32 for block formats",
-           -3: "float32 weights need float32 activations", -4: "unknown format", -5: "out of memory",
-           -6: "head_dim must be a multiple of 8 and at most 256", -7: "n_heads must be a multiple of n_kv_heads",
-           -8: "a fused linear layer has too many parts", -9: "a linear layer's shape does not fit the model",
-           -10: "the new rows do not fit in the cache"}
+# the kernels' codes, plus the stack's own
+_ERRORS = {**KERNEL_ERRORS, -1: "empty model", -8: "a fused linear layer has too many parts",
+           -9: "a linear layer's shape does not fit the model", -10: "the new rows do not fit in the cache"}
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -284,3 +284,17 @@ def test_gguf_blocks_of_another_model_are_rejected():
     eng = _tiny_float32()
     with pytest.raises(LeapError, match="shape"):
         convert_linears(eng.model, "native", "gguf", default_model_path())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 13), (9, 37), (6, 100)])
+def test_f32_ragged_shapes_are_exact_and_row_independent(n, k, isa):
+    """Rows not in whole groups of 4 and columns not in whole runs of 8 (the interleave's padding)."""
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    qw = Q.quantize(torch.randn(n, k, generator=gen), "f32")
+    x = torch.randn(11, k, generator=gen)
+    y = run(qw, x, "float32", isa=isa)
+    exact, bound = reference(qw, x, "float32")
+    assert ((y.double() - exact).abs() <= bound).all()
+    for i in range(11):
+        assert torch.equal(y[i], run(qw, x[i:i + 1].clone(), "float32", isa=isa)[0])

@@ -52,7 +52,8 @@ def test_q4_0_becomes_q4_1_with_min_minus_8d():
 
 def test_float_gguf_tensors_become_f32():
     w = _weights(5, 40, seed=1)
-    assert torch.equal(Q.from_gguf(w.astype(np.float16), "F16", 5, 40).f, torch.from_numpy(w.astype(np.float16).astype(np.float32)))
+    f16 = Q.from_gguf(w.astype(np.float16), "F16", 5, 40)
+    assert torch.equal(Q.dequantize(f16), torch.from_numpy(w.astype(np.float16).astype(np.float32)))
     assert Q.from_gguf(w, "F32", 5, 40).fmt == "f32"
 
 
@@ -110,7 +111,20 @@ def test_concat_is_row_stacking():
 def test_block_formats_need_in_features_divisible_by_32():
     with pytest.raises(LeapError, match="divisible by 32"):
         Q.quantize(torch.randn(4, 40), "q8_0")
-    assert Q.quantize(torch.randn(4, 40), "f32").f.shape == (4, 40)
+    assert Q.dequantize(Q.quantize(torch.randn(4, 40), "f32")).shape == (4, 40)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (4, 8), (5, 40), (9, 13), (960, 576)])
+def test_f32_interleave_moves_values_only(n, k):
+    w = torch.randn(n, k)
+    p = Q.pack_f32(w)
+    assert p.shape == (-(-n // 4), -(-k // 8), 4, 8)
+    assert torch.equal(Q.unpack_f32(p, n, k), w)
+    assert int((p != 0).sum()) == int((w != 0).sum())  # the padding is zeros
+    # group 0, column run 0 holds rows 0..3 of columns 0..7 in turn
+    assert torch.equal(p[0, 0, 0, : min(k, 8)], w[0, :8])
+    if n > 1 and k > 8:
+        assert torch.equal(p[0, 1, 1, : min(k, 16) - 8], w[1, 8:16])
 
 
 def test_bundled_gguf_blocks_equal_the_loaded_weights(bundled_engine):

@@ -3,7 +3,7 @@
 //
 // Weight formats (all row-major over N; per-block fp16 scales padded to `nbp`, a multiple of 8, with
 // zeros):
-//   F32   w  [N, K] float32
+//   F32   w  [N/4, K/8, 4, 8] float32, groups of 4 rows interleaved by 8 columns (see tile_f32)
 //   Q8_0  qs [N, nb, 32] int8,   d [N, nbp] fp16:            value = d * q
 //   Q4_1  qs [N, nb, 16] nibbles, d, m [N, nbp] fp16:        value = d * q + m   (byte j of a block holds
 //         element j in its low nibble and element j + 16 in its high nibble, exactly as GGUF stores it)
@@ -245,22 +245,31 @@ inline __m256i tail_mask(int64_t r) {  // first r lanes set, r in [0, 8)
     return _mm256_loadu_si256((const __m256i*)(lanes + 8 - r));
 }
 
+// F32 weights are interleaved (quant.pack_f32): group g of 4 rows holds, for each run of 8 columns, those
+// 8 columns of its rows 0..3 in turn, zero padded to whole groups and runs; n0 is always a multiple of 4.
+// The padding of the last run is read as zeros against masked-off (zero) activations, as before.
 template <int NR, int MR>
 void tile_f32(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t m0, float* y, int64_t ldy) {
-    const int64_t K = w.K, K8 = K & ~int64_t(7);
+    const int64_t K = w.K, K8 = K & ~int64_t(7), Kp = (K + 7) & ~int64_t(7);
+    const float* g = w.f + (n0 / 4) * 4 * Kp;  // this tile's group
     __m256 acc[NR][MR];
     LD_UNROLL for (int n = 0; n < NR; ++n)
         LD_UNROLL for (int m = 0; m < MR; ++m) acc[n][m] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K8; k += 8)
+    for (int64_t k = 0; k < K8; k += 8) {
+#ifdef LD_PF
+        _mm_prefetch((const char*)(g + 4 * k + LD_PF), _MM_HINT_T0);
+        _mm_prefetch((const char*)(g + 4 * k + LD_PF + 16), _MM_HINT_T0);
+#endif
         LD_UNROLL for (int n = 0; n < NR; ++n) {
-            const __m256 wv = _mm256_loadu_ps(w.f + (n0 + n) * K + k);
+            const __m256 wv = _mm256_loadu_ps(g + 4 * k + 8 * n);
             LD_UNROLL for (int m = 0; m < MR; ++m)
                 acc[n][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + m) * ldx + k), acc[n][m]);
         }
+    }
     if (K8 < K) {
         const __m256i mask = tail_mask(K - K8);
         LD_UNROLL for (int n = 0; n < NR; ++n) {
-            const __m256 wv = _mm256_maskload_ps(w.f + (n0 + n) * K + K8, mask);
+            const __m256 wv = _mm256_loadu_ps(g + 4 * K8 + 8 * n);
             LD_UNROLL for (int m = 0; m < MR; ++m)
                 acc[n][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + (m0 + m) * ldx + K8, mask), acc[n][m]);
         }
@@ -311,16 +320,19 @@ const TileFn T_Q41_Q8[MAXN][MAXM] = LD_TABLE(run_q41_q8);
 const TileFn T_Q80_Q8[MAXN][MAXM] = LD_TABLE(run_q80_q8);
 const TileFn T_Q41_F32[MAXN][MAXM] = LD_TABLE4(run_q41_f32);
 const TileFn T_Q80_F32[MAXN][MAXM] = LD_TABLE4(run_q80_f32);
-const TileFn T_F32[MAXN][MAXM] = LD_TABLE4(run_f32);
+const TileFn T_F32[MAXN][MAXM] = LD_TABLE(run_f32);
 
 struct Plan {
     const TileFn (*table)[MAXM];
-    int nr, mr;  // the full tile shape (mr <= 4 for tables built with LD_TABLE4)
+    int nr, mr;  // the full tile shape (mr <= 4 for tables built with LD_TABLE4, else <= 8)
 };
 
 Plan plan_for(int fmt, int act, int64_t M) {
     // The shape is a speed choice only: any shape gives bit-identical outputs.
-    if (fmt == F32) return {T_F32, 4, M >= 3 ? 3 : (int)M};
+    if (fmt == F32) {  // balanced row tiles of at most 6 rows (24 accumulators need AVX-512's 32 registers)
+        const int64_t most = LD_VNNI512 ? 6 : 3, tiles = (M + most - 1) / most;
+        return {T_F32, 4, (int)((M + tiles - 1) / tiles)};
+    }
     if (act == ACT_INT8) {
         if (LD_VNNI512 && M > 4 && (M <= 8 || fmt == Q8_0))  // one pass over the weights for M <= 8
             return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 2, M >= 8 ? 8 : (int)M};
@@ -430,7 +442,7 @@ void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, i
 
 extern "C" {
 
-int ld_abi_version() { return 2; }
+int ld_abi_version() { return 3; }
 
 int ld_isa() { return LD_VNNI512 ? 512 : 256; }  // which build this is
 

@@ -1,6 +1,6 @@
 """Weight formats for the linear layers: float32, and blocks of 32 with fp16 scales.
 
-  f32   weights as they are
+  f32   float32 weights, interleaved: groups of 4 rows, 8 columns of each row in turn (see `pack_f32`)
   q8_0  int8 q, scale d:               w = d * q        (GGUF Q8_0; our `int8`)
   q4_1  4-bit q, scale d and min m:    w = d * q + m    (GGUF Q4_1; our `int4`; GGUF Q4_0 as m = -8 d)
 
@@ -37,7 +37,7 @@ class QuantWeight:
     qs: torch.Tensor | None = None  # uint8 [N, nb * bytes per block]
     d: torch.Tensor | None = None  # float16 [N, nbp]
     m: torch.Tensor | None = None  # float16 [N, nbp] (q4_1 only)
-    f: torch.Tensor | None = None  # float32 [N, K] (f32 only)
+    f: torch.Tensor | None = None  # float32 [ceil(N / 4), ceil(K / 8), 4, 8] (f32 only; see pack_f32)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -72,12 +72,33 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:  # [N, nb, 32] in 0..15 -> [N, nb
     return (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
 
 
+F32_ROWS, F32_LANES = 4, 8  # the f32 interleave: rows per group, columns per run
+
+
+def pack_f32(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 4), ceil(K / 8), 4, 8], zero padded: 8 columns of row 0 of a group of 4 rows,
+    the same 8 of row 1, 2, 3, then the next 8 columns. Why: a kernel tile reads 4 rows side by side, and
+    this way it reads them as one sequential stream, which the CPU prefetches far better than 4 streams
+    (measured 46 -> 66 GB/s on 2 cores). Values are only moved, never changed."""
+    n, k = w.shape
+    g, c = -(-n // F32_ROWS), -(-k // F32_LANES)
+    out = torch.zeros(g * F32_ROWS, c * F32_LANES, dtype=torch.float32)
+    out[:n, :k] = w
+    return out.reshape(g, F32_ROWS, c, F32_LANES).transpose(1, 2).contiguous()
+
+
+def unpack_f32(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of `pack_f32`: float32 [N, K]."""
+    g, c = p.shape[0], p.shape[1]
+    return p.transpose(1, 2).reshape(g * F32_ROWS, c * F32_LANES)[:n, :k]
+
+
 def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     """Round-to-nearest quantization of float weights [N, K] per block of 32."""
     w = w.detach().to(device="cpu", dtype=torch.float32)
     n, k = w.shape
     if fmt == "f32":
-        return QuantWeight("f32", n, k, f=w.contiguous())
+        return QuantWeight("f32", n, k, f=pack_f32(w))
     if fmt not in _Q_BYTES:
         raise LeapError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
     if k % QK:
@@ -104,7 +125,7 @@ def _quantize_q4_1(blocks: torch.Tensor) -> QuantWeight:
 def dequantize(qw: QuantWeight) -> torch.Tensor:
     """Float32 weights [N, K], computed as GGUF does (d * q + m in float32)."""
     if qw.fmt == "f32":
-        return qw.f
+        return unpack_f32(qw.f, qw.out_features, qw.in_features)
     n, k = qw.out_features, qw.in_features
     nb = k // QK
     d = qw.d[:, :nb].float()[..., None]  # [N, nb, 1]
@@ -121,12 +142,14 @@ def concat(parts: list[QuantWeight]) -> QuantWeight:
     if any(p.fmt != fmt or p.in_features != k for p in parts):
         raise LeapError("concat: every part needs the same format and in_features")
     n = sum(p.out_features for p in parts)
+    if fmt == "f32":  # groups of 4 rows may straddle the parts: regroup
+        return QuantWeight(fmt, n, k, f=pack_f32(torch.cat([dequantize(p) for p in parts])))
 
     def cat(name):
         ts = [getattr(p, name) for p in parts]
         return None if ts[0] is None else torch.cat(ts)
 
-    return QuantWeight(fmt, n, k, qs=cat("qs"), d=cat("d"), m=cat("m"), f=cat("f"))
+    return QuantWeight(fmt, n, k, qs=cat("qs"), d=cat("d"), m=cat("m"))
 
 
 # ---------------------------------------------------------------- GGUF blocks
@@ -138,8 +161,8 @@ GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 def from_gguf(raw: np.ndarray, type_name: str, rows: int, cols: int) -> QuantWeight:
     """A GGUF tensor's raw data (`ReaderTensor.data`) as a QuantWeight [rows, cols], values unchanged."""
     if type_name in ("F32", "F16"):
-        w = torch.from_numpy(np.asarray(raw, dtype=np.float32).reshape(rows, cols).copy())
-        return QuantWeight("f32", rows, cols, f=w)
+        w = torch.from_numpy(np.asarray(raw, dtype=np.float32).reshape(rows, cols))
+        return QuantWeight("f32", rows, cols, f=pack_f32(w))
     if type_name not in _GGUF_BLOCK_BYTES:
         raise LeapError(f"weight format 'gguf' runs {', '.join(GGUF_TYPES)} tensors as stored; this file has "
                         f"{type_name} (use --quant int4 or int8 to requantize, or --quant none)")

@@ -9,6 +9,7 @@ more than one sequence, and after any block's modules were replaced since it was
 from __future__ import annotations
 
 import ctypes
+import operator
 import weakref
 
 import torch
@@ -68,11 +69,13 @@ class NativeStack:
         self._owner = weakref.ref(model)
         # (the dict of submodules, name, module) of everything this stack points into: checking these is
         # cheap, where attribute access on modules is not.
-        self._slots = [(owner._modules, name, owner._modules[name]) for b in model.blocks
-                       for owner, names in ((b, ("attn", "mlp", "attn_norm", "mlp_norm")),
-                                            (b.attn, ("wqkv", "wo")), (b.mlp, ("w13", "w2"))) for name in names]
-        self._slots += [(model.blocks._modules, name, b) for name, b in model.blocks._modules.items()]
-        self._slots.append((model._modules, "blocks", model.blocks))
+        slots = [(owner._modules, name, owner._modules[name]) for b in model.blocks
+                 for owner, names in ((b, ("attn", "mlp", "attn_norm", "mlp_norm")),
+                                      (b.attn, ("wqkv", "wo")), (b.mlp, ("w13", "w2"))) for name in names]
+        slots += [(model.blocks._modules, name, b) for name, b in model.blocks._modules.items()]
+        slots.append((model._modules, "blocks", model.blocks))
+        # the same, column-wise, for a check that loops in C (it runs on every forward)
+        self._dicts, self._names, self._modules = (list(c) for c in zip(*slots))
         norms = [(b.attn_norm.weight, b.mlp_norm.weight) for b in model.blocks]
         if any(w.dtype != torch.float32 or not w.is_contiguous() for pair in norms for w in pair):
             raise LeapError("the native block stack needs contiguous float32 norm weights")
@@ -105,7 +108,7 @@ class NativeStack:
 
     def current(self) -> bool:
         """Whether the model still holds the modules this stack was built from."""
-        return all(modules.get(name) is module for modules, name, module in self._slots)
+        return all(map(operator.is_, map(dict.get, self._dicts, self._names), self._modules))
 
     def accepts(self, x: torch.Tensor, cache) -> bool:
         return x.shape[0] == 1 and cache.k.shape[1] == 1 and x.dtype == torch.float32 and cache.k.is_contiguous()

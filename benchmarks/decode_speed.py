@@ -4,7 +4,9 @@
         [--backend torch --quant none --activations float32]   (the default: float32 like transformers)
 
 Prints a markdown table (tokens/s each, ratio, machine) and the fraction of the memory-bandwidth bound
-that our decoding reaches (weight bytes read per token vs. measured read bandwidth).
+that our decoding reaches (weight bytes read per token vs. measured read bandwidth). This host's
+bandwidth drifts by tens of percent within minutes, so the bound is also taken pairwise: a bandwidth
+reading right before and right after each prompt's plain decoding, one share per prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from leapdecode.bench.data import load_questions
 from leapdecode.bench.machine import describe_machine
 from leapdecode.bench.peers import PeerContext, make_peers
 from leapdecode.bench.runner import run_bench
-from leapdecode.engine import Engine
+from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.model.linear import linear_slots
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -72,7 +74,28 @@ def main() -> int:
     after = {t: read_bandwidth(t) for t in (1, args.threads)}  # this host's bandwidth drifts: read it twice
     bw = {t: (bw[t] + after[t]) / 2 for t in bw}
     print(table(records, engine, bw, args))
+    print()
+    print(paired_shares(engine, questions, args))
     return 0
+
+
+def paired_shares(engine: Engine, questions, args) -> str:
+    """Share of the bound per prompt, the bandwidth read just before and just after that prompt's run."""
+    wbytes = weight_bytes_per_token(engine)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, drafter="none")
+    rows, shares = [], []
+    for q in questions:
+        before = read_bandwidth(args.threads)
+        torch.set_num_threads(args.threads)
+        stats = engine.generate(q.turns[0], config).stats
+        gbs = (before + read_bandwidth(args.threads)) / 2
+        tps = (stats.new_tokens - 1) / stats.decode_s
+        shares.append(tps / (gbs * 1e9 / wbytes))
+        rows.append(f"| {q.question_id} ({q.category}) | {tps:.1f} | {gbs:.1f} GB/s | {shares[-1]:.0%} |")
+    shares.sort()
+    head = ["| prompt | decode tok/s | bandwidth around it | share of the bound |", "|---|---|---|---|"]
+    return "\n".join(head + rows + ["", f"Paired share of the bound: median {shares[len(shares) // 2]:.0%}, "
+                                         f"lowest {shares[0]:.0%}, highest {shares[-1]:.0%}."])
 
 
 def engine_path(engine: Engine, model: str | None) -> Path:

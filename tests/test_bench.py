@@ -193,6 +193,28 @@ def test_report_ratios_are_computed_from_the_records(bench):
     assert s.matches["lossy"] == (sum(lossy), len(lossy)) and sum(lossy) < len(lossy)
 
 
+def test_decode_phase_ratios_leave_the_prefill_out(bench):
+    records = bench["records"]
+    s = summarize(records)
+
+    def decode_tput(name):
+        rs = [r for r in records if r["method"] == name]
+        return sum(r["new_tokens"] - 1 for r in rs) / sum(r["wall_s"] - r["prefill_s"] for r in rs)
+
+    for name in bench["names"]:
+        assert s.decode_speedup[name][OVERALL] == pytest.approx(decode_tput(name) / decode_tput("none"))
+        mine = [r for r in records if r["method"] == name]
+        steps = sum(r["steps"] for r in mine)
+        draft, verify = s.step_ms[name]
+        assert draft == pytest.approx(1e3 * sum(r["draft_s"] for r in mine) / steps)
+        assert verify == pytest.approx(1e3 * sum(r["verify_s"] for r in mine) / steps)
+    text = render_markdown(s, {})
+    assert "## Decode phase" in text and f"{s.decode_speedup['lossy'][OVERALL]:.2f}x" in text
+    # a peer reports no prefill time: no decode ratio for it rather than a wrong one
+    peer = [dict(r, method="peer", kind="peer", prefill_s=None) for r in records if r["method"] == "none"]
+    assert summarize(records + peer).decode_speedup["peer"][OVERALL] is None
+
+
 def test_report_markdown_shows_the_numbers_and_flags_lossy(bench):
     s = summarize(bench["records"])
     text = render_markdown(s, {})

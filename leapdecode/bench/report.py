@@ -27,9 +27,24 @@ DEFINITIONS = (
     "question and turn (Spec-Bench's equal.py check).")  # accepted-token histogram: longer steps are counted in the last bar
 
 
+DECODE_DEFINITIONS = (
+    "Decode speedup = (new tokens - 1) / (wall - prefill seconds) of a method over the same for `none`: "
+    "the steps after the prompt's forward, which is the same for every method. Draft ms/step counts "
+    "proposing and learning from each step; verify ms/step the target's forward over the draft and the "
+    "acceptance.")
+
+
 def throughput(records: Sequence[dict]) -> float | None:
     wall = sum(r["wall_s"] for r in records)
     return sum(r["new_tokens"] for r in records) / wall if wall > 0 else None
+
+
+def decode_throughput(records: Sequence[dict]) -> float | None:
+    """Tokens per second after prefill: the first token comes from the prefill, the rest from steps."""
+    if any(r.get("prefill_s") is None for r in records):
+        return None  # peers do not report their prefill
+    wall = sum(r["wall_s"] - r["prefill_s"] for r in records)
+    return sum(r["new_tokens"] - 1 for r in records) / wall if wall > 0 else None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -45,6 +60,8 @@ class Summary:
     speedup: dict[str, dict[str, float | None]] = field(default_factory=dict)  # [c][group | category | Overall]
     tokens_per_s: dict[str, float | None] = field(default_factory=dict)
     mean_accepted: dict[str, float | None] = field(default_factory=dict)
+    decode_speedup: dict[str, dict[str, float | None]] = field(default_factory=dict)  # as speedup, prefill out
+    step_ms: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # c -> (draft, verify) per step
     matches: dict[str, tuple[int, int]] = field(default_factory=dict)  # c -> (equal to none, compared)
     accepted_hist: dict[str, list[int]] = field(default_factory=dict)
     best: str = BASELINE
@@ -78,17 +95,22 @@ def summarize(records: Sequence[dict]) -> Summary:
 def _fill(s: Summary, c: str, mine: dict[tuple, dict], base: dict[tuple, dict]) -> None:
     shared = [k for k in mine if k in base]
 
-    def speed(keep) -> float | None:
+    def speed(keep, of=throughput) -> float | None:
         keys = [k for k in shared if keep(mine[k])]
-        return ratio(throughput([mine[k] for k in keys]), throughput([base[k] for k in keys])) if keys else None
+        return ratio(of([mine[k] for k in keys]), of([base[k] for k in keys])) if keys else None
 
-    s.speedup[c] = {g: speed(lambda r, g=g: group_of(r["category"]) == g) for g in s.groups}
-    s.speedup[c].update({cat: speed(lambda r, cat=cat: r["category"] == cat) for cat in s.categories})
-    s.speedup[c][OVERALL] = speed(lambda r: True)
+    for table, of in ((s.speedup, throughput), (s.decode_speedup, decode_throughput)):
+        table[c] = {g: speed(lambda r, g=g: group_of(r["category"]) == g, of) for g in s.groups}
+        table[c].update({cat: speed(lambda r, cat=cat: r["category"] == cat, of) for cat in s.categories})
+        table[c][OVERALL] = speed(lambda r: True, of)
     s.tokens_per_s[c] = throughput(list(mine.values()))
     steps = [r for r in mine.values() if r.get("steps")]
     n_steps = sum(r["steps"] for r in steps)
     s.mean_accepted[c] = (sum(r["accepted"] for r in steps) + n_steps) / n_steps if n_steps else None
+    timed = [r for r in steps if r.get("draft_s") is not None and r.get("verify_s") is not None]
+    n_timed = sum(r["steps"] for r in timed)
+    s.step_ms[c] = (1e3 * sum(r["draft_s"] for r in timed) / n_timed,
+                    1e3 * sum(r["verify_s"] for r in timed) / n_timed) if n_timed else None
     checked = [r["lossless"] for r in mine.values() if r.get("lossless") is not None]
     s.matches[c] = (sum(checked), len(checked))
     hist: list[int] = []
@@ -140,6 +162,18 @@ def main_table(s: Summary) -> list[str]:
     return _table(header, rows)
 
 
+def decode_table(s: Summary) -> list[str]:
+    """The decode phase alone: prefill is the same computation for every method, and on a CPU it can
+    take half the wall time of a long prompt, which hides what speculation does to the steps."""
+    def ms(c: str, i: int) -> str:
+        return "-" if s.step_ms.get(c) is None else f"{s.step_ms[c][i]:.2f}"
+
+    methods = [c for c in s.contenders if s.kinds[c] == "method"]
+    rows = [[c] + [_x(s.decode_speedup[c][g]) for g in s.groups] + [_x(s.decode_speedup[c][OVERALL]), ms(c, 0), ms(c, 1)]
+            for c in methods]
+    return _table(["Method"] + s.groups + [OVERALL, "draft ms/step", "verify ms/step"], rows)
+
+
 def category_table(s: Summary) -> list[str]:
     rows = [[_label(s, c)] + [_x(s.speedup[c][cat]) for cat in s.categories] for c in s.contenders]
     return _table(["Method"] + s.categories, rows)
@@ -187,6 +221,8 @@ def render_markdown(s: Summary, meta: dict, plots: Sequence[str] = ()) -> str:
     if s.versus_peers:
         out += ["", "## Against the peers (same model file, prompts as token ids, threads, budget)", ""]
         out += peers_table(s) + [""] + peer_lines(meta, s)
+    out += ["", "## Decode phase: speedup with prefill excluded, and time per step", ""] + decode_table(s)
+    out += ["", DECODE_DEFINITIONS]
     out += ["", "## Per category", ""] + category_table(s)
     out += ["", "## Machine", ""] + machine_lines(meta)
     if plots:

@@ -159,3 +159,23 @@ def test_cli_report_rerenders_from_saved_records(capsys, tmp_path):
     capsys.readouterr()
     assert (tmp_path / "report.md").read_text() == first
     assert "| QA | Math | RAG |" in first and "| pld | - | - | - |" in first and (tmp_path / "speedup.png").is_file()
+
+
+@pytest.mark.parametrize("flags,backend", [([], "native/gguf/int8"),
+                                           (["--quant", "none", "--activations", "float32"], "native/none/float32"),
+                                           (["--backend", "torch"], "torch/none/float32")])
+def test_cli_bench_runs_the_kernels_and_format_it_is_given(capsys, tmp_path, flags, backend):
+    """The weight format and kernels of a bench run are the ones asked for, and the saved command says so."""
+    pytest.importorskip("gguf")
+    from leapdecode.model.linear import available_backends
+
+    if "native" in backend and "native" not in available_backends():
+        pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
+    qfile = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD)])
+    out = tmp_path / "run"
+    assert main(["bench", "--data", str(qfile), "--methods", "none", "--max-new-tokens", "2", "--no-warmup",
+                 "--threads", "1", "--out", str(out)] + flags) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["machine"]["backend"] == backend
+    assert all(f in meta["command"] for f in flags)

@@ -92,7 +92,8 @@ def run(args) -> int:
 def _load_engine(args) -> Engine:
     options = {"draft-model": {"path": args.draft_model}} if args.draft_model else {}
     return Engine.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-                       drafter_options=options)
+                       drafter_options=options, backend=args.backend, quant=args.quant,
+                       activations=args.activations)
 
 
 def _peer_context(args, engine: Engine) -> PeerContext:
@@ -112,6 +113,8 @@ def _meta(args, methods: list[str], peers: list[str]) -> dict:
             "--dtype", args.dtype]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--model", args.model] if args.model else []
+    for flag in ("backend", "quant", "activations"):
+        cmd += [f"--{flag}", getattr(args, flag)] if getattr(args, flag) != "auto" else []
     return {"command": shlex.join(cmd), "data": args.data,
             "settings": {"categories": split_list(args.categories) or None, "per_category": args.per_category,
                          "max_draft": args.max_draft, "methods": methods, "peers": peers}}

@@ -79,9 +79,17 @@ def main() -> int:
     return 0
 
 
+def kv_bytes_per_position(engine: Engine) -> int:
+    """Bytes of cached keys and values a step reads per position of context (every layer, float32)."""
+    cfg = engine.model.cfg
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+
+
 def paired_shares(engine: Engine, questions, args) -> str:
-    """Share of the bound per prompt, the bandwidth read just before and just after that prompt's run."""
-    wbytes = weight_bytes_per_token(engine)
+    """Share of the bound per prompt, the bandwidth read just before and just after that prompt's run.
+    The bytes a step must read: every weight matrix, plus the cached keys and values of its context (on
+    average the prompt and half the new tokens)."""
+    wbytes, kv = weight_bytes_per_token(engine), kv_bytes_per_position(engine)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, drafter="none")
     rows, shares = [], []
     for q in questions:
@@ -90,10 +98,13 @@ def paired_shares(engine: Engine, questions, args) -> str:
         stats = engine.generate(q.turns[0], config).stats
         gbs = (before + read_bandwidth(args.threads)) / 2
         tps = (stats.new_tokens - 1) / stats.decode_s
-        shares.append(tps / (gbs * 1e9 / wbytes))
-        rows.append(f"| {q.question_id} ({q.category}) | {tps:.1f} | {gbs:.1f} GB/s | {shares[-1]:.0%} |")
+        step_bytes = wbytes + kv * (stats.prompt_tokens + stats.new_tokens / 2)
+        shares.append(tps / (gbs * 1e9 / step_bytes))
+        rows.append(f"| {q.question_id} ({q.category}) | {stats.prompt_tokens} | {step_bytes / 1e6:.0f} MB | {tps:.1f} | "
+                    f"{gbs:.1f} GB/s | {shares[-1]:.0%} |")
     shares.sort()
-    head = ["| prompt | decode tok/s | bandwidth around it | share of the bound |", "|---|---|---|---|"]
+    head = ["| prompt | prompt tokens | bytes per step | decode tok/s | bandwidth around it | share of the bound |",
+            "|---|---|---|---|---|---|"]
     return "\n".join(head + rows + ["", f"Paired share of the bound: median {shares[len(shares) // 2]:.0%}, "
                                          f"lowest {shares[0]:.0%}, highest {shares[-1]:.0%}."])
 

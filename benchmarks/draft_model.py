@@ -3,6 +3,9 @@ transformers' assisted generation on the same pair, in one script.
 
     python benchmarks/models.py fetch qwen-pair          # once: both GGUF files into the user cache
     python benchmarks/draft_model.py --per-group 3 --max-new-tokens 128 --threads 2
+        [--quant none --activations float32]     the target's kernels and weights (default: as `leap` picks)
+        [--draft-quant int8 --draft-activations int8]   the draft model's (default: its `auto`, see
+                                                          leapdecode.drafters.draft_model.draft_spec)
 
 Phase 1 runs our engine (plain, then draft-model, rotating per question); phase 2 frees it and runs
 transformers on the same GGUF files dequantized to the same dtype: `generate` plain and with
@@ -36,10 +39,14 @@ def our_phase(args, methods: list[str]):
     from leapdecode.bench.methods import DrafterMethod
     from leapdecode.engine import Engine
 
-    options = {"path": args.draft, "num_draft": args.num_draft, "branch": args.branch, "threshold": args.threshold}
-    engine = Engine.load(args.target, args.dtype, threads=args.threads, drafter_options={"draft-model": options})
+    options = {"path": args.draft, "num_draft": args.num_draft, "branch": args.branch, "threshold": args.threshold,
+               "backend": args.draft_backend, "quant": args.draft_quant, "activations": args.draft_activations}
+    engine = Engine.load(args.target, args.dtype, threads=args.threads, drafter_options={"draft-model": options},
+                         backend=args.backend, quant=args.quant, activations=args.activations)
     prompts = load_selected(args, engine)
     contenders = [DrafterMethod(engine, m) for m in methods]  # loads the draft model
+    draft = engine.drafter("draft-model").model if "draft-model" in methods else None
+    print(f"target kernels {engine.backend}" + (f", draft kernels {draft.linear_spec.describe()}" if draft else ""))
     records = run_rotating(contenders, prompts, args.max_new_tokens) if contenders else []
     return records, prompts, frozenset(engine.tokenizer.eos_ids)
 
@@ -76,6 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-draft", type=int, default=6)
     p.add_argument("--branch", type=int, default=1)
     p.add_argument("--threshold", type=float, default=0.3)
+    for prefix, who in (("", "the target's"), ("draft-", "the draft model's")):
+        p.add_argument(f"--{prefix}backend", default="auto", help=f"{who} linear kernels")
+        p.add_argument(f"--{prefix}quant", default="auto", help=f"{who} weights")
+        p.add_argument(f"--{prefix}activations", default="auto", help=f"{who} activations")
     common_arguments(p, "none,draft-model,hf,hf-assisted")
     p.set_defaults(per_group=3)
     args = p.parse_args(argv)

@@ -206,6 +206,8 @@ def test_refuses_another_dtype():
     ({"path": "x", "branch": 1.5}, "draft-model option branch"),
     ({"path": "x", "threshold": -1}, "draft-model option threshold"),
     ({"path": "x", "depth": 3}, "unknown draft-model option.*depth"),
+    ({"path": "x", "quant": "int3"}, "unknown quant 'int3'"),
+    ({"path": "x", "backend": "gpu"}, "unknown backend 'gpu'"),
 ])
 def test_invalid_options(options, message):
     with pytest.raises(LeapError, match=message):
@@ -221,14 +223,49 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 def test_defaults():
     assert DraftModelOptions(path="m.gguf") == DraftModelOptions(
-        path="m.gguf", model=None, tokenizer=None, num_draft=6, branch=1, threshold=0.3)
+        path="m.gguf", model=None, tokenizer=None, num_draft=6, branch=1, threshold=0.3, backend="auto",
+        quant="auto", activations="auto")
+
+
+def test_a_draft_model_from_a_path_runs_on_the_fast_kernels(default_engine):
+    """The bundled file's own blocks on the native kernels, as a target would run it; output unchanged."""
+    from leapdecode.model.linear import available_backends
+    from leapdecode.model.source import default_model_path
+
+    if "native" not in available_backends():
+        pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
+    drafter = make_drafter("draft-model", path=str(default_model_path()), num_draft=3)
+    drafter.bind(default_engine)
+    assert drafter.model.linear_spec.describe() == "native/gguf/int8"
+    ids = default_engine.encode_prompt("Name three colors.")
+    result = generate(default_engine, drafter, ids, 24)
+    assert result.token_ids == generate(default_engine, None, ids, 24).token_ids
+    assert result.stats.accepted > 0
+
+
+def test_draft_spec_takes_int8_where_the_files_blocks_cannot_run(monkeypatch, default_engine):
+    from leapdecode.drafters.draft_model import draft_spec
+    from leapdecode.model import quant as Q
+    from leapdecode.model.linear import available_backends
+    from leapdecode.model.source import default_model_path
+
+    if "native" not in available_backends():
+        pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
+    path, model = default_model_path(), default_engine.model
+    monkeypatch.setattr(Q, "gguf_unsupported_types", lambda p: {"Q6_K"})  # as for a Q4_K_M file
+    assert draft_spec(DraftModelOptions(path=str(path)), model, path).describe() == "native/int8/int8"
+    asked = DraftModelOptions(path=str(path), quant="none", activations="float32")
+    assert draft_spec(asked, model, path).describe() == "native/none/float32"  # what is asked for stays
+    torch_spec = DraftModelOptions(path=str(path), backend="torch")
+    assert draft_spec(torch_spec, model, path).describe() == "torch/none/float32"
 
 
 @pytest.mark.slow
 def test_bundled_model_drafting_for_itself_from_its_path(bundled_engine):
     from leapdecode.model.source import default_model_path
 
-    drafter = make_drafter("draft-model", path=str(default_model_path()), threshold=0.0, num_draft=4)
+    drafter = make_drafter("draft-model", path=str(default_model_path()), threshold=0.0, num_draft=4,
+                           backend="torch", quant="none")  # exactly the target's arithmetic
     drafter.bind(bundled_engine)  # loads a second copy and compares the tokenizers
     result = generate(bundled_engine, drafter, bundled_engine.encode_prompt("Name three colors."), 20)
     assert result.stats.accepted == result.stats.drafted > 0

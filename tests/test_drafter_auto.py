@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -131,7 +133,8 @@ def test_defaults_and_validation():
     opts = AutoOptions()
     assert opts.sources == ("suffix", "copy") and opts.max_nodes == 64
     assert isinstance(make_drafter("auto"), Auto)
-    for bad in ({"sources": ()}, {"sources": ("auto",)}, {"max_nodes": 0}, {"prior_rate": 1.5}):
+    for bad in ({"sources": ()}, {"sources": ("auto",)}, {"max_nodes": 0}, {"prior_rate": 1.5}, {"costly": -1},
+                {"probe_every": 0}, {"warmup": -1}):
         with pytest.raises(LeapError):
             Auto(**bad)
     with pytest.raises(LeapError, match="unknown auto option"):
@@ -184,3 +187,67 @@ def test_saved_curve_is_reused_only_for_the_same_code(tiny_engine, tmp_path, mon
     monkeypatch.setattr(costmodel, "code_fingerprint", lambda: "other code")
     costmodel.cached(tiny_engine.model, describe, tmp_path)
     assert len(list(tmp_path.glob("cost-*.json"))) == 2  # a code change measures again
+
+
+class SlowDrafter(FixedDrafter):
+    """A source whose proposing takes time, like a draft model."""
+
+    def __init__(self, draft, seconds=0.002):
+        super().__init__(draft)
+        self.seconds, self.calls = seconds, 0
+
+    def propose(self, tokens, max_nodes):
+        self.calls += 1
+        time.sleep(self.seconds)
+        return self.draft
+
+
+FLAT_MS = CostCurve((1, 64), (0.001, 0.001))  # a 1 ms forward whatever its size
+
+
+def run_steps(a: Auto, n: int, right: set[int]) -> None:
+    """n steps in which exactly the depth-1 nodes whose token is in `right` (and their chains) are accepted."""
+    for _ in range(n):
+        d = a.propose([1], 16)
+        accepted, path = [], -1
+        for i, (tok, parent) in enumerate(zip(d.token_ids, d.parents)):
+            if parent == path and tok in right:
+                accepted.append(i)
+                path = i
+        a.observe(StepResult(d, [1] + d.token_ids, torch.zeros(1 + len(d), 10), accepted=accepted, bonus=3))
+
+
+def test_a_costly_source_that_does_not_pay_rests_and_is_probed():
+    slow = SlowDrafter(Draft.chain([7, 8]))  # never right
+    a = auto_with({"x": FixedDrafter(Draft.chain([5])), "slow": slow}, FLAT_MS)
+    run_steps(a, 64, right={5})
+    assert a.gain["slow"] < 0
+    # its first proposals, then a try now and then, not every step
+    assert slow.calls <= a.options.warmup + 64 // a.options.probe_every + 1
+
+
+def test_a_costly_source_that_pays_keeps_proposing():
+    slow = SlowDrafter(Draft.chain([5, 6, 7]), seconds=0.001)  # always right, as dear as a forward
+    a = auto_with({"slow": slow}, FLAT_MS)
+    run_steps(a, 40, right={5, 6, 7})
+    assert slow.calls == 40 and a.gain["slow"] > 0
+
+
+def test_a_configured_draft_model_joins_the_default_sources():
+    class Eng(FakeEngine):
+        def __init__(self, options):
+            super().__init__(FLAT)
+            self.drafter_options = options
+
+        def new_drafter(self, name):
+            return FixedDrafter(Draft())
+
+    a = Auto()
+    a.bind(Eng({"draft-model": {"path": "d.gguf"}}))
+    assert list(a.sources) == ["suffix", "copy", "draft-model"]
+    b = Auto(sources=("suffix",))
+    b.bind(Eng({"draft-model": {"path": "d.gguf"}}))
+    assert list(b.sources) == ["suffix"]  # sources given explicitly are kept as given
+    c = Auto()
+    c.bind(Eng({}))
+    assert list(c.sources) == ["suffix", "copy"]

@@ -16,10 +16,17 @@ with `cost` the measured time of a forward of 1 + N tokens after the current con
 When no proposal is worth its cost, N = 0: the step is plain decoding, and speculation cost only the
 drafters' lookups. The merged draft carries no probabilities, so verification treats it as a
 deterministic proposal, which is exact under sampling too.
+
+A source whose proposing is itself costly (a draft model: one forward per drafted token) is called only
+while it pays: on each step that calls it, the best tree's expected rate is compared with the best tree
+without its nodes and without its drafting time; when the average gain turns negative the source rests,
+and is tried again every `probe_every` steps. With a draft model configured on the engine, `auto`
+includes it among its default sources.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +57,9 @@ class AutoOptions:
     prior_rate: float = 0.3  # acceptance rate assumed before any evidence (explores every source)
     prior_weight: float = 2.0  # how many observations the prior is worth
     memory: int = 400  # observations per key before old evidence is halved (adapts to new tasks)
+    costly: float = 0.1  # a source drafting longer than this share of a one-token forward is gated
+    probe_every: int = 16  # steps between tries of a resting costly source
+    warmup: int = 8  # proposals a costly source always makes first, so its acceptance is known
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -59,6 +69,8 @@ class AutoOptions:
             raise LeapError(f"auto option max_nodes must be in [1, 512], got {self.max_nodes}")
         if not 0.0 < self.prior_rate < 1.0 or self.prior_weight <= 0 or self.memory < 10:
             raise LeapError("auto options: prior_rate in (0, 1), prior_weight > 0, memory >= 10")
+        if self.costly < 0 or self.probe_every < 1 or self.warmup < 0:
+            raise LeapError("auto options: costly >= 0, probe_every >= 1 and warmup >= 0")
 
 
 @dataclass
@@ -115,14 +127,23 @@ class Auto(Drafter):
 
     def __init__(self, **options):
         self.options = parse_options(AutoOptions, options, "auto")
+        self._default_sources = "sources" not in options
         self.stats = AcceptanceStats(self.options.prior_rate, self.options.prior_weight, self.options.memory)
         self.sources: dict[str, Drafter] = {}
         self.engine = None
         self._last: list[_Node] = []
+        self.draft_s: dict[str, float] = {}  # moving average of each source's proposing time
+        self.gain: dict[str, float] = {}  # costly source -> moving average of its relative gain in rate
+        self._rested: dict[str, int] = {}  # costly source -> steps since it last proposed
+        self._calls: dict[str, int] = {}  # source -> proposals made
+        self._spent = 0.0  # moving average, as the engine's step overhead, of costly sources' time per step
 
     def bind(self, engine) -> None:
         self.engine = engine
-        self.sources = {name: engine.new_drafter(name) for name in self.options.sources}
+        names = list(self.options.sources)
+        if self._default_sources and "draft-model" in getattr(engine, "drafter_options", {}):
+            names.append("draft-model")  # a draft model was configured: let it prove itself
+        self.sources = {name: engine.new_drafter(name) for name in names}
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         for d in self.sources.values():
@@ -132,16 +153,55 @@ class Auto(Drafter):
         budget = min(max_nodes, self.options.max_nodes)
         for d in self.sources.values():  # model-based sources draft on the request's cache
             d.cache, d.sampling = self.cache, self.sampling
-        nodes = self._merge(tokens, budget)
+        called = [name for name in self.sources if self._should_call(name)]
+        nodes = self._merge(tokens, budget, called)
+        costly = [name for name in called if self._is_costly(name)]
+        for name in costly:
+            self._weigh(name, nodes, budget, len(tokens))
+        self._spent += 0.05 * (sum(self.draft_s[name] for name in costly) - self._spent)
         chosen = self._choose(nodes, budget, len(tokens))
         self._last = chosen
         return Draft([n.token for n in chosen], [n.parent for n in chosen], source=self.name)
 
-    def _merge(self, tokens: Sequence[int], budget: int) -> list[_Node]:
+    # ------------------------------------------------------------ costly sources
+
+    def _one_token_s(self, context: int | None = None) -> float:
+        return self.engine.cost_curve()(1, context) if self.engine is not None else 1.0
+
+    def _is_costly(self, name: str) -> bool:
+        return self.draft_s.get(name, 0.0) > self.options.costly * self._one_token_s()
+
+    def _should_call(self, name: str) -> bool:
+        warming = self._calls.get(name, 0) < self.options.warmup
+        if warming or not self._is_costly(name) or self.gain.get(name, 0.0) >= 0.0:
+            self._rested[name] = 0
+            return True
+        self._rested[name] = self._rested.get(name, 0) + 1
+        if self._rested[name] >= self.options.probe_every:
+            self._rested[name] = 0
+            return True
+        return False
+
+    def _weigh(self, name: str, nodes: list[_Node], budget: int, context: int) -> None:
+        """Update the source's gain: best expected rate with it over the best without it."""
+        base = max(0.0, getattr(self.engine, "step_overhead", 0.0) - self._spent)  # the rest of a step
+        depths = [n.depth for n in nodes]
+        with_it = self._best(self._probs(nodes), depths, budget, context, base + self.draft_s[name])[1]
+        without = self._best(self._probs(nodes, exclude=name), depths, budget, context, base)[1]
+        g = with_it / without - 1.0
+        self.gain[name] = g if name not in self.gain else self.gain[name] + 0.2 * (g - self.gain[name])
+
+    # ------------------------------------------------------------ the tree
+
+    def _merge(self, tokens: Sequence[int], budget: int, called: Sequence[str]) -> list[_Node]:
         nodes: list[_Node] = []
         where: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
-        for name, drafter in self.sources.items():
-            draft = drafter.propose(tokens, budget).truncated(budget) if budget else Draft()
+        for name in called:
+            t0 = time.perf_counter()
+            draft = self.sources[name].propose(tokens, budget).truncated(budget) if budget else Draft()
+            took = time.perf_counter() - t0
+            self._calls[name] = self._calls.get(name, 0) + 1
+            self.draft_s[name] = self.draft_s.get(name, took) + 0.1 * (took - self.draft_s.get(name, took))
             mapped, seen = [], {}
             for i, (tok, parent) in enumerate(zip(draft.token_ids, draft.parents)):
                 mparent = -1 if parent < 0 else mapped[parent]
@@ -155,23 +215,39 @@ class Auto(Drafter):
                 node = nodes[where[key]]
                 node.origins.setdefault(name, (rank, evidence(draft, i)))
                 mapped.append(where[key])
-        for node in nodes:  # parents precede children
-            cond = max(self.stats.rate(s, node.depth, r, ev) for s, (r, ev) in node.origins.items())
-            node.prob = cond * (1.0 if node.parent < 0 else nodes[node.parent].prob)
+        for node, prob in zip(nodes, self._probs(nodes)):
+            node.prob = prob
         return nodes
 
-    def _choose(self, nodes: list[_Node], budget: int, context: int) -> list[_Node]:
-        """The best-N nodes by path probability, N maximising expected tokens per second."""
-        order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].prob, nodes[i].depth, i))[:budget]
+    def _probs(self, nodes: list[_Node], exclude: str | None = None) -> list[float]:
+        """Path probabilities (parents precede children); 0 for nodes only `exclude` proposed."""
+        probs: list[float] = []
+        for node in nodes:
+            rates = [self.stats.rate(s, node.depth, r, ev) for s, (r, ev) in node.origins.items() if s != exclude]
+            probs.append(max(rates, default=0.0) * (1.0 if node.parent < 0 else probs[node.parent]))
+        return probs
+
+    def _best(self, probs: list[float], depths: list[int], budget: int, context: int,
+              extra: float) -> tuple[list[int], float]:
+        """(indices of the best-N nodes by path probability, their expected tokens per second), N
+        maximising that rate; `extra` is paid once per step whatever its size."""
+        order = sorted(range(len(probs)), key=lambda i: (-probs[i], depths[i], i))[:budget]
         curve = self.engine.cost_curve() if self.engine is not None else (lambda k, context=None: float(k))
-        extra = getattr(self.engine, "step_overhead", 0.0)  # paid once per step whatever its size
         best_n, best_rate, expected = 0, 1.0 / (curve(1, context) + extra), 1.0
         for n, i in enumerate(order, start=1):
-            expected += nodes[i].prob
+            if probs[i] <= 0.0:
+                break
+            expected += probs[i]
             rate = expected / (curve(1 + n, context) + extra)
             if rate > best_rate:
                 best_n, best_rate = n, rate
-        keep = sorted(order[:best_n])  # original order keeps parents first
+        return order[:best_n], best_rate
+
+    def _choose(self, nodes: list[_Node], budget: int, context: int) -> list[_Node]:
+        """The best-N nodes by path probability, N maximising expected tokens per second."""
+        best, _ = self._best([n.prob for n in nodes], [n.depth for n in nodes], budget, context,
+                             getattr(self.engine, "step_overhead", 0.0))
+        keep = sorted(best)  # original order keeps parents first
         index = {old: new for new, old in enumerate(keep)}
         return [_Node(nodes[i].token, -1 if nodes[i].parent < 0 else index[nodes[i].parent], nodes[i].depth,
                       nodes[i].origins, nodes[i].prob) for i in keep]

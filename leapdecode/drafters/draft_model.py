@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from leapdecode.draft import Draft
 from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
+from leapdecode.model.linear import LinearSpec, convert_linears
+from leapdecode.model.loader import is_gguf
 from leapdecode.sampling import SamplingParams, target_probs
 
 #: Token ids compared between the two tokenizers (evenly spread over the vocabulary, plus its tail).
@@ -153,6 +156,11 @@ class DraftModelOptions:
     num_draft: int = 6  # deepest chain
     branch: int = 1  # children per depth (1 = a chain)
     threshold: float = 0.3  # stop after a main-chain token whose draft confidence is below this
+    # the draft model's own linear kernels and weights (with `path`): its precision never changes the
+    # output, only how often its guesses are accepted, so `auto` picks speed (see draft_spec)
+    backend: str = "auto"
+    quant: str = "auto"
+    activations: str = "auto"
 
     def __post_init__(self):
         if (self.path is None) == (self.model is None):
@@ -163,6 +171,18 @@ class DraftModelOptions:
         check_int("draft-model", "num_draft", self.num_draft, 1)
         check_int("draft-model", "branch", self.branch, 1)
         check_fraction("draft-model", "threshold", self.threshold)
+        LinearSpec(self.backend, self.quant, self.activations)  # unknown names fail here
+
+
+def draft_spec(options: DraftModelOptions, model, path: Path) -> LinearSpec:
+    """The kernels and weights the draft model runs with: as asked, except that `quant=auto` on the native
+    kernels takes int8 where the file's own blocks cannot run there (instead of float32, four times the
+    bytes per drafted token)."""
+    gguf = path if path.is_file() and is_gguf(path) else None
+    spec = LinearSpec(options.backend, options.quant, options.activations).resolve(model, gguf)
+    if options.quant == "auto" and spec.backend == "native" and spec.quant == "none":
+        spec = LinearSpec(spec.backend, "int8", options.activations).resolve(model, gguf)
+    return spec
 
 
 @register("draft-model")
@@ -185,7 +205,10 @@ class DraftModel(Drafter):
             from leapdecode.model.source import DTYPES, load
 
             dtype = next(name for name, d in DTYPES.items() if d == engine.model.dtype)
-            model, tok, _ = load(self.options.path, dtype, str(engine.model.device))
+            model, tok, path = load(self.options.path, dtype, str(engine.model.device))
+            spec = draft_spec(self.options, model, path)
+            convert_linears(model, spec.backend, spec.quant, path if spec.quant == "gguf" else None,
+                            spec.activations)
         if model.dtype != engine.model.dtype or model.device != engine.model.device:
             raise LeapError(f"draft-model: the draft model is {model.dtype} on {model.device}, the target "
                             f"{engine.model.dtype} on {engine.model.device}; they must match")

@@ -113,10 +113,11 @@ def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats
 
 @functools.cache
 def code_fingerprint() -> str:
-    """A hash of the code a forward runs (model and kernels): a saved curve is stale once it changes."""
+    """A hash of the code a forward runs (model and kernels) and of how it is timed (this module): a saved
+    curve is stale once either changes."""
     root = Path(__file__).parent
     files = sorted([*root.glob("model/*.py"), *root.glob("kernels/*.py"), *root.glob("kernels/*.cpp"),
-                    *root.glob("kernels/*.h")])
+                    *root.glob("kernels/*.h"), Path(__file__)])
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + f.read_bytes())

@@ -142,8 +142,9 @@ class Engine:
         """Measured seconds of a verification forward of k tokens after a given context (measured once,
         on first use; saved per machine, model and code)."""
         if self._cost_curve is None:
+            key = self._hardware_key()  # outside the scope, which runs torch itself on one thread
             with self.compute_scope():
-                self._cost_curve = cached_cost(self.model, self._hardware_key(), cache_dir())
+                self._cost_curve = cached_cost(self.model, key, cache_dir())
         return self._cost_curve
 
     def compute_scope(self) -> AbstractContextManager:

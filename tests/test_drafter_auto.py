@@ -251,3 +251,26 @@ def test_a_configured_draft_model_joins_the_default_sources():
     c = Auto()
     c.bind(Eng({}))
     assert list(c.sources) == ["suffix", "copy"]
+
+
+def test_a_saved_curve_is_keyed_by_the_kernels_thread_count(monkeypatch):
+    """Steps run torch on one thread around the kernels; the key must name the kernels' count."""
+    from conftest import tiny_engine_for
+
+    from leapdecode import engine as engine_module
+    from leapdecode.model.linear import available_backends, convert_linears
+
+    if "native" not in available_backends():
+        pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
+    engine = tiny_engine_for(dtype=torch.float32)
+    convert_linears(engine.model, "native", "none", None, "float32")
+    keys = []
+    flat = CostModel((1, 2), (CostCurve((1,), (1.0,)), CostCurve((1,), (1.0,))))
+    monkeypatch.setattr(engine_module, "cached_cost", lambda model, key, folder: keys.append(key) or flat)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert engine.cost_curve() is flat
+    finally:
+        torch.set_num_threads(before)
+    assert keys[0]["threads"] == 2 and keys[0]["backend"] == "native/none/float32"

@@ -85,25 +85,33 @@ def measure_model(model, ks: tuple[int, ...] = DEFAULT_KS, contexts: tuple[int, 
     return CostModel(tuple(fits), tuple(measure(model, ks, c, repeats) for c in fits))
 
 
-def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats: int = 3) -> CostCurve:
-    """Time a forward of k new tokens after `context` cached ones (best of `repeats`), as decoding sees it."""
+def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats: int = 3,
+            budget_s: float = 0.25) -> CostCurve:
+    """Time a forward of k new tokens after `context` cached ones (best of up to `repeats`, fewer once a
+    k has taken `budget_s`), as decoding sees it. The cache is filled with random keys and values rather
+    than by a prefill: a forward's cost does not depend on their values, and prefilling 2048 tokens of
+    a 1.5B model would take longer than every measurement together."""
     context = max(1, min(context, model.cfg.max_seq_len - max(ks) - 1))
     ks = tuple(k for k in ks if context + k < model.cfg.max_seq_len)
     cache = model.new_cache(context + max(ks))
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=gen).to(model.device)
-    model(prompt, torch.arange(context, device=model.device), cache, last_only=True)
+    for t in (cache.k, cache.v):
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) * 0.5)
+    cache.advance(context)
     times = []
     for k in ks:
         x = torch.randint(0, model.cfg.vocab_size, (1, k), generator=gen).to(model.device)
         pos = torch.arange(context, context + k, device=model.device)
-        best = float("inf")
+        best, spent = float("inf"), 0.0
         for _ in range(repeats):
             cache.truncate(context)
             t0 = time.perf_counter()
             model(x, pos, cache)
             _sync(model.device)
-            best = min(best, time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            best, spent = min(best, took), spent + took
+            if spent >= budget_s:
+                break
         times.append(best)
     # a forward never gets cheaper with more tokens: smooth timing noise so the curve is monotone
     for i in range(1, len(times)):

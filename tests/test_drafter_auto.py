@@ -274,3 +274,26 @@ def test_a_saved_curve_is_keyed_by_the_kernels_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert keys[0]["threads"] == 2 and keys[0]["backend"] == "native/none/float32"
+
+
+def test_measuring_runs_no_prefill_and_keeps_to_its_budget(tiny_engine):
+    from leapdecode import costmodel
+
+    model, calls = tiny_engine.model, []
+
+    class Counting:
+        cfg, device = model.cfg, model.device
+
+        def new_cache(self, n):
+            return model.new_cache(n)
+
+        def __call__(self, x, pos, cache):
+            calls.append(x.shape[1])
+            assert cache.length == 100  # the random context is in place, never prefilled
+            return model(x, pos, cache)
+
+    curve = costmodel.measure(Counting(), ks=(1, 2, 4), context=100, repeats=3, budget_s=0.0)
+    assert calls == [1, 2, 4] and len(curve.seconds) == 3  # one timing per k once the budget is spent
+    calls.clear()
+    costmodel.measure(Counting(), ks=(1, 2), context=100, repeats=3, budget_s=10.0)
+    assert calls == [1, 1, 1, 2, 2, 2]

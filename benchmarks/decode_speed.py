@@ -56,11 +56,14 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench_results/decode_speed")
+    ap.add_argument("--out", default=None, help="results folder (default: bench_results/decode_speed-<date-time>)")
     ap.add_argument("--backend", default="torch", help="torch (default: the reference path) or native")
     ap.add_argument("--quant", default="none")
     ap.add_argument("--activations", default="float32")
     args = ap.parse_args()
+    args.out = args.out or time.strftime("bench_results/decode_speed-%Y%m%d-%H%M%S")
+    if Path(args.out, "records.jsonl").exists():  # checked before minutes of loading, not after
+        ap.error(f"--out: {args.out} already holds results; choose another folder")
     bw = {t: read_bandwidth(t) for t in (1, args.threads)}
     torch.set_num_threads(args.threads)
     engine = Engine.load(args.model, threads=args.threads, backend=args.backend, quant=args.quant,
@@ -105,8 +108,9 @@ def paired_shares(engine: Engine, questions, args) -> str:
     shares.sort()
     head = ["| prompt | prompt tokens | bytes per step | decode tok/s | bandwidth around it | share of the bound |",
             "|---|---|---|---|---|---|"]
-    return "\n".join(head + rows + ["", f"Paired share of the bound: median {shares[len(shares) // 2]:.0%}, "
-                                         f"lowest {shares[0]:.0%}, highest {shares[-1]:.0%}."])
+    summary = (f"Paired share of the bound: median {shares[len(shares) // 2]:.0%}, "
+               f"lowest {shares[0]:.0%}, highest {shares[-1]:.0%}.")
+    return "\n".join(head + rows + ["", summary])
 
 
 def engine_path(engine: Engine, model: str | None) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,8 +90,11 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated backend:quant:activations")
     ap.add_argument("--ks", default="1,2,4,8,16")
-    ap.add_argument("--out", default="bench_results/formats")
+    ap.add_argument("--out", default=None, help="results folder (default: bench_results/formats-<date-time>)")
     args = ap.parse_args()
+    args.out = args.out or time.strftime("bench_results/formats-%Y%m%d-%H%M%S")
+    if Path(args.out, "records.jsonl").exists():  # checked before minutes of loading, not after
+        ap.error(f"--out: {args.out} already holds results; choose another folder")
     torch.set_num_threads(args.threads)
     configs, ks = args.configs.split(","), [int(k) for k in args.ks.split(",")]
     engines = engines_for(configs)

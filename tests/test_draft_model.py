@@ -243,7 +243,7 @@ def test_a_draft_model_from_a_path_runs_on_the_fast_kernels(default_engine):
     assert result.stats.accepted > 0
 
 
-def test_draft_spec_takes_int8_where_the_files_blocks_cannot_run(monkeypatch, default_engine):
+def test_draft_spec_takes_int4_where_the_files_blocks_cannot_run(monkeypatch, default_engine):
     from leapdecode.drafters.draft_model import draft_spec
     from leapdecode.model import quant as Q
     from leapdecode.model.linear import available_backends
@@ -253,7 +253,7 @@ def test_draft_spec_takes_int8_where_the_files_blocks_cannot_run(monkeypatch, de
         pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
     path, model = default_model_path(), default_engine.model
     monkeypatch.setattr(Q, "gguf_unsupported_types", lambda p: {"Q6_K"})  # as for a Q4_K_M file
-    assert draft_spec(DraftModelOptions(path=str(path)), model, path).describe() == "native/int8/int8"
+    assert draft_spec(DraftModelOptions(path=str(path)), model, path).describe() == "native/int4/int8"
     asked = DraftModelOptions(path=str(path), quant="none", activations="float32")
     assert draft_spec(asked, model, path).describe() == "native/none/float32"  # what is asked for stays
     torch_spec = DraftModelOptions(path=str(path), backend="torch")

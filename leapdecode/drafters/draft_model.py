@@ -176,12 +176,14 @@ class DraftModelOptions:
 
 def draft_spec(options: DraftModelOptions, model, path: Path) -> LinearSpec:
     """The kernels and weights the draft model runs with: as asked, except that `quant=auto` on the native
-    kernels takes int8 where the file's own blocks cannot run there (instead of float32, four times the
-    bytes per drafted token)."""
+    kernels takes int4 where the file's own blocks cannot run there (instead of float32, over six times the
+    bytes per drafted token). Measured on Qwen2.5-Coder 0.5B drafting for 1.5B (6 Spec-Bench questions,
+    one process): int4 drafts as well as int8 (3.45 against 3.46 tokens per step) at about half the cost
+    of a drafted token (8-9 ms against 16-17 ms) and 0.73x the prefill time."""
     gguf = gguf_file(path)
     spec = LinearSpec(options.backend, options.quant, options.activations).resolve(model, gguf)
     if options.quant == "auto" and spec.backend == "native" and spec.quant == "none":
-        spec = LinearSpec(spec.backend, "int8", options.activations).resolve(model, gguf)
+        spec = LinearSpec(spec.backend, "int4", options.activations).resolve(model, gguf)
     return spec
 
 

@@ -70,7 +70,8 @@ def run_rotating(contenders, prompts, max_new_tokens: int, on_run=None) -> list[
             run = c.run(ids, max_new_tokens, greedy)
             records.append({"method": c.name, "question_id": q.question_id, "group": q.group, "index": i,
                             "prompt_tokens": len(ids), "new_tokens": len(run.token_ids), "wall_s": run.wall_s,
-                            "steps": run.steps, "accepted": run.accepted, "draft_s": run.draft_s,
+                            "prefill_s": run.prefill_s, "steps": run.steps, "accepted": run.accepted,
+                            "draft_s": run.draft_s,
                             "token_ids": run.token_ids})
             if on_run:
                 on_run(c, q, i)
@@ -80,15 +81,19 @@ def run_rotating(contenders, prompts, max_new_tokens: int, on_run=None) -> list[
 
 
 def table(records: list[dict], baseline: str = "none", subset=None) -> str:
-    """Markdown: per method, tok/s over all its runs, speed-up vs the baseline, acceptance, equality."""
+    """Markdown: per method, tok/s over all its runs, speed-up vs the baseline (with prefill, and of the decode
+    phase alone: wall time after the target's prefill, a draft model's own prefill included), acceptance,
+    equality."""
     rows = [r for r in records if subset is None or subset(r)]
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_method[r["method"]].append(r)
     base_runs = {r["index"]: r for r in by_method.get(baseline, [])}
     base_speed = _speed(by_method.get(baseline, []))
-    lines = ["| method | questions | new tokens | tok/s | vs " + baseline + " | mean accepted | draft time share "
-             "| same tokens as " + baseline + " |", "|---|---|---|---|---|---|---|---|"]
+    base_decode = _speed(by_method.get(baseline, []), decode_only=True)
+    lines = ["| method | questions | new tokens | tok/s | vs " + baseline + " | decode phase vs " + baseline +
+             " | mean accepted | draft time share | same tokens as " + baseline + " |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, runs in by_method.items():
         speed = _speed(runs)
         steps = sum(r["steps"] or 0 for r in runs)
@@ -98,14 +103,20 @@ def table(records: list[dict], baseline: str = "none", subset=None) -> str:
                  if any(r["draft_s"] for r in runs) else "-")
         same = sum(1 for r in runs if r["index"] in base_runs and r["token_ids"] == base_runs[r["index"]]["token_ids"])
         ratio = f"{speed / base_speed:.2f}x" if base_speed else "-"
+        decode = _speed(runs, decode_only=True)
+        decode_ratio = f"{decode / base_decode:.2f}x" if decode and base_decode else "-"
         lines.append(f"| {method} | {len(runs)} | {sum(r['new_tokens'] for r in runs)} | {speed:.2f} | {ratio} "
-                     f"| {mean_acc} | {share} | {same}/{len(runs)} |")
+                     f"| {decode_ratio} | {mean_acc} | {share} | {same}/{len(runs)} |")
     return "\n".join(lines)
 
 
-def _speed(runs: list[dict]) -> float:
-    wall = sum(r["wall_s"] for r in runs)
-    return sum(r["new_tokens"] for r in runs) / wall if wall else 0.0
+def _speed(runs: list[dict], decode_only: bool = False) -> float:
+    """New tokens per second over `runs`; with `decode_only`, per second after prefill (0.0 when a run
+    does not know its prefill time, e.g. a peer's)."""
+    if decode_only and any(r.get("prefill_s") is None for r in runs):
+        return 0.0
+    wall = sum(r["wall_s"] - (r["prefill_s"] if decode_only else 0.0) for r in runs)
+    return sum(r["new_tokens"] for r in runs) / wall if wall > 0 else 0.0
 
 
 def main(argv=None) -> int:

@@ -54,13 +54,13 @@ def generate(engine: Engine, drafter, prompt, n: int, sampling=None, max_draft: 
        num_draft=st.integers(1, 8), branch=st.integers(1, 4), threshold=st.sampled_from([0.0, 0.2, 0.6]),
        max_draft=st.integers(0, 12), prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10),
                                                        min_size=1, max_size=3),
-       n_new=st.integers(1, 40))
+       n_new=st.integers(1, 40), vocab=st.sampled_from([0, 4, 40]))
 def test_greedy_output_equals_plain_decoding(target_seed, draft, num_draft, branch, threshold, max_draft, prompts,
-                                              n_new):
+                                              n_new, vocab):
     engine = target(target_seed)
     # "self": the target's own weights (every draft accepted); "other-s": a smaller random model
     model = engine.model if draft == "self" else draft_model(int(draft[-1]), int(draft[-1]))
-    drafter = drafter_for(engine, model, num_draft=num_draft, branch=branch, threshold=threshold)
+    drafter = drafter_for(engine, model, num_draft=num_draft, branch=branch, threshold=threshold, vocab=vocab)
     for prompt in prompts:  # one drafter across requests: its cache must resync each time
         result = generate(engine, drafter, prompt, n_new, max_draft=max_draft)
         assert result.token_ids == generate(engine, None, prompt, n_new).token_ids
@@ -205,6 +205,7 @@ def test_refuses_another_dtype():
     ({"path": "x", "num_draft": 0}, "draft-model option num_draft must be an integer >= 1"),
     ({"path": "x", "branch": 1.5}, "draft-model option branch"),
     ({"path": "x", "threshold": -1}, "draft-model option threshold"),
+    ({"path": "x", "vocab": -1}, "draft-model option vocab must be an integer >= 0"),
     ({"path": "x", "depth": 3}, "unknown draft-model option.*depth"),
     ({"path": "x", "quant": "int3"}, "unknown quant 'int3'"),
     ({"path": "x", "backend": "gpu"}, "unknown backend 'gpu'"),
@@ -223,8 +224,8 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 def test_defaults():
     assert DraftModelOptions(path="m.gguf") == DraftModelOptions(
-        path="m.gguf", model=None, tokenizer=None, num_draft=6, branch=1, threshold=0.3, backend="auto",
-        quant="auto", activations="auto")
+        path="m.gguf", model=None, tokenizer=None, num_draft=6, branch=1, threshold=0.3, vocab=65536,
+        backend="auto", quant="auto", activations="auto")
 
 
 def test_a_draft_model_from_a_path_runs_on_the_fast_kernels(default_engine):

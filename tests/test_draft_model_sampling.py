@@ -86,6 +86,9 @@ def tiny_pair(target_seed: int = 5, draft_seed: int = 6):
     ({"threshold": 0.0, "num_draft": 3}, SamplingParams(temperature=1.0)),  # chain
     ({"threshold": 0.0, "num_draft": 2, "branch": 3}, SamplingParams(temperature=1.0)),  # tree
     ({"threshold": 0.0, "num_draft": 2, "branch": 2}, SamplingParams(temperature=0.7, top_k=5, top_p=0.9)),
+    # the draft's output layer over ids 0-3 and the request's own: draws from a distribution with zeros
+    ({"threshold": 0.0, "num_draft": 3, "vocab": 4}, SamplingParams(temperature=1.0)),
+    ({"threshold": 0.0, "num_draft": 2, "branch": 3, "vocab": 4}, SamplingParams(temperature=1.0)),
 ])
 def test_draft_model_sampling_is_exact(options, sampling):
     engine, draft = tiny_pair()

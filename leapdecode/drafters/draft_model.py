@@ -23,6 +23,7 @@ import torch
 
 from leapdecode.draft import Draft
 from leapdecode.drafters.base import Drafter, parse_options, register
+from leapdecode.drafters.vocab import DraftVocab
 from leapdecode.errors import LeapError
 from leapdecode.model.linear import LinearSpec, convert_linears
 from leapdecode.model.loader import gguf_file
@@ -156,6 +157,9 @@ class DraftModelOptions:
     num_draft: int = 6  # deepest chain
     branch: int = 1  # children per depth (1 = a chain)
     threshold: float = 0.3  # stop after a main-chain token whose draft confidence is below this
+    # the draft's output layer covers the ids below this and the request's own tokens (see drafters.vocab);
+    # 0 = the whole vocabulary. It changes what is proposed, never the output.
+    vocab: int = 65536
     # the draft model's own linear kernels and weights (with `path`): its precision never changes the
     # output, only how often its guesses are accepted, so `auto` picks speed (see draft_spec)
     backend: str = "auto"
@@ -170,6 +174,7 @@ class DraftModelOptions:
             raise LeapError(f"draft-model option path must be a string, got {self.path!r}")
         check_int("draft-model", "num_draft", self.num_draft, 1)
         check_int("draft-model", "branch", self.branch, 1)
+        check_int("draft-model", "vocab", self.vocab, 0)
         check_fraction("draft-model", "threshold", self.threshold)
         LinearSpec(self.backend, self.quant, self.activations)  # unknown names fail here
 
@@ -199,6 +204,8 @@ class DraftModel(Drafter):
         self._cache = None  # the draft model's own KVCache
         self._seen: list[int] = []  # tokens whose keys/values are in self._cache, in order
         self._picker: Picker | None = None
+        self._vocab: DraftVocab | None = None  # the draft's output layer over part of the vocabulary
+        self._vocab_seen = 0  # tokens of the request already given to self._vocab
 
     def bind(self, engine) -> None:
         self.target = engine.model
@@ -215,14 +222,22 @@ class DraftModel(Drafter):
                             f"{engine.model.dtype} on {engine.model.device}; they must match")
         check_same_vocab(engine.model, model, engine.tokenizer, tok)
         self.model = model
+        size = model.cfg.vocab_size
+        self._vocab = DraftVocab(model.lm_head, size, self.options.vocab) if 0 < self.options.vocab < size else None
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         self._picker = None  # built on the first proposal, once the request's sampling params are set
+        if self._vocab is not None:
+            self._vocab.reset(prompt_ids)
+            self._vocab_seen = len(prompt_ids)
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         if self._picker is None:
             self._picker = Picker(self.sampling, salt=0x5EED)
         self._ensure_cache()
+        if self._vocab is not None:
+            self._vocab.add(tokens[min(self._vocab_seen, len(tokens)):])
+            self._vocab_seen = len(tokens)
         room = self._cache.max_len - len(tokens) + 1  # the last drafted token is never fed
         depth = min(self.options.num_draft, max_nodes, room)
         if depth <= 0 or not tokens:
@@ -252,6 +267,6 @@ class DraftModel(Drafter):
         start = self._cache.length
         ids = torch.tensor([fresh], device=self.model.device)  # [1, S]
         positions = torch.arange(start, start + len(fresh), device=self.model.device)  # [S]
-        logits = self.model(ids, positions, self._cache, last_only=True)  # [1, 1, V]
+        logits = self.model(ids, positions, self._cache, last_only=True, head=self._vocab)  # [1, 1, V]
         self._seen += fresh
         return logits[0, -1]

@@ -50,6 +50,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return F.linear(x, self.weight, self.bias)
 
+    def select_rows(self, rows: torch.Tensor) -> Linear:
+        """A layer computing only the outputs `rows` (int64 [n], in that order), values unchanged."""
+        rows = rows.to(device=self.weight.device, dtype=torch.long)
+        return Linear(self.weight[rows].contiguous(), None if self.bias is None else self.bias[rows].contiguous())
+
 
 class NativeLinear(nn.Module):
     """The compiled kernels. Output row i depends only on input row i, computed with the same arithmetic
@@ -76,6 +81,21 @@ class NativeLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
+
+    def select_rows(self, rows: torch.Tensor) -> NativeLinear:
+        """A layer computing only the outputs `rows` (int64 [n], ascending), values unchanged."""
+        rows = rows.to(torch.long)
+        if rows.numel() > 1 and bool((rows[1:] <= rows[:-1]).any()):
+            raise LeapError("select_rows: rows must be strictly ascending")
+        parts = []
+        for p, off in zip(self.parts, self.offsets):
+            mine = rows[(rows >= off) & (rows < off + p.out_features)] - off
+            if mine.numel():
+                parts.append(Q.select_rows(p, mine))
+        if not parts:
+            raise LeapError("select_rows: no rows selected")
+        bias = None if self.bias is None else self.bias[rows]
+        return NativeLinear(parts, bias, self.activations)
 
     def _kernel_calls(self) -> list[tuple]:
         """Constant arguments of each part's kernel call, rebuilt whenever the weights moved (a copy, .to())."""

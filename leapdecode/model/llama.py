@@ -130,10 +130,11 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 mask: torch.Tensor | None = None, last_only: bool = False, layers=None,
-                advance: bool = True) -> torch.Tensor:
+                advance: bool = True, head: nn.Module | None = None) -> torch.Tensor:
         """tokens [B, S], positions [S] (rope positions), mask [S, cache.length + S] bool or None
         (None = causal). `layers` (a list of (skip_attn, skip_mlp) per block) runs a reduced model for
-        self-drafting. Returns logits [B, S, V] (or [B, 1, V] with last_only)."""
+        self-drafting; `head` replaces the output layer (a drafter's part of the vocabulary). Returns
+        logits [B, S, V] (or [B, 1, V] with last_only)."""
         s, n = tokens.shape[1], cache.length
         x = F.embedding(tokens, self.embed)  # [B, S, D]
         cos, sin = self.rope(positions)  # [S, hd]
@@ -151,4 +152,4 @@ class Transformer(nn.Module):
             cache.advance(s)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # [B, S, V]
+        return (self.lm_head if head is None else head)(self.norm(x))  # [B, S, V]

@@ -152,6 +152,17 @@ def concat(parts: list[QuantWeight]) -> QuantWeight:
     return QuantWeight(fmt, n, k, qs=cat("qs"), d=cat("d"), m=cat("m"))
 
 
+def select_rows(qw: QuantWeight, rows: torch.Tensor) -> QuantWeight:
+    """Output rows `rows` (int64 [n]) of a weight, in that order, values unchanged."""
+    rows = rows.to(torch.long)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= qw.out_features):
+        raise LeapError(f"select_rows: rows must lie in [0, {qw.out_features})")
+    if qw.fmt == "f32":  # rows are interleaved in groups of 4: regroup
+        return QuantWeight("f32", rows.numel(), qw.in_features, f=pack_f32(dequantize(qw)[rows]))
+    pick = lambda t: None if t is None else t[rows].contiguous()  # noqa: E731
+    return QuantWeight(qw.fmt, rows.numel(), qw.in_features, qs=pick(qw.qs), d=pick(qw.d), m=pick(qw.m))
+
+
 # ---------------------------------------------------------------- GGUF blocks
 
 _GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}

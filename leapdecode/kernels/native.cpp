@@ -395,7 +395,12 @@ Plan plan_for(int fmt, int act, int64_t M) {
     if (act == ACT_INT8) {
         if (LD_VNNI512 && M > 4 && (M <= 8 || fmt == Q8_0))  // one pass over the weights for M <= 8
             return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 2, M >= 8 ? 8 : (int)M};
-        if (M == 1 || LD_VNNI512) return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 4, M >= 4 ? 4 : (int)M};
+        // One token: one-row tiles, so a thread's chunk is read as one sequential stream (a 4-row tile reads
+        // 4 rows side by side). Measured on all linears of a model, one process: 0.5B Qwen int4 0.79x the
+        // time of 4-row tiles, int8 0.79x; the bundled model's own blocks 0.92x, int8 0.86x (AVX-512);
+        // AVX2 build 0.73x / 0.89x. The extra activation loads cost less than the prefetcher gains.
+        if (M == 1) return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 1, 1};
+        if (LD_VNNI512) return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 4, M >= 4 ? 4 : (int)M};
         return {fmt == Q4_1 ? T_Q41_Q8 : T_Q80_Q8, 2, M >= 4 ? 4 : (int)M};
     }
     if (M == 1) return {fmt == Q4_1 ? T_Q41_F32 : T_Q80_F32, 4, 1};

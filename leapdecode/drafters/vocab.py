@@ -28,15 +28,13 @@ class DraftVocab:
             raise LeapError(f"draft vocabulary: core must be in (0, {vocab_size}), got {core}")
         self.full, self.vocab_size, self.core = lm_head, vocab_size, core
         self.core_head = lm_head.select_rows(torch.arange(core))
-        self.extra_ids = torch.empty(0, dtype=torch.long)  # ascending ids >= core
-        self.extra_head = None
-        self._extra: set[int] = set()
+        self.reset()
 
     def reset(self, tokens: Iterable[int] = ()) -> None:
         """Start a request: the extra ids are the ones of `tokens` (its prompt) at or above `core`."""
-        self.extra_ids = torch.empty(0, dtype=torch.long)
+        self.extra_ids = torch.empty(0, dtype=torch.long)  # ascending ids >= core, the rows of extra_head
         self.extra_head = None
-        self._extra = set()
+        self._extra: set[int] = set()
         self.add(tokens)
 
     def add(self, tokens: Iterable[int]) -> None:

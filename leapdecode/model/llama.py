@@ -7,6 +7,8 @@ Hugging Face layout; q/k/v and gate/up are fused so a layer makes four weight ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,7 +132,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 mask: torch.Tensor | None = None, last_only: bool = False, layers=None,
-                advance: bool = True, head: nn.Module | None = None) -> torch.Tensor:
+                advance: bool = True, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [B, S], positions [S] (rope positions), mask [S, cache.length + S] bool or None
         (None = causal). `layers` (a list of (skip_attn, skip_mlp) per block) runs a reduced model for
         self-drafting; `head` replaces the output layer (a drafter's part of the vocabulary). Returns

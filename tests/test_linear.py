@@ -287,7 +287,7 @@ def test_gguf_blocks_of_another_model_are_rejected():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n,k", [(1, 1), (7, 13), (9, 37), (6, 100)])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 13), (9, 37), (6, 100), (45, 1100)])
 def test_f32_ragged_shapes_are_exact_and_row_independent(n, k, isa):
     """Rows not in whole groups of 4 and columns not in whole runs of 8 (the interleave's padding)."""
     gen = torch.Generator().manual_seed(n * 1000 + k)
@@ -301,12 +301,14 @@ def test_f32_ragged_shapes_are_exact_and_row_independent(n, k, isa):
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="needs a CPU that runs both the AVX2 and the AVX-512 build")
-@pytest.mark.parametrize("n,k", [(960, 576), (37, 100), (6, 13)])
+@pytest.mark.parametrize("n,k", [(960, 576), (37, 100), (6, 13), (45, 1100)])
 def test_f32_avx512_tiles_equal_the_avx2_tiles_bitwise(n, k):
-    """The 512-bit tiles (two rows per register, several rows at once) sum each lane in the 256-bit
-    tiles' order, so both builds give the same bits for every tile shape and row count."""
+    """The 512-bit tiles (two rows per register, several rows at once; for more than 8 rows of x, 8 rows
+    of weights over blocks of 512 columns) sum each lane in the 256-bit tiles' order, so both builds give
+    the same bits for every tile shape and row count. k = 1100: three column blocks and a ragged tail;
+    m = 70: more rows than one pass holds."""
     gen = torch.Generator().manual_seed(n + k)
     qw = Q.quantize(torch.randn(n, k, generator=gen), "f32")
-    for m in (1, 2, 3, 7, 8, 9, 17):
+    for m in (1, 2, 3, 7, 8, 9, 13, 17, 70):
         x = torch.randn(m, k, generator=gen) * 3
         assert torch.equal(run(qw, x, "float32", isa="avx2"), run(qw, x, "float32", isa="avx512")), (n, k, m)

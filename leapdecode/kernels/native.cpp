@@ -325,6 +325,66 @@ void tile_f32_512(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t 
 }
 #endif
 
+#if LD_VNNI512
+// Many rows of x (prefill): 8 weight rows (two groups, four registers) against up to 6 rows of x, 24
+// accumulators, over one block of KC columns, so a block of weights (8 x 2 KB) and the x rows it meets
+// stay in L1 while every row of x in the pass reuses them. Between column blocks the accumulators are
+// saved and reloaded unchanged: each lane still performs exactly tile_f32_256's multiply-adds, in its
+// order, so outputs stay bit-identical. Measured on all linears of a 1.5B model (700 rows, 2 threads):
+// 1.31x the speed of 4-row tiles without column blocks (about 410 against 310 GFLOP/s).
+constexpr int64_t KC = 512;
+
+struct ColBlock {
+    int64_t k0, k1;  // columns [k0, k1) of the whole-8 part of K
+    __m512* saved;   // [MR][4] accumulators of rows m0.. between blocks
+    bool first, last;
+};
+
+template <int NR, int MR>
+void tile_f32_wide(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t m0, const ColBlock& c, float* y,
+                   int64_t ldy) {
+    constexpr int NP = (NR + 1) / 2;  // pair p: rows 2p, 2p + 1, in group p / 2
+    const int64_t K = w.K, K8 = K & ~int64_t(7), Kp = (K + 7) & ~int64_t(7);
+    const float* g = w.f + (n0 / 4) * 4 * Kp;  // the first of the tile's two groups
+    __m512 acc[NP][MR];
+    LD_UNROLL for (int p = 0; p < NP; ++p)
+        LD_UNROLL for (int m = 0; m < MR; ++m) acc[p][m] = c.first ? _mm512_setzero_ps() : c.saved[m * 4 + p];
+    auto step = [&](int64_t k, auto load_x) {
+        __m512 wv[NP];
+        LD_UNROLL for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_ps(g + (p / 2) * 4 * Kp + 4 * k + 16 * (p % 2));
+        LD_UNROLL for (int m = 0; m < MR; ++m) {
+            const __m512 xv = _mm512_broadcast_f32x8(load_x(x + (m0 + m) * ldx + k));  // [x, x]
+            LD_UNROLL for (int p = 0; p < NP; ++p) acc[p][m] = _mm512_fmadd_ps(wv[p], xv, acc[p][m]);
+        }
+    };
+    for (int64_t k = c.k0; k < c.k1; k += 8) {
+        prefetch_f32(g + 4 * k + f32_ahead<MR>());
+        if (NR > 4) prefetch_f32(g + 4 * Kp + 4 * k + f32_ahead<MR>());
+        step(k, [](const float* p) { return _mm256_loadu_ps(p); });
+    }
+    if (!c.last) {
+        LD_UNROLL for (int p = 0; p < NP; ++p)
+            LD_UNROLL for (int m = 0; m < MR; ++m) c.saved[m * 4 + p] = acc[p][m];
+        return;
+    }
+    if (K8 < K) {
+        const __m256i mask = tail_mask(K - K8);
+        step(K8, [mask](const float* p) { return _mm256_maskload_ps(p, mask); });
+    }
+    LD_UNROLL for (int p = 0; p < NP; ++p)
+        LD_UNROLL for (int m = 0; m < MR; ++m) {
+            y[(m0 + m) * ldy + n0 + 2 * p] = hsum8(_mm512_castps512_ps256(acc[p][m]));
+            if (2 * p + 1 < NR) y[(m0 + m) * ldy + n0 + 2 * p + 1] = hsum8(_mm512_extractf32x8_ps(acc[p][m], 1));
+        }
+}
+
+using WideFn = void (*)(const WQ&, int64_t, const float*, int64_t, int64_t, const ColBlock&, float*, int64_t);
+#define LD_WROW(N) {tile_f32_wide<N, 1>, tile_f32_wide<N, 2>, tile_f32_wide<N, 3>, \
+                    tile_f32_wide<N, 4>, tile_f32_wide<N, 5>, tile_f32_wide<N, 6>}
+const WideFn T_F32_WIDE[8][6] = {LD_WROW(1), LD_WROW(2), LD_WROW(3), LD_WROW(4),
+                                 LD_WROW(5), LD_WROW(6), LD_WROW(7), LD_WROW(8)};
+#endif
+
 // One row stays on 256 bits with AVX-512 too: it is bound by memory, and measured 4% faster that way.
 template <int NR, int MR>
 void tile_f32(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t m0, float* y, int64_t ldy) {
@@ -382,12 +442,13 @@ const TileFn T_Q80_F32[MAXN][MAXM] = LD_TABLE4(run_q80_f32);
 const TileFn T_F32[MAXN][MAXM] = LD_TABLE(run_f32);
 
 struct Plan {
-    const TileFn (*table)[MAXM];
+    const TileFn (*table)[MAXM];  // nullptr: float32 wide tiles (run_range_wide)
     int nr, mr;  // the full tile shape (mr <= 4 for tables built with LD_TABLE4, else <= 8)
 };
 
 Plan plan_for(int fmt, int act, int64_t M) {
     // The shape is a speed choice only: any shape gives bit-identical outputs.
+    if (LD_VNNI512 && fmt == F32 && M > 8) return {nullptr, 8, 6};  // the wide tiles (run_range_wide)
     if (fmt == F32) {  // balanced row tiles of at most 8 rows (16 of AVX-512's 32 registers), 3 with AVX2
         const int64_t most = LD_VNNI512 ? 8 : 3, tiles = (M + most - 1) / most;
         return {T_F32, 4, (int)((M + tiles - 1) / tiles)};
@@ -408,6 +469,31 @@ Plan plan_for(int fmt, int act, int64_t M) {
 }
 
 constexpr int64_t MB = 64;  // rows of x per pass over a weight tile (keeps x in cache for long prompts)
+
+#if LD_VNNI512
+// Rows [n_begin, n_end) of a float32 weight against M > 8 rows of x with the wide tiles: for each 8 rows
+// of weights and each column block, every row of x in the pass (MB of them) meets the block in turn.
+void run_range_wide(const WQ& w, const float* x, int64_t ldx, int64_t M, int64_t n_begin, int64_t n_end, float* y,
+                    int64_t ldy) {
+    alignas(64) __m512 saved[MB * 4];
+    const int64_t tiles = (M + 5) / 6, mr_full = (M + tiles - 1) / tiles;  // balanced: 6 rows of x at most
+    const int64_t K8 = w.K & ~int64_t(7), blocks = K8 > KC ? (K8 + KC - 1) / KC : 1;
+    for (int64_t mb = 0; mb < M; mb += MB) {
+        const int64_t me = mb + MB < M ? mb + MB : M;
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += 8) {
+            const int nr = n_end - n0 < 8 ? (int)(n_end - n0) : 8;
+            for (int64_t b = 0; b < blocks; ++b) {
+                const int64_t k0 = b * KC, k1 = k0 + KC < K8 ? k0 + KC : K8;
+                for (int64_t m0 = mb; m0 < me; m0 += mr_full) {
+                    const int mr = me - m0 < mr_full ? (int)(me - m0) : (int)mr_full;
+                    const ColBlock c{k0, k1, saved + (m0 - mb) * 4, b == 0, b == blocks - 1};
+                    T_F32_WIDE[nr - 1][mr - 1](w, n0, x, ldx, m0, c, y, ldy);
+                }
+            }
+        }
+    }
+}
+#endif
 
 void run_range(const Plan& p, const WQ& w, const Inputs& in, int64_t M, int64_t n_begin, int64_t n_end,
                float* y, int64_t ldy) {
@@ -456,6 +542,9 @@ struct LinearJob {
 void linear_chunk(void* ctx, int64_t c, int) {
     const LinearJob& j = *(const LinearJob*)ctx;
     const int64_t e = (c + 1) * j.rows < j.N ? (c + 1) * j.rows : j.N;
+#if LD_VNNI512
+    if (j.p.table == nullptr) return run_range_wide(j.w, j.in.x, j.in.ldx, j.M, c * j.rows, e, j.y, j.ldy);
+#endif
     run_range(j.p, j.w, j.in, j.M, c * j.rows, e, j.y, j.ldy);
 }
 

@@ -35,6 +35,22 @@ inline float dot(const float* a, const float* b, int64_t D) {  // D % 8 == 0
     return hsum8(acc);
 }
 
+// Scores of 8 keys at once, each exactly as `dot` computes it (8 independent chains of multiply-adds
+// instead of one after another). Measured against one key at a time, outputs bit-identical: 0.95x the
+// time for one query after 700 keys at head_dim 64, 0.88x at 128, 0.92x for 7 queries, 0.96x for a
+// 700-token prefill (the CPU already overlapped most of the separate chains).
+inline void dot8(const float* q, const float* k, const int32_t* idx, int64_t kstride, int64_t D, float* out) {
+    __m256 acc[8];
+    const __m256 q0 = _mm256_loadu_ps(q);
+    LD_UNROLL for (int r = 0; r < 8; ++r) acc[r] = _mm256_mul_ps(q0, _mm256_loadu_ps(k + idx[r] * kstride));
+    for (int64_t c = 8; c < D; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(q + c);
+        LD_UNROLL for (int r = 0; r < 8; ++r)
+            acc[r] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + idx[r] * kstride + c), acc[r]);
+    }
+    LD_UNROLL for (int r = 0; r < 8; ++r) out[r] = hsum8(acc[r]);
+}
+
 struct AttnArgs {
     const float *q, *k, *v;
     float* out;
@@ -63,9 +79,12 @@ void attend_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t* idx
         for (int64_t c = 0; c < D; ++c) o[c] = 0.0f;
         return;
     }
+    int64_t j8 = 0;
+    for (; j8 + 8 <= n; j8 += 8) dot8(q, k, idx + j8, a.kst[2], D, p + j8);
+    for (int64_t j = j8; j < n; ++j) p[j] = dot(q, k + idx[j] * a.kst[2], D);
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
-        p[j] = dot(q, k + idx[j] * a.kst[2], D) * a.scale;
+        p[j] *= a.scale;
         mx = p[j] > mx ? p[j] : mx;
     }
     const __m256 vmx = _mm256_set1_ps(mx);

@@ -288,7 +288,6 @@ void tile_f32_256(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t 
         LD_UNROLL for (int m = 0; m < MR; ++m) y[(m0 + m) * ldy + n0 + n] = hsum8(acc[n][m]);
 }
 
-
 #if LD_VNNI512
 // One 512-bit register holds two rows' 8-column runs (they lie side by side in a group) against the 8
 // activations broadcast to both halves. Each lane accumulates exactly what a lane of the 256-bit tile

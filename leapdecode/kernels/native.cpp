@@ -302,6 +302,7 @@ void tile_f32_256(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t 
 // on all linears of a 1.5B model (700 rows, 2 threads): 1.31x the speed of 4-row tiles over whole rows
 // (about 410 against 310 GFLOP/s).
 constexpr int64_t KC = 512;
+constexpr int WIDE_NR = 8, WIDE_MR = 6;  // the many-rows tile: weight rows x rows of x
 
 struct ColBlock {
     int64_t k0, k1;  // columns [k0, k1) of the whole-8 part of K
@@ -350,7 +351,7 @@ void tile_f32_wide(const WQ& w, int64_t n0, const float* x, int64_t ldx, int64_t
 using WideFn = void (*)(const WQ&, int64_t, const float*, int64_t, int64_t, const ColBlock&, float*, int64_t);
 #define LD_WROW(N) {tile_f32_wide<N, 1>, tile_f32_wide<N, 2>, tile_f32_wide<N, 3>, \
                     tile_f32_wide<N, 4>, tile_f32_wide<N, 5>, tile_f32_wide<N, 6>}
-const WideFn T_F32_WIDE[8][6] = {LD_WROW(1), LD_WROW(2), LD_WROW(3), LD_WROW(4),
+const WideFn T_F32_WIDE[WIDE_NR][WIDE_MR] = {LD_WROW(1), LD_WROW(2), LD_WROW(3), LD_WROW(4),
                                  LD_WROW(5), LD_WROW(6), LD_WROW(7), LD_WROW(8)};
 #endif
 
@@ -417,7 +418,9 @@ struct Plan {
 
 Plan plan_for(int fmt, int act, int64_t M) {
     // The shape is a speed choice only: any shape gives bit-identical outputs.
-    if (LD_VNNI512 && fmt == F32 && M > 8) return {nullptr, 8, 6};  // the wide tiles (run_range_wide)
+#if LD_VNNI512
+    if (fmt == F32 && M > 8) return {nullptr, WIDE_NR, WIDE_MR};  // the wide tiles (run_range_wide)
+#endif
     if (fmt == F32) {  // balanced row tiles of at most 8 rows (16 of AVX-512's 32 registers), 3 with AVX2
         const int64_t most = LD_VNNI512 ? 8 : 3, tiles = (M + most - 1) / most;
         return {T_F32, 4, (int)((M + tiles - 1) / tiles)};
@@ -445,12 +448,12 @@ constexpr int64_t MB = 64;  // rows of x per pass over a weight tile (keeps x in
 void run_range_wide(const WQ& w, const float* x, int64_t ldx, int64_t M, int64_t n_begin, int64_t n_end, float* y,
                     int64_t ldy) {
     alignas(64) __m512 saved[MB * 4];
-    const int64_t tiles = (M + 5) / 6, mr_full = (M + tiles - 1) / tiles;  // balanced: 6 rows of x at most
+    const int64_t tiles = (M + WIDE_MR - 1) / WIDE_MR, mr_full = (M + tiles - 1) / tiles;  // balanced
     const int64_t K8 = w.K & ~int64_t(7), blocks = K8 > KC ? (K8 + KC - 1) / KC : 1;
     for (int64_t mb = 0; mb < M; mb += MB) {
         const int64_t me = mb + MB < M ? mb + MB : M;
-        for (int64_t n0 = n_begin; n0 < n_end; n0 += 8) {
-            const int nr = n_end - n0 < 8 ? (int)(n_end - n0) : 8;
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += WIDE_NR) {
+            const int nr = n_end - n0 < WIDE_NR ? (int)(n_end - n0) : WIDE_NR;
             for (int64_t b = 0; b < blocks; ++b) {
                 const int64_t k0 = b * KC, k1 = k0 + KC < K8 ? k0 + KC : K8;
                 for (int64_t m0 = mb; m0 < me; m0 += mr_full) {

@@ -155,6 +155,19 @@ def test_attention_rows_see_only_their_compacted_keys():
         assert torch.equal(y[:, :, i], alone[:, :, 0])
 
 
+@pytest.mark.skipif(len(ISAS) < 2, reason="needs a CPU that runs both the AVX2 and the AVX-512 build")
+@pytest.mark.parametrize("d", [16, 24, 64, 128])
+def test_attention_avx512_equals_avx2_bitwise(d):
+    """The 512-bit build weighs the values 16 columns at a time: each output element still sums its
+    products in key order, so both builds give the same bits (d = 24: the 256-bit path in both)."""
+    gen = torch.Generator().manual_seed(d)
+    q, k, v = _qkv(9, 70, gen, d=d)
+    mask = torch.rand(9, 70, generator=gen) < 0.6
+    mask[:, 0] = True
+    for m in (mask, None):
+        assert torch.equal(native.attention(q, k, v, m, True, isa="avx2"), native.attention(q, k, v, m, True, isa="avx512"))
+
+
 def test_attention_bad_mask_is_a_clear_error():
     gen = torch.Generator().manual_seed(2)
     q, k, v = _qkv(2, 5, gen)

@@ -61,6 +61,35 @@ struct AttnArgs {
     float scale;
 };
 
+// o = inv * sum_j p[j] v[idx[j]]: each output element accumulates its products in j order, so the vector
+// width (16 columns at a time with AVX-512, else 8) never changes a bit of it.
+inline void weighted_values(const float* v, int64_t vstride, const int32_t* idx, const float* p, int64_t n,
+                            int64_t D, float inv, float* o) {
+#if LD_VNNI512
+    if (D % 16 == 0) {
+        __m512 acc[16];  // D <= 256
+        const int64_t C = D / 16;
+        for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            const float* vr = v + idx[j] * vstride;
+            for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * c), acc[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        return;
+    }
+#endif
+    __m256 acc[32];  // D <= 256
+    const int64_t C = D / 8;
+    for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_broadcast_ss(p + j);
+        const float* vr = v + idx[j] * vstride;
+        for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+
 void attend_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t* idx, float* p) {
     const int64_t hk = h / (a.H / a.Hkv), D = a.D;
     const float* q = a.q + b * a.qst[0] + h * a.qst[1] + i * a.qst[2];
@@ -95,16 +124,7 @@ void attend_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t* idx
         _mm256_storeu_ps(p + j, e);
         lsum = _mm256_add_ps(lsum, e);
     }
-    __m256 acc[32];  // D <= 256
-    const int64_t C = D / 8;
-    for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-        const __m256 pj = _mm256_broadcast_ss(p + j);
-        const float* vr = v + idx[j] * a.vst[2];
-        for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(lsum));
-    for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
+    weighted_values(v, a.vst[2], idx, p, n, D, 1.0f / hsum8(lsum), o);
 }
 
 struct AttnJob {

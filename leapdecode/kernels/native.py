@@ -117,7 +117,7 @@ def _strides(t: torch.Tensor) -> ctypes.Array:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              enable_gqa: bool = False, scale: float | None = None) -> torch.Tensor:
+              enable_gqa: bool = False, scale: float | None = None, isa: str | None = None) -> torch.Tensor:
     """Row-invariant replacement for `F.scaled_dot_product_attention` on the model's shapes:
     q [B, H, S, D], k/v [B, Hkv, T, D], attn_mask bool [S, T] (True = attend) or None (causal, the last S
     of T keys being the new rows). Returns [B, H, S, D] (a view of a [B, S, H, D] buffer, so the usual
@@ -137,7 +137,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         attn_mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
         mask_ptr, mask_stride = attn_mask.data_ptr(), attn_mask.stride(0)
     out = torch.empty(b, s, h, d).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
-    rc = lib().ld_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, hkv, s, t, d,
+    rc = lib(isa).ld_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, hkv, s, t, d,
                             _strides(q), _strides(k), _strides(v), _strides(out), mask_ptr, mask_stride,
                             d ** -0.5 if scale is None else scale, kernel_threads())
     if rc:

@@ -29,16 +29,30 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_be
 CATEGORIES = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
 
 
+class StreamProbe:
+    """GB/s of a streaming read (a sum over a buffer far larger than the caches), as often as asked: the
+    buffer is allocated once, since allocating and filling it costs more than a reading."""
+
+    def __init__(self, threads: int, gib: float = 1.0):
+        self.threads = threads
+        self.x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+
+    def __call__(self, repeats: int = 5) -> float:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.x.sum()
+            best = min(best, time.perf_counter() - t0)
+        torch.set_num_threads(before)
+        time.sleep(0.05)  # torch's threads spin for a while after the sum: let them park before timed work
+        return self.x.numel() * 4 / best / 1e9
+
+
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """GB/s of a streaming read (a sum over a buffer far larger than the caches)."""
-    torch.set_num_threads(threads)
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    """One reading of `StreamProbe`."""
+    return StreamProbe(threads, gib)(repeats)
 
 
 def weight_bytes_per_token(engine: Engine) -> int:
@@ -95,11 +109,12 @@ def paired_shares(engine: Engine, questions, args) -> str:
     wbytes, kv = weight_bytes_per_token(engine), kv_bytes_per_position(engine)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, drafter="none")
     rows, shares = [], []
+    probe = StreamProbe(args.threads)
     for q in questions:
-        before = read_bandwidth(args.threads)
+        before = probe()
         torch.set_num_threads(args.threads)
         stats = engine.generate(q.turns[0], config).stats
-        gbs = (before + read_bandwidth(args.threads)) / 2
+        gbs = (before + probe()) / 2
         tps = (stats.new_tokens - 1) / stats.decode_s
         step_bytes = wbytes + kv * (stats.prompt_tokens + stats.new_tokens / 2)
         shares.append(tps / (gbs * 1e9 / step_bytes))

@@ -7,6 +7,9 @@ transformers' assisted generation on the same pair, in one script.
         [--draft-quant int8 --draft-activations int8]   the draft model's (default: its `auto`, see
                                                           leapdecode.drafters.draft_model.draft_spec)
 
+Each of our runs is bracketed by two readings of the host's streaming bandwidth (it switches between
+two states here), and the ratios are also given over the questions that met each state.
+
 Phase 1 runs our engine (plain, then draft-model, rotating per question); phase 2 frees it and runs
 transformers on the same GGUF files dequantized to the same dtype: `generate` plain and with
 `assistant_model=` (its default assistant schedule). Both phases answer the same chat-templated token
@@ -24,8 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from decode_speed import StreamProbe
 from models import model_path
 from self_spec import common_arguments, load_selected, run_rotating, table
+
+#: GB/s between this host's two streaming states (~45 and ~80 GB/s read by two threads)
+FAST_HOST_GBS = 60.0
 
 
 def cached(name: str) -> str:
@@ -47,7 +54,8 @@ def our_phase(args, methods: list[str]):
     contenders = [DrafterMethod(engine, m) for m in methods]  # loads the draft model
     draft = engine.drafter("draft-model").model if "draft-model" in methods else None
     print(f"target kernels {engine.backend}" + (f", draft kernels {draft.linear_spec.describe()}" if draft else ""))
-    records = run_rotating(contenders, prompts, args.max_new_tokens) if contenders else []
+    probe = StreamProbe(args.threads)
+    records = run_rotating(contenders, prompts, args.max_new_tokens, probe=probe) if contenders else []
     return records, prompts, frozenset(engine.tokenizer.eos_ids)
 
 
@@ -74,6 +82,27 @@ def hf_phase(args, methods: list[str], prompts, eos_ids) -> list[dict]:
     if "hf-assisted" in methods:
         contenders.append(AssistedHF(target, load_hf_model(Path(args.draft), dtype), eos_ids))
     return run_rotating(contenders, prompts, args.max_new_tokens)
+
+
+def host_split(records: list[dict]) -> str:
+    """Our methods' tables over the questions whose every run of ours met the host streaming below, and
+    above, FAST_HOST_GBS. Plain decoding is bound by memory and speeds up with it; a verification step
+    is bound by arithmetic as much, so speculation gains most where memory is slow."""
+    ours = [r for r in records if r["method"] in ("none", "draft-model", "auto") and r.get("host_gbs")]
+    readings: dict[int, list[float]] = {}
+    for r in ours:
+        readings.setdefault(r["index"], []).append(r["host_gbs"])
+    parts = []
+    for label, test in (("slower", lambda v: max(v) < FAST_HOST_GBS), ("faster", lambda v: min(v) >= FAST_HOST_GBS)):
+        chosen = {i for i, v in readings.items() if test(v)}
+        if chosen:
+            gbs = [g for i in chosen for g in readings[i]]
+            parts.append(f"Questions whose runs all met the host streaming {label} than {FAST_HOST_GBS:.0f} GB/s "
+                         f"({len(chosen)}, readings {min(gbs):.0f}-{max(gbs):.0f} GB/s):\n\n"
+                         + table(ours, "none", subset=lambda r, c=chosen: r["index"] in c))
+    mixed = len(readings) - sum(1 for v in readings.values() if max(v) < FAST_HOST_GBS or min(v) >= FAST_HOST_GBS)
+    parts.append(f"({mixed} questions met the host in both states.)")
+    return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -103,6 +132,8 @@ def main(argv=None) -> int:
           f"{len(prompts)} questions)\n")
     print("Command: python benchmarks/draft_model.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
     print(table(records, "none") if any(r["method"] == "none" for r in records) else "")
+    if any(r.get("host_gbs") for r in records):
+        print("\n" + host_split(records))
     if any(r["method"] == "hf" for r in records):
         print("\nAgainst transformers' plain decoding:\n")
         print(table(records, "hf"))

@@ -56,8 +56,10 @@ def load_selected(args, engine):
     return [(q, engine.encode_prompt(q.turns[0])) for q in questions]
 
 
-def run_rotating(contenders, prompts, max_new_tokens: int, on_run=None) -> list[dict]:
-    """Each question by every contender, the order rotating per question; one untimed warm-up each."""
+def run_rotating(contenders, prompts, max_new_tokens: int, on_run=None, probe=None) -> list[dict]:
+    """Each question by every contender, the order rotating per question; one untimed warm-up each.
+    With `probe` (a callable giving the host's read bandwidth in GB/s), each record also holds
+    `host_gbs`, the mean of a reading just before and just after its run."""
     from leapdecode.sampling import SamplingParams
 
     greedy = SamplingParams()
@@ -67,11 +69,13 @@ def run_rotating(contenders, prompts, max_new_tokens: int, on_run=None) -> list[
     for i, (q, ids) in enumerate(prompts):
         order = contenders[i % len(contenders):] + contenders[:i % len(contenders)]
         for c in order:
+            before = probe() if probe else None
             run = c.run(ids, max_new_tokens, greedy)
+            host = (before + probe()) / 2 if probe else None
             records.append({"method": c.name, "question_id": q.question_id, "group": q.group, "index": i,
                             "prompt_tokens": len(ids), "new_tokens": len(run.token_ids), "wall_s": run.wall_s,
                             "prefill_s": run.prefill_s, "steps": run.steps, "accepted": run.accepted,
-                            "draft_s": run.draft_s,
+                            "draft_s": run.draft_s, "host_gbs": host,
                             "token_ids": run.token_ids})
             if on_run:
                 on_run(c, q, i)

@@ -92,16 +92,16 @@ def host_split(records: list[dict]) -> str:
     readings: dict[int, list[float]] = {}
     for r in ours:
         readings.setdefault(r["index"], []).append(r["host_gbs"])
+    states = {"slower": {i for i, v in readings.items() if max(v) < FAST_HOST_GBS},
+              "faster": {i for i, v in readings.items() if min(v) >= FAST_HOST_GBS}}
     parts = []
-    for label, test in (("slower", lambda v: max(v) < FAST_HOST_GBS), ("faster", lambda v: min(v) >= FAST_HOST_GBS)):
-        chosen = {i for i, v in readings.items() if test(v)}
+    for label, chosen in states.items():
         if chosen:
             gbs = [g for i in chosen for g in readings[i]]
             parts.append(f"Questions whose runs all met the host streaming {label} than {FAST_HOST_GBS:.0f} GB/s "
                          f"({len(chosen)}, readings {min(gbs):.0f}-{max(gbs):.0f} GB/s):\n\n"
                          + table(ours, "none", subset=lambda r, c=chosen: r["index"] in c))
-    mixed = len(readings) - sum(1 for v in readings.values() if max(v) < FAST_HOST_GBS or min(v) >= FAST_HOST_GBS)
-    parts.append(f"({mixed} questions met the host in both states.)")
+    parts.append(f"({len(readings) - sum(map(len, states.values()))} questions met the host in both states.)")
     return "\n\n".join(parts)
 
 

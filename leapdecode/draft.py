@@ -53,6 +53,10 @@ class Draft:
     def chain(token_ids: list[int], probs: torch.Tensor | None = None, source: str = "", match_len: int = 0) -> Draft:
         return Draft(list(token_ids), list(range(-1, len(token_ids) - 1)), probs, source, match_len=match_len)
 
+    def is_chain(self) -> bool:
+        """Whether every node is the child of the one before it (an empty draft too)."""
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
     def depths(self) -> list[int]:
         """Depth of each node: 1 for a child of the root."""
         depth: list[int] = []
@@ -86,10 +90,13 @@ def tree_inputs(draft: Draft, root_token: int, n_cached: int, device=None):
 
     Returns tokens [S], positions [S] (rope position = n_cached + depth) and a boolean attention mask
     [S, n_cached + S] (True = may attend): every row sees the whole cache, the root, its ancestors and
-    itself.
+    itself. For a chain that is the causal mask, returned as None (what the model takes for causal), so
+    a chain is verified without building or scanning a mask; its attention is the same arithmetic.
     """
     s = len(draft) + 1
     tokens = torch.tensor([root_token] + list(draft.token_ids), dtype=torch.long, device=device)  # [S]
+    if draft.is_chain():
+        return tokens, torch.arange(n_cached, n_cached + s, device=device), None
     depth = torch.tensor([0] + draft.depths(), dtype=torch.long, device=device)  # [S]
     positions = n_cached + depth  # [S]
     tree = torch.zeros(s, s, dtype=torch.bool)  # [S, S]

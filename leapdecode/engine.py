@@ -253,7 +253,7 @@ class Engine:
         start = cache.length
         tokens, positions, mask = tree_inputs(draft, root, start, self.model.device)
         t0 = time.perf_counter()
-        logits = self.model(tokens[None], positions, cache, mask if len(draft) else None)[0]  # [1+n, V]
+        logits = self.model(tokens[None], positions, cache, mask)[0]  # [1+n, V]
         forward_s = time.perf_counter() - t0
         accepted, bonus = accept(draft, logits, params, rng)
         cache.keep([start] + [start + 1 + i for i in accepted], start)

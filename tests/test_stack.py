@@ -92,6 +92,20 @@ def test_tree_verification_through_the_stack_is_bitwise_equal_to_single_steps():
         assert torch.equal(tree[node + 1], alone)
 
 
+def test_a_chain_verified_causally_equals_its_explicit_mask_bitwise():
+    """Chains reach the model with mask None (see tree_inputs): the causal path must give the bits of
+    the explicit mask a tree of one branch would get."""
+    model = _native("none", "float32")
+    prefix = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    chain = torch.tensor([[9, 3, 4, 5, 6]])
+    outs = []
+    for mask in (None, torch.ones(5, 14, dtype=torch.bool).tril(9)):
+        cache = model.new_cache(64)
+        model(prefix, torch.arange(9), cache)
+        outs.append(model(chain, torch.arange(9, 14), cache, mask=mask)[0])
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_a_copy_gets_its_own_stack():
     model = _native()
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(8))

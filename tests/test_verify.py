@@ -46,6 +46,14 @@ def test_tree_inputs_positions_and_mask():
     assert mask[:, :3].all()
 
 
+@pytest.mark.parametrize("tokens", [[], [7], [7, 8, 9]])
+def test_tree_inputs_of_a_chain_leave_the_mask_causal(tokens):
+    ids, positions, mask = tree_inputs(Draft.chain(tokens), root_token=5, n_cached=3)
+    assert ids.tolist() == [5] + tokens and positions.tolist() == list(range(3, 4 + len(tokens)))
+    assert mask is None
+    assert not Draft([7, 8], [-1, -1]).is_chain() and Draft([7, 8], [-1, 0]).is_chain()
+
+
 def test_chain_helper_and_validation():
     assert Draft.chain([4, 5, 6]).parents == [-1, 0, 1]
     with pytest.raises(ValueError):

@@ -16,6 +16,7 @@ every linear of a loaded model for the chosen backend and weight format:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 
 from leapdecode.errors import LeapError
 from leapdecode.kernels.native import kernel_args, run_linear
+from leapdecode.kernels.pages import move_to_huge_pages
 from leapdecode.model import quant as Q
 
 
@@ -56,6 +58,9 @@ class Linear(nn.Module):
         return Linear(self.weight[rows].contiguous(), None if self.bias is None else self.bias[rows].contiguous())
 
 
+_TENSORS = ("qs", "d", "m", "f")  # the packed tensors of a QuantWeight
+
+
 class NativeLinear(nn.Module):
     """The compiled kernels. Output row i depends only on input row i, computed with the same arithmetic
     whatever the number of rows: verifying a draft gives bit-for-bit the logits of one-token steps.
@@ -73,10 +78,23 @@ class NativeLinear(nn.Module):
         self.weight_format = "+".join(sorted(fmts))
         self.offsets = [sum(p.out_features for p in self.parts[:i]) for i in range(len(self.parts))]
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()  # [out]
+        self._register_parts()
+
+    def _register_parts(self) -> None:
         for i, p in enumerate(self.parts):  # registered so memory accounting and .to() see them
-            for name in ("qs", "d", "m", "f"):
+            for name in _TENSORS:
                 if getattr(p, name) is not None:
                     self.register_buffer(f"part{i}_{name}", getattr(p, name), persistent=False)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The packed weights the kernels read."""
+        return [t for p in self.parts for t in (getattr(p, name) for name in _TENSORS) if t is not None]
+
+    def replace_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Each packed tensor t becomes fn(t) (a copy elsewhere in memory, values unchanged)."""
+        self.parts = [dataclasses.replace(p, **{n: fn(getattr(p, n)) for n in _TENSORS if getattr(p, n) is not None})
+                      for p in self.parts]
+        self._register_parts()
 
     @property
     def nbytes(self) -> int:
@@ -226,6 +244,9 @@ def convert_linears(model, backend: str = "auto", quant: str = "auto", gguf_path
         _check_parts(parts, old, attr)
         setattr(owner, attr, be.make(parts, old.bias, spec.activations, model))
     _set_attention(model, spec.backend)
+    if spec.backend == "native":
+        layers = (getattr(owner, attr) for owner, attr in linear_slots(model))
+        move_to_huge_pages(layer for layer in layers if isinstance(layer, NativeLinear))
     model.stack = _native_stack(model) if spec.backend == "native" else None
     model.linear_spec = spec
     return spec

@@ -3,10 +3,12 @@ asked for with madvise, before any page is written).
 
 Why: a decoding step streams every weight once. With 4 KB pages the stream crosses a page every 64
 cache lines (a TLB miss each, and a stop for the hardware prefetcher); with 2 MB pages both keep up.
-Measured on this 2-core EPYC with the host streaming ~78 GB/s: one 110 MB float32 matrix against one
-row 67.7 -> 76.8 GB/s; whole one-token steps of the bundled float32 model 0.95x the time (8 paired
-rounds, one process). One block rather than one per tensor: a tensor's last huge page is whole in
-memory however little of it the tensor uses. Values are only copied, never changed.
+Measured on this 2-core EPYC with the host streaming ~77 GB/s: one 110 MB float32 matrix against one
+row 67.7 -> 76.8 GB/s; one-token steps of the bundled float32 model 0.91-0.93x the time (the same model
+on 4 KB pages in the same process, three runs); with the host streaming ~45 GB/s, no change. One block
+rather than one per tensor: a tensor's last huge page is whole in memory however little of it the
+tensor uses (moving only the tensors of 4 MB and more, 60% of the bytes, gained nothing measurable).
+Values are only copied, never changed.
 """
 
 from __future__ import annotations

@@ -26,13 +26,22 @@ MADV_HUGEPAGE = 14
 
 
 @functools.cache
-def _madvise():
-    """libc's madvise, or None where there is none to call (not Linux)."""
+def _libc() -> ctypes.CDLL | None:
+    """The C library, on Linux (the only system whose huge-page advice this module gives)."""
     if not sys.platform.startswith("linux"):
         return None
-    fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+
+
+def _madvise():
+    """libc's madvise, or None where there is none to call."""
+    fn = getattr(_libc(), "madvise", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
     return fn
 
 
@@ -70,21 +79,20 @@ class HugePageArena:
 TRIM_EVERY = 512 << 20  # bytes moved between hand-backs of the old copies' memory
 
 
-@functools.cache
 def _malloc_trim():
-    """glibc's malloc_trim, or None: glibc keeps freed heap memory in the process unless asked."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
+    """glibc's malloc_trim, or None (another C library): glibc keeps freed heap memory in the process
+    unless asked to hand it back."""
+    fn = getattr(_libc(), "malloc_trim", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_size_t]
     return fn
 
 
 def move_to_huge_pages(layers) -> bool:
     """Every tensor of `layers` (modules with `tensors()` and `replace_tensors(fn)`) into one arena;
     False (nothing moved) where the system gives no huge pages. The old copies' memory goes back to the
-    system as the move proceeds, so memory in use grows by at most TRIM_EVERY on the way."""
+    system as the move proceeds (every TRIM_EVERY bytes), so the move needs little more memory than the
+    weights themselves."""
     layers = list(layers)
     nbytes = sum(aligned_size(t) for layer in layers for t in layer.tensors())
     try:

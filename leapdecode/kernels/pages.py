@@ -94,14 +94,14 @@ def move_to_huge_pages(layers) -> bool:
     system as the move proceeds (every TRIM_EVERY bytes), so the move needs little more memory than the
     weights themselves."""
     layers = list(layers)
-    nbytes = sum(aligned_size(t) for layer in layers for t in layer.tensors())
+    sizes = [sum(aligned_size(t) for t in layer.tensors()) for layer in layers]
     try:
-        arena = HugePageArena(nbytes)
+        arena = HugePageArena(sum(sizes))
     except OSError:
         return False
     trim, moved = _malloc_trim(), 0
-    for layer in layers:
-        moved += sum(aligned_size(t) for t in layer.tensors())
+    for layer, size in zip(layers, sizes):
+        moved += size
         layer.replace_tensors(arena.take)
         if trim is not None and moved >= TRIM_EVERY:
             trim(0)

@@ -16,7 +16,6 @@ every linear of a loaded model for the chosen backend and weight format:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +57,6 @@ class Linear(nn.Module):
         return Linear(self.weight[rows].contiguous(), None if self.bias is None else self.bias[rows].contiguous())
 
 
-_TENSORS = ("qs", "d", "m", "f")  # the packed tensors of a QuantWeight
-
-
 class NativeLinear(nn.Module):
     """The compiled kernels. Output row i depends only on input row i, computed with the same arithmetic
     whatever the number of rows: verifying a draft gives bit-for-bit the logits of one-token steps.
@@ -82,18 +78,16 @@ class NativeLinear(nn.Module):
 
     def _register_parts(self) -> None:
         for i, p in enumerate(self.parts):  # registered so memory accounting and .to() see them
-            for name in _TENSORS:
-                if getattr(p, name) is not None:
-                    self.register_buffer(f"part{i}_{name}", getattr(p, name), persistent=False)
+            for name, t in p.tensors().items():
+                self.register_buffer(f"part{i}_{name}", t, persistent=False)
 
     def tensors(self) -> list[torch.Tensor]:
         """The packed weights the kernels read."""
-        return [t for p in self.parts for t in (getattr(p, name) for name in _TENSORS) if t is not None]
+        return [t for p in self.parts for t in p.tensors().values()]
 
     def replace_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Each packed tensor t becomes fn(t) (a copy elsewhere in memory, values unchanged)."""
-        self.parts = [dataclasses.replace(p, **{n: fn(getattr(p, n)) for n in _TENSORS if getattr(p, n) is not None})
-                      for p in self.parts]
+        self.parts = [p.map_tensors(fn) for p in self.parts]
         self._register_parts()
 
     @property

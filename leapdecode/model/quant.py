@@ -12,6 +12,7 @@ weight value stays exactly what the file stores (tests compare with `gguf.quants
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,20 @@ class QuantWeight:
         if self.fmt != "f32" and self.in_features % QK:
             raise LeapError(f"format {self.fmt} needs in_features divisible by {QK}, got {self.in_features}")
 
+    TENSORS = ("qs", "d", "m", "f")  # the fields holding packed tensors
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The packed tensors this weight has, by field name."""
+        return {n: getattr(self, n) for n in self.TENSORS if getattr(self, n) is not None}
+
+    def map_tensors(self, fn) -> QuantWeight:
+        """The same weight with each packed tensor t replaced by fn(t)."""
+        return dataclasses.replace(self, **{n: fn(t) for n, t in self.tensors().items()})
+
     @property
     def nbytes(self) -> int:
         """Bytes a forward reads (padding included)."""
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m, self.f) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
 # ---------------------------------------------------------------- packing

@@ -167,3 +167,19 @@ def test_generation_on_native_kernels_leaves_torch_threads_as_found():
     for _ in stream:
         assert torch.get_num_threads() == before  # between steps the caller sees its own setting
     assert len(stream.result.token_ids) == 12
+
+
+def test_the_output_layer_runs_inside_the_call_bitwise_as_a_separate_layer():
+    """With a native output layer the final norm and logits come from the same kernel call; last_only and
+    a drafter's part of the vocabulary (`head=`) are the same bits as the full layer's rows and columns."""
+    model = _native("int4", "int8")
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(4))
+    assert model.stack.runs_head(model.norm, model.lm_head)
+    full, _ = _run(model, ids)  # [1, 8, V]
+    last = model(ids, torch.arange(8), model.new_cache(64), last_only=True)
+    assert last.shape == (1, 1, 96) and torch.equal(last[0, 0], full[0, -1])
+    rows = torch.tensor([1, 5, 17, 60])
+    part = model(ids, torch.arange(8), model.new_cache(64), head=model.lm_head.select_rows(rows))
+    assert torch.equal(part, full[..., rows])
+    ref, _ = _run(_per_block(model), ids)
+    assert float((full - ref).abs().max()) < 0.05  # the torch norm rounds its own way

@@ -187,15 +187,37 @@ void mlp_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
     for_rows(S, a.threads, residual);
 }
 
+int check_head(const LdStack& st, const LdLinear& head) {
+    if (head.nparts < 1 || head.nparts > kMaxParts) return -8;
+    for (int64_t p = 0; p < head.nparts; ++p)
+        if (const int rc = check_linear(head.parts[p].fmt, head.parts[p].act, head.parts[p].K)) return rc;
+    return head.K == st.D && head.N > 0 ? 0 : -9;
+}
+
+// The final RMSNorm and the output layer over rows [from, S) of the residual stream.
+void head_part(const LdStack& st, const StepArgs& a, const float* norm_w, float eps, const LdLinear& head,
+               int64_t from, float* logits, Buffers& b) {
+    auto norm = [&](int64_t i) { rmsnorm_row(a.x + (from + i) * st.D, norm_w, b.h + i * st.D, st.D, eps); };
+    for_rows(a.S - from, a.threads, norm);
+    run_linear_parts(head, a.S - from, b.h, logits, a.threads, b.scratch);
+}
+
 }  // namespace
 
 extern "C" {
 
-// Runs every block of `st` over S new rows (see StepArgs). Returns 0, or a negative code.
+// Runs every block of `st` over S new rows (see StepArgs). With a `head`, then also the final RMSNorm
+// (weight `norm_w`) and the output layer over rows [head_from, S), into logits [S - head_from, head->N].
+// Returns 0, or a negative code.
 int ld_stack_forward(const LdStack* st, float* x, int64_t S, int64_t n, const float* cos, const float* sin,
                      float* kc, float* vc, int64_t Tmax, const uint8_t* mask, int64_t mask_stride,
-                     const uint8_t* skip, int threads) {
+                     const uint8_t* skip, const float* norm_w, float norm_eps, const LdLinear* head,
+                     int64_t head_from, float* logits, int threads) {
     if (const int rc = check_stack(*st)) return rc;
+    if (head) {
+        if (const int rc = check_head(*st, *head)) return rc;
+        if (head_from < 0 || head_from >= S) return -11;
+    }
     if (S <= 0) return S == 0 ? 0 : -1;
     if (n + S > Tmax) return -10;
     const StepArgs a{x, S, n, Tmax, cos, sin, kc, vc, mask, mask_stride, skip, threads};
@@ -218,6 +240,7 @@ int ld_stack_forward(const LdStack* st, float* x, int64_t S, int64_t n, const fl
         if (!(skip && skip[2 * l])) attention_part(*st, a, l, b);
         if (!(skip && skip[2 * l + 1])) mlp_part(*st, a, l, b);
     }
+    if (head) head_part(*st, a, norm_w, norm_eps, *head, head_from, logits, b);
     free(mem);
     return 0;
 }

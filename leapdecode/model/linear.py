@@ -109,13 +109,18 @@ class NativeLinear(nn.Module):
         bias = None if self.bias is None else self.bias[rows]
         return NativeLinear(parts, bias, self.activations)
 
+    def weights_at(self) -> int:
+        """Where the packed weights lie now: what a kernel call's cached pointers must be rebuilt for
+        when it changes (a copy, .to(), a move onto huge pages)."""
+        first = self.parts[0]
+        return (first.qs if first.qs is not None else first.f).data_ptr()
+
     def _kernel_calls(self) -> list[tuple]:
-        """Constant arguments of each part's kernel call, rebuilt whenever the weights moved (a copy, .to())."""
-        key = self.parts[0].qs if self.parts[0].qs is not None else self.parts[0].f
-        if getattr(self, "_calls_key", None) != key.data_ptr():
+        """Constant arguments of each part's kernel call, rebuilt whenever the weights moved."""
+        if getattr(self, "_calls_key", None) != self.weights_at():
             self._calls = [kernel_args(p, "float32" if p.fmt == "f32" else self.activations, off)
                            for p, off in zip(self.parts, self.offsets)]
-            self._calls_key = key.data_ptr()
+            self._calls_key = self.weights_at()
         return self._calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]

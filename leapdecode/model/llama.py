@@ -142,7 +142,13 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions)  # [S, hd]
         if self.stack is not None:
             self.stack = self.stack.for_model(self)  # follows copies and replaced modules
+        out_layer = self.lm_head if head is None else head
         if self.stack is not None and self.stack.accepts(x, cache):
+            if self.stack.runs_head(self.norm, out_layer):  # one kernel call from embeddings to logits
+                logits = self.stack(x, cos, sin, cache, mask, layers, (self.norm, out_layer), last_only)
+                if advance:
+                    cache.advance(s)
+                return logits  # [B, S, V] (or [B, 1, V])
             x = self.stack(x, cos, sin, cache, mask, layers)
         else:
             if mask is None and s > 1:
@@ -154,4 +160,4 @@ class Transformer(nn.Module):
             cache.advance(s)
         if last_only:
             x = x[:, -1:]
-        return (self.lm_head if head is None else head)(self.norm(x))  # [B, S, V]
+        return out_layer(self.norm(x))  # [B, S, V]

@@ -43,7 +43,8 @@ class _Stack(ctypes.Structure):
 
 # the kernels' codes, plus the stack's own
 _ERRORS = {**KERNEL_ERRORS, -1: "empty model", -8: "a fused linear layer has too many parts",
-           -9: "a linear layer's shape does not fit the model", -10: "the new rows do not fit in the cache"}
+           -9: "a linear layer's shape does not fit the model", -10: "the new rows do not fit in the cache",
+           -11: "the output layer's first row is out of range"}
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -91,7 +92,8 @@ class NativeStack:
         self._fn = lib().ld_stack_forward
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = [ctypes.POINTER(_Stack), _P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _I64, _P,
-                             ctypes.c_int]
+                             _P, ctypes.c_float, ctypes.POINTER(_Linear), _I64, _P, ctypes.c_int]
+        self._head_key, self._head = None, None  # the output layer last run, as the kernel takes it
 
     def __deepcopy__(self, memo):  # a copied model rebuilds its own stack on its first forward
         return self
@@ -110,12 +112,24 @@ class NativeStack:
         """Whether the model still holds the modules this stack was built from."""
         return all(map(operator.is_, map(dict.get, self._dicts, self._names), self._modules))
 
+    def runs_head(self, norm, head) -> bool:
+        """Whether the final norm and this output layer can run inside the call (native, float32 norm)."""
+        return (getattr(head, "backend", None) == "native" and len(head.parts) <= MAX_PARTS
+                and head.in_features == self._stack.D and norm.weight.dtype == torch.float32)
+
+    def _head_struct(self, head) -> _Linear:
+        """The kernel's description of `head`, rebuilt when the layer or its weights changed."""
+        if self._head_key is None or self._head_key[0]() is not head or self._head_key[1] != head.weights_at():
+            self._head, self._head_key = _linear(head), (weakref.ref(head), head.weights_at())
+        return self._head
+
     def accepts(self, x: torch.Tensor, cache) -> bool:
         return x.shape[0] == 1 and cache.k.shape[1] == 1 and x.dtype == torch.float32 and cache.k.is_contiguous()
 
-    def __call__(self, x, cos, sin, cache, mask, layers=None) -> torch.Tensor:
+    def __call__(self, x, cos, sin, cache, mask, layers=None, head=None, last_only=False) -> torch.Tensor:
         """x [1, S, D] (updated in place and returned), cos/sin [S, hd], mask bool [S, n + S] or None
-        (causal), layers: (skip_attn, skip_mlp) per block or None."""
+        (causal), layers: (skip_attn, skip_mlp) per block or None. With head = (final norm, output layer)
+        (see `runs_head`), returns that layer's logits [1, S, V] instead (of the last row: [1, 1, V])."""
         s, n = x.shape[1], cache.length
         if n + s > cache.max_len:
             raise LeapError(f"context full: {n + s} tokens exceed the cache size {cache.max_len}")
@@ -128,9 +142,15 @@ class NativeStack:
             mask = mask if mask.stride(-1) == 1 else mask.contiguous()
             mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0)
         skip = None if layers is None else torch.tensor(layers, dtype=torch.uint8).contiguous()
+        norm_w, eps, head_arg, first, out = None, 0.0, None, 0, None
+        if head is not None:
+            norm, layer = head
+            first = s - 1 if last_only else 0
+            out = torch.empty(1, s - first, layer.out_features)  # [1, S or 1, V]
+            norm_w, eps, head_arg = norm.weight.data_ptr(), norm.eps, ctypes.byref(self._head_struct(layer))
         rc = self._fn(ctypes.byref(self._stack), x.data_ptr(), s, n, cos.data_ptr(), sin.data_ptr(),
                       cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, mask_ptr, mask_stride,
-                      _ptr(skip), kernel_threads())
+                      _ptr(skip), norm_w, eps, head_arg, first, _ptr(out), kernel_threads())
         if rc:
             raise LeapError(f"native block stack: {_ERRORS.get(rc, rc)}")
-        return x
+        return x if out is None else out

@@ -183,3 +183,24 @@ def test_the_output_layer_runs_inside_the_call_bitwise_as_a_separate_layer():
     assert torch.equal(part, full[..., rows])
     ref, _ = _run(_per_block(model), ids)
     assert float((full - ref).abs().max()) < 0.05  # the torch norm rounds its own way
+
+
+@pytest.mark.parametrize("edit", ["delete", "delete and insert", "assign"])
+def test_removed_inserted_and_assigned_blocks_are_seen(edit):
+    """The stack skips its full check while no module was assigned (a process-wide count); removing or
+    inserting a block bypasses that count and must still be seen."""
+    model = _native(layers=3)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(2))
+    _run(model, ids)  # a full check passes and is remembered
+    old = model.stack
+    if edit == "delete":
+        del model.blocks[1]
+    elif edit == "delete and insert":  # the same number of blocks, none assigned
+        del model.blocks[1]
+        model.blocks.insert(1, copy.deepcopy(model.blocks[0]))
+    else:
+        model.blocks[1] = copy.deepcopy(model.blocks[0])
+    got, _ = _run(model, ids)
+    expected, _ = _run(_per_block(model), ids)
+    assert model.stack is not old
+    assert float((got - expected).abs().max()) < 1e-4

@@ -9,6 +9,7 @@ more than one sequence, and after any block's modules were replaced since it was
 from __future__ import annotations
 
 import ctypes
+import functools
 import operator
 import weakref
 
@@ -47,6 +48,21 @@ _ERRORS = {**KERNEL_ERRORS, -1: "empty model", -8: "a fused linear layer has too
            -11: "the output layer's first row is out of range"}
 
 
+_ASSIGNMENTS = [0]  # module assignments anywhere in the process, counted by torch's registration hook
+
+
+@functools.cache
+def _count_assignments() -> None:
+    """Installs the counting hook (once): a stack whose last check saw the same count knows that no
+    module was assigned since, without touching the ~300 dictionaries a full check reads (which, cold in
+    cache after a step has streamed every weight, cost ~60 us a step)."""
+
+    def hook(owner, name, module):
+        _ASSIGNMENTS[0] += 1
+
+    torch.nn.modules.module.register_module_module_registration_hook(hook)
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -77,17 +93,22 @@ class NativeStack:
         slots.append((model._modules, "blocks", model.blocks))
         # the same, column-wise, for a check that loops in C (it runs on every forward)
         self._dicts, self._names, self._modules = (list(c) for c in zip(*slots))
+        _count_assignments()
+        self._blocks, self._block_list = model.blocks._modules, list(model.blocks)
+        self._checked_at = -1  # the assignment count of the last full check that passed
         norms = [(b.attn_norm.weight, b.mlp_norm.weight) for b in model.blocks]
         if any(w.dtype != torch.float32 or not w.is_contiguous() for pair in norms for w in pair):
             raise LeapError("the native block stack needs contiguous float32 norm weights")
         eps = {b.attn_norm.eps for b in model.blocks} | {b.mlp_norm.eps for b in model.blocks}
         if len(eps) != 1:
             raise LeapError("the native block stack needs one RMSNorm epsilon for every block")
-        arr = (_Block * cfg.n_layers)(*[
+        if len(model.blocks) > cfg.n_layers:  # the cache holds cfg.n_layers layers
+            raise LeapError(f"the model has {len(model.blocks)} blocks, its config {cfg.n_layers}")
+        arr = (_Block * len(model.blocks))(*[
             _Block(_linear(b.attn.wqkv), _linear(b.attn.wo), _linear(b.mlp.w13), _linear(b.mlp.w2),
                    b.attn_norm.weight.data_ptr(), b.mlp_norm.weight.data_ptr()) for b in model.blocks])
         self._arr = arr
-        self._stack = _Stack(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+        self._stack = _Stack(len(model.blocks), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                              cfg.intermediate_size, eps.pop(), arr)
         self._fn = lib().ld_stack_forward
         self._fn.restype = ctypes.c_int
@@ -109,8 +130,16 @@ class NativeStack:
             return None
 
     def current(self) -> bool:
-        """Whether the model still holds the modules this stack was built from."""
-        return all(map(operator.is_, map(dict.get, self._dicts, self._names), self._modules))
+        """Whether the model still holds the modules this stack was built from. Assignments go through the
+        counting hook; removing or inserting a block (which bypass it) changes the list of blocks."""
+        blocks = self._blocks
+        if (self._checked_at == _ASSIGNMENTS[0] and len(blocks) == len(self._block_list)
+                and all(map(operator.is_, blocks.values(), self._block_list))):
+            return True
+        if not all(map(operator.is_, map(dict.get, self._dicts, self._names), self._modules)):
+            return False
+        self._checked_at = _ASSIGNMENTS[0]
+        return True
 
     def runs_head(self, norm, head) -> bool:
         """Whether the final norm and this output layer can run inside the call (native, float32 norm)."""

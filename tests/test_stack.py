@@ -204,3 +204,15 @@ def test_removed_inserted_and_assigned_blocks_are_seen(edit):
     expected, _ = _run(_per_block(model), ids)
     assert model.stack is not old
     assert float((got - expected).abs().max()) < 1e-4
+
+
+def test_token_ids_and_positions_are_checked_inside_the_call():
+    model = _native()
+    cache = model.new_cache(8)
+    with pytest.raises(LeapError, match="vocabulary"):
+        model(torch.tensor([[3, 96]]), torch.arange(2), cache)
+    with pytest.raises(LeapError, match="rope"):
+        model(torch.tensor([[3, 4]]), torch.tensor([0, model.cfg.max_seq_len]), cache)
+    assert cache.length == 0  # nothing was written
+    logits = model(torch.tensor([[3, 4]]), torch.arange(2), cache)
+    assert logits.shape == (1, 2, 96) and cache.length == 2

@@ -40,6 +40,16 @@ struct LdStack {
     const LdBlock* blocks;  // [L]
 };
 
+struct LdInputs {  // the new rows as token ids and rope positions, looked up here
+    const int64_t* tokens;     // [S]
+    const float* embed;        // [vocab, D]
+    int64_t vocab;
+    const int64_t* positions;  // [S]
+    const float* cos_table;    // [max_pos, hd]
+    const float* sin_table;
+    int64_t max_pos;
+};
+
 struct StepArgs {  // one call: S new rows after n cached ones
     float* x;                        // [S, D] residual stream, updated in place
     int64_t S, n, Tmax;              // cache slots: [L, Hkv, Tmax, hd] (batch 1)
@@ -202,17 +212,34 @@ void head_part(const LdStack& st, const StepArgs& a, const float* norm_w, float 
     run_linear_parts(head, a.S - from, b.h, logits, a.threads, b.scratch);
 }
 
+int check_inputs(const LdInputs& in, int64_t S) {
+    for (int64_t i = 0; i < S; ++i) {
+        if (in.tokens[i] < 0 || in.tokens[i] >= in.vocab) return -12;
+        if (in.positions[i] < 0 || in.positions[i] >= in.max_pos) return -13;
+    }
+    return 0;
+}
+
+// The embedded rows into x [S, D], and each row's rope cos/sin into [S, hd] each.
+void gather_inputs(const LdInputs& in, int64_t S, int64_t D, int64_t hd, float* x, float* cos, float* sin) {
+    for (int64_t i = 0; i < S; ++i) {
+        memcpy(x + i * D, in.embed + in.tokens[i] * D, sizeof(float) * D);
+        memcpy(cos + i * hd, in.cos_table + in.positions[i] * hd, sizeof(float) * hd);
+        memcpy(sin + i * hd, in.sin_table + in.positions[i] * hd, sizeof(float) * hd);
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-// Runs every block of `st` over S new rows (see StepArgs). With a `head`, then also the final RMSNorm
-// (weight `norm_w`) and the output layer over rows [head_from, S), into logits [S - head_from, head->N].
-// Returns 0, or a negative code.
-int ld_stack_forward(const LdStack* st, float* x, int64_t S, int64_t n, const float* cos, const float* sin,
-                     float* kc, float* vc, int64_t Tmax, const uint8_t* mask, int64_t mask_stride,
-                     const uint8_t* skip, const float* norm_w, float norm_eps, const LdLinear* head,
-                     int64_t head_from, float* logits, int threads) {
+// Runs every block of `st` over S new rows given as token ids and positions (`in`), leaving the residual
+// stream in x [S, D] (see StepArgs). With a `head`, then also the final RMSNorm (weight `norm_w`) and the
+// output layer over rows [head_from, S), into logits [S - head_from, head->N]. Returns 0, or a negative code.
+int ld_stack_forward(const LdStack* st, const LdInputs* in, float* x, int64_t S, int64_t n, float* kc, float* vc,
+                     int64_t Tmax, const uint8_t* mask, int64_t mask_stride, const uint8_t* skip,
+                     const float* norm_w, float norm_eps, const LdLinear* head, int64_t head_from, float* logits,
+                     int threads) {
     if (const int rc = check_stack(*st)) return rc;
     if (head) {
         if (const int rc = check_head(*st, *head)) return rc;
@@ -220,9 +247,9 @@ int ld_stack_forward(const LdStack* st, float* x, int64_t S, int64_t n, const fl
     }
     if (S <= 0) return S == 0 ? 0 : -1;
     if (n + S > Tmax) return -10;
-    const StepArgs a{x, S, n, Tmax, cos, sin, kc, vc, mask, mask_stride, skip, threads};
+    if (const int rc = check_inputs(*in, S)) return rc;
     const int64_t D = st->D, I = st->I, Nqkv = (st->H + 2 * st->Hkv) * st->hd, room = attention_room(n + S);
-    const int64_t floats = S * (D + Nqkv + st->H * st->hd + 2 * I + I + D) + 2 * room * threads;
+    const int64_t floats = S * (D + Nqkv + st->H * st->hd + 2 * I + I + D + 2 * st->hd) + 2 * room * threads;
     const int64_t k_max = std::max({D, I, st->H * st->hd});  // widest input of a linear layer
     float* mem = (float*)malloc(sizeof(float) * floats + act_scratch_bytes(S, k_max));
     if (!mem) return -5;
@@ -235,7 +262,11 @@ int ld_stack_forward(const LdStack* st, float* x, int64_t S, int64_t n, const fl
     b.tmp = b.act + S * I;
     b.p = b.tmp + S * D;
     b.idx = (int32_t*)(b.p + room * threads);
-    b.scratch = (void*)((int32_t*)b.idx + room * threads);
+    float* cos = (float*)((int32_t*)b.idx + room * threads);
+    float* sin = cos + S * st->hd;
+    b.scratch = (void*)(sin + S * st->hd);
+    gather_inputs(*in, S, D, st->hd, x, cos, sin);
+    const StepArgs a{x, S, n, Tmax, cos, sin, kc, vc, mask, mask_stride, skip, threads};
     for (int64_t l = 0; l < st->L; ++l) {
         if (!(skip && skip[2 * l])) attention_part(*st, a, l, b);
         if (!(skip && skip[2 * l + 1])) mlp_part(*st, a, l, b);

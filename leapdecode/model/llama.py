@@ -138,19 +138,20 @@ class Transformer(nn.Module):
         self-drafting; `head` replaces the output layer (a drafter's part of the vocabulary). Returns
         logits [B, S, V] (or [B, 1, V] with last_only)."""
         s, n = tokens.shape[1], cache.length
-        x = F.embedding(tokens, self.embed)  # [B, S, D]
-        cos, sin = self.rope(positions)  # [S, hd]
         if self.stack is not None:
             self.stack = self.stack.for_model(self)  # follows copies and replaced modules
         out_layer = self.lm_head if head is None else head
-        if self.stack is not None and self.stack.accepts(x, cache):
-            if self.stack.runs_head(self.norm, out_layer):  # one kernel call from embeddings to logits
-                logits = self.stack(x, cos, sin, cache, mask, layers, (self.norm, out_layer), last_only)
+        if self.stack is not None and self.stack.accepts(tokens, self.embed, cache):
+            if self.stack.runs_head(self.norm, out_layer):  # one kernel call from token ids to logits
+                logits = self.stack(tokens, positions, self.embed, self.rope, cache, mask, layers,
+                                    (self.norm, out_layer), last_only)
                 if advance:
                     cache.advance(s)
                 return logits  # [B, S, V] (or [B, 1, V])
-            x = self.stack(x, cos, sin, cache, mask, layers)
+            x = self.stack(tokens, positions, self.embed, self.rope, cache, mask, layers)  # [B, S, D]
         else:
+            x = F.embedding(tokens, self.embed)  # [B, S, D]
+            cos, sin = self.rope(positions)  # [S, hd]
             if mask is None and s > 1:
                 mask = torch.ones(s, n + s, dtype=torch.bool, device=tokens.device).tril(n)  # causal
             for i, block in enumerate(self.blocks):

@@ -37,6 +37,11 @@ class _Block(ctypes.Structure):
                 ("attn_norm", _P), ("mlp_norm", _P)]
 
 
+class _Inputs(ctypes.Structure):
+    _fields_ = [("tokens", _P), ("embed", _P), ("vocab", _I64), ("positions", _P), ("cos_table", _P),
+                ("sin_table", _P), ("max_pos", _I64)]
+
+
 class _Stack(ctypes.Structure):
     _fields_ = [("L", _I64), ("D", _I64), ("H", _I64), ("Hkv", _I64), ("hd", _I64), ("I", _I64),
                 ("eps", ctypes.c_float), ("blocks", ctypes.POINTER(_Block))]
@@ -45,7 +50,8 @@ class _Stack(ctypes.Structure):
 # the kernels' codes, plus the stack's own
 _ERRORS = {**KERNEL_ERRORS, -1: "empty model", -8: "a fused linear layer has too many parts",
            -9: "a linear layer's shape does not fit the model", -10: "the new rows do not fit in the cache",
-           -11: "the output layer's first row is out of range"}
+           -11: "the output layer's first row is out of range", -12: "a token id is outside the vocabulary",
+           -13: "a position is beyond the rope tables (the model's context)"}
 
 
 _ASSIGNMENTS = [0]  # module assignments anywhere in the process, counted by torch's registration hook
@@ -112,8 +118,8 @@ class NativeStack:
                              cfg.intermediate_size, eps.pop(), arr)
         self._fn = lib().ld_stack_forward
         self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [ctypes.POINTER(_Stack), _P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _I64, _P,
-                             _P, ctypes.c_float, ctypes.POINTER(_Linear), _I64, _P, ctypes.c_int]
+        self._fn.argtypes = [ctypes.POINTER(_Stack), ctypes.POINTER(_Inputs), _P, _I64, _I64, _P, _P, _I64, _P,
+                             _I64, _P, _P, ctypes.c_float, ctypes.POINTER(_Linear), _I64, _P, ctypes.c_int]
         self._head_key, self._head = None, None  # the output layer last run, as the kernel takes it
 
     def __deepcopy__(self, memo):  # a copied model rebuilds its own stack on its first forward
@@ -152,18 +158,33 @@ class NativeStack:
             self._head, self._head_key = _linear(head), (weakref.ref(head), head.weights_at())
         return self._head
 
-    def accepts(self, x: torch.Tensor, cache) -> bool:
-        return x.shape[0] == 1 and cache.k.shape[1] == 1 and x.dtype == torch.float32 and cache.k.is_contiguous()
+    def accepts(self, tokens: torch.Tensor, embed: torch.Tensor, cache) -> bool:
+        return (tokens.shape[0] == 1 and cache.k.shape[1] == 1 and embed.dtype == torch.float32
+                and embed.is_contiguous() and cache.k.is_contiguous())
 
-    def __call__(self, x, cos, sin, cache, mask, layers=None, head=None, last_only=False) -> torch.Tensor:
-        """x [1, S, D] (updated in place and returned), cos/sin [S, hd], mask bool [S, n + S] or None
-        (causal), layers: (skip_attn, skip_mlp) per block or None. With head = (final norm, output layer)
-        (see `runs_head`), returns that layer's logits [1, S, V] instead (of the last row: [1, 1, V])."""
-        s, n = x.shape[1], cache.length
+    @staticmethod
+    def _inputs(tokens, positions, embed, rope) -> tuple[_Inputs, tuple]:
+        """The kernel's view of the new rows, and the tensors it points into (kept alive for the call)."""
+        tokens = tokens.reshape(-1).to(torch.int64).contiguous()  # [S]
+        positions = positions.to(torch.int64).contiguous()  # [S]
+        keep = (tokens, positions, embed, rope.cos, rope.sin)
+        return _Inputs(tokens.data_ptr(), embed.data_ptr(), embed.shape[0], positions.data_ptr(),
+                       rope.cos.data_ptr(), rope.sin.data_ptr(), rope.cos.shape[0]), keep
+
+    def __call__(self, tokens, positions, embed, rope, cache, mask, layers=None, head=None,
+                 last_only=False) -> torch.Tensor:
+        """tokens [1, S], positions [S] (rope positions; looked up with `embed` [V, D] and the `rope`
+        module's float32 tables inside the call), mask bool [S, n + S] or None (causal), layers:
+        (skip_attn, skip_mlp) per block or None. Returns the residual stream [1, S, D]; with head = (final
+        norm, output layer) (see `runs_head`), that layer's logits [1, S, V] instead (of the last row:
+        [1, 1, V] with last_only)."""
+        s, n = tokens.shape[1], cache.length
         if n + s > cache.max_len:
             raise LeapError(f"context full: {n + s} tokens exceed the cache size {cache.max_len}")
-        x = x.contiguous()
-        cos, sin = cos.contiguous(), sin.contiguous()
+        if positions.shape != (s,):
+            raise LeapError(f"positions must have shape [{s}], got {tuple(positions.shape)}")
+        inputs, keep = self._inputs(tokens, positions, embed, rope)
+        x = torch.empty(1, s, self._stack.D)  # [1, S, D]
         mask_ptr, mask_stride = None, 0
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape != (s, n + s):
@@ -177,9 +198,10 @@ class NativeStack:
             first = s - 1 if last_only else 0
             out = torch.empty(1, s - first, layer.out_features)  # [1, S or 1, V]
             norm_w, eps, head_arg = norm.weight.data_ptr(), norm.eps, ctypes.byref(self._head_struct(layer))
-        rc = self._fn(ctypes.byref(self._stack), x.data_ptr(), s, n, cos.data_ptr(), sin.data_ptr(),
-                      cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, mask_ptr, mask_stride,
-                      _ptr(skip), norm_w, eps, head_arg, first, _ptr(out), kernel_threads())
+        rc = self._fn(ctypes.byref(self._stack), ctypes.byref(inputs), x.data_ptr(), s, n, cache.k.data_ptr(),
+                      cache.v.data_ptr(), cache.max_len, mask_ptr, mask_stride, _ptr(skip), norm_w, eps, head_arg,
+                      first, _ptr(out), kernel_threads())
+        del keep
         if rc:
             raise LeapError(f"native block stack: {_ERRORS.get(rc, rc)}")
         return x if out is None else out

@@ -168,6 +168,23 @@ def test_attention_avx512_equals_avx2_bitwise(d):
         assert torch.equal(native.attention(q, k, v, m, True, isa="avx2"), native.attention(q, k, v, m, True, isa="avx512"))
 
 
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_a_key_scores_the_same_bits_in_a_group_of_8_and_in_the_tail(d):
+    """Keys are scored 8 at a time and the rest one by one, with the sums of each reduced in one order: a
+    key and its copy, one in a group and one in the tail, get the same weight, so values that pick them
+    apart (basis rows) come out exactly equal."""
+    gen = torch.Generator().manual_seed(d)
+    for trial in range(20):
+        q = torch.randn(1, 1, 1, d, generator=gen) * 3
+        k = torch.randn(1, 1, 11, d, generator=gen) * 3
+        k[0, 0, 8 + trial % 3] = k[0, 0, trial % 8]  # keys 0-7 form the group, 8-10 the tail
+        v = torch.zeros(1, 1, 11, d)
+        v[0, 0, trial % 8, 0] = 1.0
+        v[0, 0, 8 + trial % 3, 1] = 1.0
+        y = native.attention(q, k, v, None, False)[0, 0, 0]
+        assert y[0] == y[1] and y[0] > 0
+
+
 def test_attention_bad_mask_is_a_clear_error():
     gen = torch.Generator().manual_seed(2)
     q, k, v = _qkv(2, 5, gen)

@@ -130,23 +130,25 @@ def _qkv(s: int, t: int, gen, b=1, h=6, hkv=2, d=32):
             torch.randn(b, hkv, t, d, generator=gen))
 
 
-def test_attention_matches_torch():
+@pytest.mark.parametrize("t", [21, 300])  # 300: rows of several key blocks, merged
+def test_attention_matches_torch(t):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = _qkv(5, 21, gen, b=2)
-    mask = torch.rand(5, 21, generator=gen) < 0.7
+    q, k, v = _qkv(5, t, gen, b=2)
+    mask = torch.rand(5, t, generator=gen) < 0.7
     mask[:, 0] = True
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
     assert torch.allclose(native.attention(q, k, v, mask, enable_gqa=True).double(), ref, atol=1e-5)
-    causal = torch.ones(5, 21, dtype=torch.bool).tril(16)
+    causal = torch.ones(5, t, dtype=torch.bool).tril(t - 5)
     assert torch.equal(native.attention(q, k, v, None, True), native.attention(q, k, v, causal, True))
 
 
-def test_attention_rows_see_only_their_compacted_keys():
+@pytest.mark.parametrize("t", [40, 600])  # 600: up to 4 key blocks per row
+def test_attention_rows_see_only_their_compacted_keys(t):
     """A row's output equals the same query attending alone to its allowed keys packed together: the
     arithmetic of a tree node is that of the token decoded on its own."""
     gen = torch.Generator().manual_seed(1)
-    q, k, v = _qkv(7, 40, gen)
-    mask = torch.rand(7, 40, generator=gen) < 0.5
+    q, k, v = _qkv(7, t, gen)
+    mask = torch.rand(7, t, generator=gen) < 0.5
     mask[:, 3] = True
     y = native.attention(q, k, v, mask, True)
     for i in range(7):

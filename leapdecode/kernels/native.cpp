@@ -604,12 +604,9 @@ int ld_attention(const float* q, const float* k, const float* v, float* out, int
     if (B * H * S == 0) return 0;
     const AttnArgs a{q, k, v, out, B, H, Hkv, S, T, D, qst, kst, vst, ost, mask, mask_stride, scale};
     const int nt = attention_threads(a, threads);
-    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * attention_room(a) * nt);
-    float* p = (float*)malloc(sizeof(float) * attention_room(a) * nt);
-    if (idx && p) attention(a, nt, idx, p);
-    const int rc = idx && p ? 0 : -5;
-    free(idx);
-    free(p);
+    void* scratch = malloc(attention_scratch_bytes(T, H / Hkv, nt));
+    const int rc = scratch ? attention(a, nt, scratch) : -5;
+    free(scratch);
     return rc;
 }
 

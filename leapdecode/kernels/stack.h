@@ -148,12 +148,11 @@ void run_linear_parts(const LdLinear& lin, int64_t M, const float* x, float* y, 
 
 struct Buffers {  // per call, sized for S rows
     float *h, *qkv, *att, *gu, *act, *tmp;
-    int32_t* idx;
-    float* p;
-    void* scratch;
+    void* attn;     // attention's scratch
+    void* scratch;  // int8 activations
 };
 
-void attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
+int attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
     const int64_t S = a.S, hd = st.hd, Nq = st.H * hd, Nkv = st.Hkv * hd, Nqkv = Nq + 2 * Nkv;
     const LdBlock& blk = st.blocks[l];
     auto norm = [&](int64_t i) { rmsnorm_row(a.x + i * st.D, blk.attn_norm, b.h + i * st.D, st.D, st.eps); };
@@ -174,12 +173,13 @@ void attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b)
     const int64_t qst[3] = {0, hd, Nqkv}, kst[3] = {0, a.Tmax * hd, hd}, ost[3] = {0, hd, Nq};
     const AttnArgs at{b.qkv, kc, vc, b.att, 1, st.H, st.Hkv, S, a.n + S, hd, qst, kst, kst, ost,
                       a.mask, a.mask_stride, (float)pow((double)hd, -0.5)};  // as d ** -0.5
-    attention(at, attention_threads(at, a.threads), b.idx, b.p);
+    if (const int rc = attention(at, attention_threads(at, a.threads), b.attn)) return rc;
     run_linear_parts(blk.o, S, b.att, b.tmp, a.threads, b.scratch);
     auto residual = [&](int64_t i) {
         for (int64_t c = 0; c < st.D; ++c) a.x[i * st.D + c] += b.tmp[i * st.D + c];
     };
     for_rows(S, a.threads, residual);
+    return 0;
 }
 
 void mlp_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
@@ -248,10 +248,11 @@ int ld_stack_forward(const LdStack* st, const LdInputs* in, float* x, int64_t S,
     if (S <= 0) return S == 0 ? 0 : -1;
     if (n + S > Tmax) return -10;
     if (const int rc = check_inputs(*in, S)) return rc;
-    const int64_t D = st->D, I = st->I, Nqkv = (st->H + 2 * st->Hkv) * st->hd, room = attention_room(n + S);
-    const int64_t floats = S * (D + Nqkv + st->H * st->hd + 2 * I + I + D + 2 * st->hd) + 2 * room * threads;
+    const int64_t D = st->D, I = st->I, Nqkv = (st->H + 2 * st->Hkv) * st->hd;
+    const int64_t floats = S * (D + Nqkv + st->H * st->hd + 2 * I + I + D + 2 * st->hd);
     const int64_t k_max = std::max({D, I, st->H * st->hd});  // widest input of a linear layer
-    float* mem = (float*)malloc(sizeof(float) * floats + act_scratch_bytes(S, k_max));
+    const size_t attn_bytes = attention_scratch_bytes(n + S, st->H / st->Hkv, threads);
+    float* mem = (float*)malloc(sizeof(float) * floats + attn_bytes + act_scratch_bytes(S, k_max));
     if (!mem) return -5;
     Buffers b;
     b.h = mem;
@@ -260,20 +261,20 @@ int ld_stack_forward(const LdStack* st, const LdInputs* in, float* x, int64_t S,
     b.gu = b.att + S * st->H * st->hd;
     b.act = b.gu + S * 2 * I;
     b.tmp = b.act + S * I;
-    b.p = b.tmp + S * D;
-    b.idx = (int32_t*)(b.p + room * threads);
-    float* cos = (float*)((int32_t*)b.idx + room * threads);
+    float* cos = b.tmp + S * D;
     float* sin = cos + S * st->hd;
-    b.scratch = (void*)(sin + S * st->hd);
+    b.attn = (void*)(sin + S * st->hd);
+    b.scratch = (void*)((char*)b.attn + attn_bytes);
     gather_inputs(*in, S, D, st->hd, x, cos, sin);
     const StepArgs a{x, S, n, Tmax, cos, sin, kc, vc, mask, mask_stride, skip, threads};
-    for (int64_t l = 0; l < st->L; ++l) {
-        if (!(skip && skip[2 * l])) attention_part(*st, a, l, b);
-        if (!(skip && skip[2 * l + 1])) mlp_part(*st, a, l, b);
+    int rc = 0;
+    for (int64_t l = 0; l < st->L && rc == 0; ++l) {
+        if (!(skip && skip[2 * l])) rc = attention_part(*st, a, l, b);
+        if (rc == 0 && !(skip && skip[2 * l + 1])) mlp_part(*st, a, l, b);
     }
-    if (head) head_part(*st, a, norm_w, norm_eps, *head, head_from, logits, b);
+    if (head && rc == 0) head_part(*st, a, norm_w, norm_eps, *head, head_from, logits, b);
     free(mem);
-    return 0;
+    return rc;
 }
 
 }  // extern "C"

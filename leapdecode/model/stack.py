@@ -1,9 +1,11 @@
 """All transformer blocks in one native call (see kernels/stack.h), for models on the native backend.
 
 `convert_linears` attaches a `NativeStack` to a model whose linear layers it made native. The model's
-forward hands it the embedded rows; it runs every block (with the skip plan of self-drafting, when one is
-given) and returns the residual stream. It declines (and the model's per-block path runs) for batches of
-more than one sequence, and after any block's modules were replaced since it was built.
+forward hands it token ids and rope positions; it looks up their embeddings and rope rows, runs every
+block (with the skip plan of self-drafting, when one is given) and, when the output layer is native too,
+the final norm and that layer, returning logits (else the residual stream). It declines (and the model's
+per-block path runs) for batches of more than one sequence, and after any block's modules were replaced
+since it was built.
 """
 
 from __future__ import annotations

@@ -225,7 +225,8 @@ void attn_group_task(void* ctx, int64_t task, int worker) {
     int32_t* idx = j.idx + worker * j.room;
     const int64_t n = row_keys(a, 0, idx), nb = key_blocks(n);
     if (c == 0 && g == 0) j.blocks[b] = nb;
-    for (int64_t h = g * G; c < nb && h < (g + 1) * G; ++h) block_of_row(j, b, h, 0, idx, n, c, j.p + worker * G * j.room);
+    if (c >= nb) return;
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) block_of_row(j, b, h, 0, idx, n, c, j.p + worker * G * j.room);
 }
 
 void attn_finish_task(void* ctx, int64_t task, int) {

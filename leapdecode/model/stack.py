@@ -185,7 +185,7 @@ class NativeStack:
             raise LeapError(f"context full: {n + s} tokens exceed the cache size {cache.max_len}")
         if positions.shape != (s,):
             raise LeapError(f"positions must have shape [{s}], got {tuple(positions.shape)}")
-        inputs, keep = self._inputs(tokens, positions, embed, rope)
+        inputs, _alive = self._inputs(tokens, positions, embed, rope)  # the tensors stay alive for the call
         x = torch.empty(1, s, self._stack.D)  # [1, S, D]
         mask_ptr, mask_stride = None, 0
         if mask is not None:
@@ -203,7 +203,6 @@ class NativeStack:
         rc = self._fn(ctypes.byref(self._stack), ctypes.byref(inputs), x.data_ptr(), s, n, cache.k.data_ptr(),
                       cache.v.data_ptr(), cache.max_len, mask_ptr, mask_stride, _ptr(skip), norm_w, eps, head_arg,
                       first, _ptr(out), kernel_threads())
-        del keep
         if rc:
             raise LeapError(f"native block stack: {_ERRORS.get(rc, rc)}")
         return x if out is None else out

@@ -159,15 +159,21 @@ def test_attention_rows_see_only_their_compacted_keys(t):
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="needs a CPU that runs both the AVX2 and the AVX-512 build")
 @pytest.mark.parametrize("d", [16, 24, 64, 128])
-def test_attention_avx512_equals_avx2_bitwise(d):
-    """The 512-bit build weighs the values 16 columns at a time: each output element still sums its
-    products in key order, so both builds give the same bits (d = 24: the 256-bit path in both)."""
-    gen = torch.Generator().manual_seed(d)
-    q, k, v = _qkv(9, 70, gen, d=d)
-    mask = torch.rand(9, 70, generator=gen) < 0.6
-    mask[:, 0] = True
-    for m in (mask, None):
-        assert torch.equal(native.attention(q, k, v, m, True, isa="avx2"), native.attention(q, k, v, m, True, isa="avx512"))
+@pytest.mark.parametrize("heads", [(6, 2), (7, 1), (8, 1), (4, 4), (9, 3)])
+def test_attention_avx512_equals_avx2_bitwise(d, heads):
+    """The 512-bit build scores the query heads of a key/value head in pairs (one register holds a key's
+    sums for two heads) and weighs the values 16 columns at a time for several heads at once; each score
+    and output element keeps the operations of the 256-bit build's one head at a time, so both give the
+    same bits. Group sizes 1-9 cover odd heads paired with themselves and groups of more than 6."""
+    h, hkv = heads
+    gen = torch.Generator().manual_seed(d * 100 + h)
+    for s, t in [(9, 70), (1, 70), (3, 300)]:  # 300: several key blocks per row
+        q, k, v = _qkv(s, t, gen, h=h, hkv=hkv, d=d)
+        mask = torch.rand(s, t, generator=gen) < 0.6
+        mask[:, 0] = True
+        for m in (mask, None):
+            assert torch.equal(native.attention(q, k, v, m, True, isa="avx2"),
+                               native.attention(q, k, v, m, True, isa="avx512")), (s, t, m is None)
 
 
 @pytest.mark.parametrize("d", [32, 64, 128])

@@ -7,13 +7,18 @@
 //
 // A row's keys are taken in blocks (at most 4, split by the row's number of keys alone) whose partial
 // sums are merged in block order, so a one-token step can spread over the threads by blocks as well as by
-// heads: for a single row each task takes one block against every query head of one key/value head
-// (reading each key and value row once for the group); for several rows (drafts, prefill) each task
-// takes one row of one query head, all its blocks. Both give every row the same operations. Measured on
-// the bundled model (9 query heads, 3 key/value heads, head_dim 64) after 800 cached tokens, against one
-// task per query head over all keys: one-token attention 0.85x the time, 7 rows 1.03x; decoding a
-// 770-token prompt 0.95-0.97x the time. On the 1.5B Qwen (12 and 2 heads, 128) after 600: one row
-// 0.97x, 7 rows 1.05x.
+// heads: for a single row each task takes one block against every query head of one key/value head;
+// for several rows (drafts, prefill) each task takes one row and every block for the query heads of one
+// key/value head. Both give every row the same operations. Measured on the bundled model (9 query heads,
+// 3 key/value heads, head_dim 64) after 800 cached tokens, against one task per query head over all keys:
+// one-token attention 0.85x the time, 7 rows 1.03x; decoding a 770-token prompt 0.95-0.97x the time.
+//
+// The AVX-512 build then takes the query heads of a key/value head together (`attend_block_heads`): two
+// heads' sums for a key in one register, and the values weighed for up to 3 (head_dim 128) or 6 (64)
+// heads per read of a value row. A long prefill was bound by re-reading the keys and values once per
+// query head. Against one head at a time (one call, builds alternating): a 700-token prefill of the 1.5B
+// Qwen (12 and 2 heads, 128) 0.52x the time, 2000 tokens 0.49x, the 0.5B (14 and 2, 64) 0.66x; 7 rows
+// after 300 keys 0.57x; one row after 700-800 keys 0.66x (1.5B), 0.75x (0.5B), 0.88x (bundled).
 
 #pragma once
 
@@ -122,15 +127,12 @@ inline int64_t key_blocks(int64_t n) { return n == 0 ? 0 : (n + key_block(n) - 1
 
 // One block of keys [j0, j1) of idx for query q: scores, their max m, exponentials, their sum l, and
 // part = sum_j exp(s_j - m) v_j. `p` has room for the block padded to 8.
-void attend_block(const AttnArgs& a, const float* q, const float* k, const float* v, const int32_t* idx,
-                  int64_t j0, int64_t j1, float* p, float* part) {
-    const int64_t D = a.D, m = j1 - j0;
-    int64_t j8 = 0;
-    for (; j8 + 8 <= m; j8 += 8) dot8(q, k, idx + j0 + j8, a.kst[2], D, p + j8);
-    for (int64_t j = j8; j < m; ++j) p[j] = dot(q, k + idx[j0 + j] * a.kst[2], D);
+// The scores p[0, m) (scaled in place to exponentials) -> part[0] = their max, part[1] = the sum of the
+// exponentials.
+inline void softmax_part(float* p, int64_t m, float scale, float* part) {
     float mx = -INFINITY;
     for (int64_t j = 0; j < m; ++j) {
-        p[j] *= a.scale;
+        p[j] *= scale;
         mx = p[j] > mx ? p[j] : mx;
     }
     const __m256 vmx = _mm256_set1_ps(mx);
@@ -143,8 +145,117 @@ void attend_block(const AttnArgs& a, const float* q, const float* k, const float
     }
     part[0] = mx;
     part[1] = hsum8(lsum);
+}
+
+void attend_block(const AttnArgs& a, const float* q, const float* k, const float* v, const int32_t* idx,
+                  int64_t j0, int64_t j1, float* p, float* part) {
+    const int64_t D = a.D, m = j1 - j0;
+    int64_t j8 = 0;
+    for (; j8 + 8 <= m; j8 += 8) dot8(q, k, idx + j0 + j8, a.kst[2], D, p + j8);
+    for (int64_t j = j8; j < m; ++j) p[j] = dot(q, k + idx[j0 + j] * a.kst[2], D);
+    softmax_part(p, m, a.scale, part);
     weighted_values(v, a.vst[2], idx + j0, p, m, D, 1.0f, part + 2);
 }
+
+#if LD_VNNI512
+// The query heads of one key/value head, several at a time, so each key and value row is read once for
+// them instead of once per head (a long prefill was bound by those reads). Every score, exponential and
+// weighted sum keeps the operations of `attend_block`, so outputs are bit-identical to it.
+constexpr int kPairs = 3;  // head pairs per pass of scores: 3 x 8 keys = 24 accumulators
+
+// Scores of 8 keys for NP pairs of heads: a 512-bit register holds one key's 8-lane sums for both heads
+// of a pair (`qp`: the pair's queries side by side, [D/8][16]) against the key's 8 values broadcast to
+// both halves; each half is `dot8`'s register for that head and key.
+template <int NP>
+inline void dot8_pairs(const float* qp, const float* k, const int32_t* idx, int64_t kstride, int64_t D,
+                       float* const* out) {
+    __m512 acc[NP][8];
+    LD_UNROLL for (int r = 0; r < 8; ++r) {
+        const __m512 kv = _mm512_broadcast_f32x8(_mm256_loadu_ps(k + idx[r] * kstride));
+        LD_UNROLL for (int p = 0; p < NP; ++p) acc[p][r] = _mm512_mul_ps(_mm512_load_ps(qp + p * 2 * D), kv);
+    }
+    for (int64_t c = 8; c < D; c += 8) {
+        __m512 qv[NP];
+        LD_UNROLL for (int p = 0; p < NP; ++p) qv[p] = _mm512_load_ps(qp + p * 2 * D + 2 * c);
+        LD_UNROLL for (int r = 0; r < 8; ++r) {
+            const __m512 kv = _mm512_broadcast_f32x8(_mm256_loadu_ps(k + idx[r] * kstride + c));
+            LD_UNROLL for (int p = 0; p < NP; ++p) acc[p][r] = _mm512_fmadd_ps(qv[p], kv, acc[p][r]);
+        }
+    }
+    LD_UNROLL for (int p = 0; p < NP; ++p)
+        LD_UNROLL for (int r = 0; r < 8; ++r) {
+            out[2 * p][r] = hsum8(_mm512_castps512_ps256(acc[p][r]));
+            out[2 * p + 1][r] = hsum8(_mm512_extractf32x8_ps(acc[p][r], 1));
+        }
+}
+
+// part_h + 2 = sum_j p_h[j] v[idx[j]] for NH heads reading each value row once; each element sums in j
+// order from zero, as `weighted_values` does (its factor 1.0f is exact, so it is left out here).
+template <int NH, int C>
+inline void weighted_values_heads(const float* v, int64_t vstride, const int32_t* idx, float* const* p,
+                                  int64_t n, float* const* part) {
+    __m512 acc[NH][C];
+    LD_UNROLL for (int h = 0; h < NH; ++h) LD_UNROLL for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        const float* vr = v + idx[j] * vstride;
+        __m512 pj[NH];
+        LD_UNROLL for (int h = 0; h < NH; ++h) pj[h] = _mm512_set1_ps(p[h][j]);
+        LD_UNROLL for (int c = 0; c < C; ++c) {
+            const __m512 vc = _mm512_loadu_ps(vr + 16 * c);
+            LD_UNROLL for (int h = 0; h < NH; ++h) acc[h][c] = _mm512_fmadd_ps(pj[h], vc, acc[h][c]);
+        }
+    }
+    LD_UNROLL for (int h = 0; h < NH; ++h) LD_UNROLL for (int c = 0; c < C; ++c) _mm512_storeu_ps(part[h] + 2 + 16 * c, acc[h][c]);
+}
+
+// Heads [0, nh) of `part`/`p` (nh <= 3 for head_dim 128, <= 6 for 64), C = D / 16.
+template <int C>
+void values_heads(const float* v, int64_t vstride, const int32_t* idx, float* const* p, int64_t n, int nh,
+                  float* const* part) {
+    constexpr int most = C == 8 ? 3 : 6;
+    for (int h0 = 0; h0 < nh; h0 += most) {
+        switch (nh - h0 < most ? nh - h0 : most) {
+            case 1: weighted_values_heads<1, C>(v, vstride, idx, p + h0, n, part + h0); break;
+            case 2: weighted_values_heads<2, C>(v, vstride, idx, p + h0, n, part + h0); break;
+            case 3: weighted_values_heads<3, C>(v, vstride, idx, p + h0, n, part + h0); break;
+            case 4: weighted_values_heads<4, C>(v, vstride, idx, p + h0, n, part + h0); break;
+            case 5: weighted_values_heads<5, C>(v, vstride, idx, p + h0, n, part + h0); break;
+            default: weighted_values_heads<6, C>(v, vstride, idx, p + h0, n, part + h0); break;
+        }
+    }
+}
+
+// Keys [j0, j1) of idx for the G query heads `q[h]` of one key/value head: scores into p[h], then each
+// head's softmax part and weighted values into part[h]. `qp` has room for kPairs pairs of [D/8][16].
+void attend_block_heads(const AttnArgs& a, const float* const* q, int G, const float* k, const float* v,
+                        const int32_t* idx, int64_t j0, int64_t j1, float* const* p, float* const* part, float* qp) {
+    const int64_t D = a.D, m = j1 - j0, m8 = m / 8 * 8;
+    for (int h0 = 0; h0 < G; h0 += 2 * kPairs) {
+        const int nh = G - h0 < 2 * kPairs ? G - h0 : 2 * kPairs, np = (nh + 1) / 2;
+        for (int pr = 0; pr < np; ++pr) {  // an odd last head is paired with itself
+            const float* q0 = q[h0 + 2 * pr];
+            const float* q1 = q[h0 + (2 * pr + 1 < nh ? 2 * pr + 1 : 2 * pr)];
+            for (int64_t c = 0; c < D; c += 8) {
+                _mm256_store_ps(qp + pr * 2 * D + 2 * c, _mm256_loadu_ps(q0 + c));
+                _mm256_store_ps(qp + pr * 2 * D + 2 * c + 8, _mm256_loadu_ps(q1 + c));
+            }
+        }
+        float* out[2 * kPairs];
+        for (int64_t j = 0; j < m8; j += 8) {
+            for (int h = 0; h < 2 * np; ++h) out[h] = p[h0 + (h < nh ? h : nh - 1)] + j;
+            if (np == 3) dot8_pairs<3>(qp, k, idx + j0 + j, a.kst[2], D, out);
+            else if (np == 2) dot8_pairs<2>(qp, k, idx + j0 + j, a.kst[2], D, out);
+            else dot8_pairs<1>(qp, k, idx + j0 + j, a.kst[2], D, out);
+        }
+        for (int h = h0; h < h0 + nh; ++h)
+            for (int64_t j = m8; j < m; ++j) p[h][j] = dot(q[h], k + idx[j0 + j] * a.kst[2], D);
+    }
+    for (int h = 0; h < G; ++h) softmax_part(p[h], m, a.scale, part[h]);
+    if (D == 128) return values_heads<8>(v, a.vst[2], idx + j0, p, m, G, part);
+    if (D == 64) return values_heads<4>(v, a.vst[2], idx + j0, p, m, G, part);
+    for (int h = 0; h < G; ++h) weighted_values(v, a.vst[2], idx + j0, p[h], m, D, 1.0f, part[h] + 2);
+}
+#endif
 
 struct AttnJob {
     AttnArgs a;
@@ -202,16 +313,45 @@ inline void block_of_row(const AttnJob& j, int64_t b, int64_t h, int64_t i, cons
                  a.v + b * a.vst[0] + g * a.vst[1], idx, j0, j1, p, part_of(j, b, i, h, c));
 }
 
-// One row (several rows per call: draft verification, prefill). Task (b, h, i): every block of the row
-// for one query head, then its output. Consecutive tasks are rows of one head, reading the same keys.
+// Block c of the n keys in idx for every query head of key/value head g in row i, into their parts; `p`
+// holds room for each head's scores.
+void group_block(const AttnJob& j, int64_t b, int64_t g, int64_t i, const int32_t* idx, int64_t n, int64_t c,
+                 float* p) {
+    const AttnArgs& a = j.a;
+    const int64_t G = a.H / a.Hkv;
+#if LD_VNNI512
+    constexpr int most = 2 * kPairs;
+    const int64_t kb = key_block(n), j0 = c * kb, j1 = j0 + kb < n ? j0 + kb : n;
+    const float* k = a.k + b * a.kst[0] + g * a.kst[1];
+    const float* v = a.v + b * a.vst[0] + g * a.vst[1];
+    alignas(64) float qp[kPairs * 2 * 256];
+    for (int64_t h0 = 0; h0 < G; h0 += most) {
+        const int nh = (int)(G - h0 < most ? G - h0 : most);
+        const float* q[most];
+        float *ps[most], *parts[most];
+        for (int t = 0; t < nh; ++t) {
+            const int64_t h = g * G + h0 + t;
+            q[t] = a.q + b * a.qst[0] + h * a.qst[1] + i * a.qst[2];
+            ps[t] = p + (h0 + t) * j.room;
+            parts[t] = part_of(j, b, i, h, c);
+        }
+        attend_block_heads(a, q, nh, k, v, idx, j0, j1, ps, parts, qp);
+    }
+#else
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) block_of_row(j, b, h, i, idx, n, c, p);
+#endif
+}
+
+// One row (several rows per call: draft verification, prefill). Task (b, g, i): every block of the row for
+// the query heads of key/value head g, then their outputs.
 void attn_row_task(void* ctx, int64_t task, int worker) {
     const AttnJob& j = *(const AttnJob*)ctx;
     const AttnArgs& a = j.a;
-    const int64_t i = task % a.S, h = task / a.S % a.H, b = task / (a.S * a.H);
+    const int64_t i = task % a.S, g = task / a.S % a.Hkv, b = task / (a.S * a.Hkv), G = a.H / a.Hkv;
     int32_t* idx = j.idx + worker * j.room;
     const int64_t n = row_keys(a, i, idx), nb = key_blocks(n);
-    for (int64_t c = 0; c < nb; ++c) block_of_row(j, b, h, i, idx, n, c, j.p + worker * (a.H / a.Hkv) * j.room);
-    finish_row(j, b, i, h, nb);
+    for (int64_t c = 0; c < nb; ++c) group_block(j, b, g, i, idx, n, c, j.p + worker * G * j.room);
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) finish_row(j, b, i, h, nb);
 }
 
 // A single row (a decoding step), where one task per query head leaves a thread idle for much of a long
@@ -226,7 +366,7 @@ void attn_group_task(void* ctx, int64_t task, int worker) {
     const int64_t n = row_keys(a, 0, idx), nb = key_blocks(n);
     if (c == 0 && g == 0) j.blocks[b] = nb;
     if (c >= nb) return;
-    for (int64_t h = g * G; h < (g + 1) * G; ++h) block_of_row(j, b, h, 0, idx, n, c, j.p + worker * G * j.room);
+    group_block(j, b, g, 0, idx, n, c, j.p + worker * G * j.room);
 }
 
 void attn_finish_task(void* ctx, int64_t task, int) {
@@ -265,7 +405,7 @@ int attention(const AttnArgs& a, int nt, void* scratch) {
         ld::Pool::get().run(a.B * a.Hkv * kMaxBlocks, attn_group_task, &j, nt);
         ld::Pool::get().run(a.B * a.H, attn_finish_task, &j, nt);
     } else {
-        ld::Pool::get().run(rows * a.H, attn_row_task, &j, nt);
+        ld::Pool::get().run(rows * a.Hkv, attn_row_task, &j, nt);
     }
     free(parts);
     return 0;

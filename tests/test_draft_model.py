@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import leapdecode.drafters.draft_model  # noqa: F401  (registers draft-model)
 from leapdecode.drafters import make_drafter
-from leapdecode.drafters.draft_model import DraftModel, DraftModelOptions, common_prefix
+from leapdecode.drafters.draft_model import DraftModel, DraftModelOptions, Picker, common_prefix, draft_nodes
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
 from leapdecode.model.loader import build_model
@@ -52,15 +52,17 @@ def generate(engine: Engine, drafter, prompt, n: int, sampling=None, max_draft: 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(target_seed=st.integers(0, 2), draft=st.sampled_from(["self", "other-1", "other-2", "other-3"]),
        num_draft=st.integers(1, 8), branch=st.integers(1, 4), threshold=st.sampled_from([0.0, 0.2, 0.6]),
+       stop=st.sampled_from(["token", "path"]),
        max_draft=st.integers(0, 12), prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10),
                                                        min_size=1, max_size=3),
        n_new=st.integers(1, 40), vocab=st.sampled_from([0, 4, 40]))
-def test_greedy_output_equals_plain_decoding(target_seed, draft, num_draft, branch, threshold, max_draft, prompts,
-                                              n_new, vocab):
+def test_greedy_output_equals_plain_decoding(target_seed, draft, num_draft, branch, threshold, stop, max_draft,
+                                              prompts, n_new, vocab):
     engine = target(target_seed)
     # "self": the target's own weights (every draft accepted); "other-s": a smaller random model
     model = engine.model if draft == "self" else draft_model(int(draft[-1]), int(draft[-1]))
-    drafter = drafter_for(engine, model, num_draft=num_draft, branch=branch, threshold=threshold, vocab=vocab)
+    drafter = drafter_for(engine, model, num_draft=num_draft, branch=branch, threshold=threshold, vocab=vocab,
+                          stop=stop)
     for prompt in prompts:  # one drafter across requests: its cache must resync each time
         result = generate(engine, drafter, prompt, n_new, max_draft=max_draft)
         assert result.token_ids == generate(engine, None, prompt, n_new).token_ids
@@ -146,6 +148,33 @@ def test_feed_only_what_the_draft_model_has_not_seen():
         del drafter.model.forward
 
 
+def scripted(confidences: list[float]):
+    """Logits whose top token (id = depth) has the given softmax probability, one row per depth, and a
+    step function that returns the next row."""
+    rows = []
+    for depth, c in enumerate(confidences):
+        p = torch.full((16,), (1 - c) / 15)
+        p[depth] = c
+        rows.append(p.log())
+    it = iter(rows[1:])
+    return rows[0], lambda token: next(it)
+
+
+@pytest.mark.parametrize("confidences, stop, threshold, depth, expected", [
+    ([0.9, 0.6, 0.5, 0.9, 0.9], "token", 0.3, 5, 5),  # every token above 0.3
+    ([0.9, 0.6, 0.5, 0.9, 0.9], "path", 0.3, 5, 3),  # 0.9, 0.54, 0.27: stops after the third
+    ([0.9, 0.2, 0.9, 0.9], "token", 0.3, 4, 2),  # the token below 0.3 is still proposed
+    ([0.9, 0.2, 0.9, 0.9], "path", 0.3, 4, 2),
+    ([0.99] * 12, "path", 0.3, 10, 10),  # confident chains run to the deepest allowed
+    ([0.9, 0.6, 0.5, 0.9], "path", 0.0, 4, 4),  # threshold 0: only the depth stops
+])
+def test_stop_rules(confidences, stop, threshold, depth, expected):
+    first, step = scripted(confidences)
+    d = draft_nodes(first, step, Picker(None, 0), max_nodes=64, max_depth=depth, branch=1, threshold=threshold,
+                    source="t", stop=stop)
+    assert d.token_ids == list(range(expected)) and d.parents == list(range(-1, expected - 1))
+
+
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
@@ -205,6 +234,7 @@ def test_refuses_another_dtype():
     ({"path": "x", "num_draft": 0}, "draft-model option num_draft must be an integer >= 1"),
     ({"path": "x", "branch": 1.5}, "draft-model option branch"),
     ({"path": "x", "threshold": -1}, "draft-model option threshold"),
+    ({"path": "x", "stop": "chain"}, "draft-model option stop must be one of token, path, got 'chain'"),
     ({"path": "x", "vocab": -1}, "draft-model option vocab must be an integer >= 0"),
     ({"path": "x", "depth": 3}, "unknown draft-model option.*depth"),
     ({"path": "x", "quant": "int3"}, "unknown quant 'int3'"),
@@ -224,8 +254,8 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 def test_defaults():
     assert DraftModelOptions(path="m.gguf") == DraftModelOptions(
-        path="m.gguf", model=None, tokenizer=None, num_draft=6, branch=1, threshold=0.3, vocab=65536,
-        backend="auto", quant="auto", activations="auto")
+        path="m.gguf", model=None, tokenizer=None, num_draft=10, branch=1, threshold=0.3, stop="path",
+        vocab=65536, backend="auto", quant="auto", activations="auto")
 
 
 def test_a_draft_model_from_a_path_runs_on_the_fast_kernels(default_engine):

@@ -86,18 +86,25 @@ class Picker:
         return tokens, q[tokens[0]].item(), q
 
 
+#: How a chain decides to stop (see `draft_nodes`).
+STOP_RULES = ("token", "path")
+
+
 def draft_nodes(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor], picker: Picker,
-                max_nodes: int, max_depth: int, branch: int, threshold: float, source: str) -> Draft:
+                max_nodes: int, max_depth: int, branch: int, threshold: float, source: str,
+                stop: str = "token") -> Draft:
     """Grow a chain (branch=1) or a chain with `branch` children per depth from draft logits.
 
     `step(token)` feeds the main-chain token to the draft model and returns the logits [V] after it.
     Drafting stops at `max_depth`, when the nodes would exceed `max_nodes`, or after a main-chain token
-    whose confidence is below `threshold` (it is still proposed: verifying it costs little).
+    where the confidence falls below `threshold` (that token is still proposed: verifying it costs
+    little). `stop="token"` compares each token's own confidence; `stop="path"` compares the product of
+    the confidences along the chain so far, the draft's estimate that the whole chain is accepted.
     """
     token_ids: list[int] = []
     parents: list[int] = []
     rows: list[torch.Tensor] = []
-    logits, parent = first_logits, -1
+    logits, parent, path = first_logits, -1, 1.0
     for depth in range(max_depth):
         width = min(branch, max_nodes - len(token_ids))
         if width <= 0:
@@ -108,7 +115,8 @@ def draft_nodes(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor],
         parents += [parent] * width
         if q is not None:
             rows += [q] * width
-        if conf < threshold or depth + 1 == max_depth or len(token_ids) >= max_nodes:
+        path *= conf
+        if (path if stop == "path" else conf) < threshold or depth + 1 == max_depth or len(token_ids) >= max_nodes:
             break
         logits, parent = step(kids[0]), main
     probs = torch.stack(rows) if rows else None  # [n, V]
@@ -154,9 +162,14 @@ class DraftModelOptions:
     path: str | None = None  # GGUF file or Hugging Face folder of the draft model
     model: object = None  # a Transformer instead of `path` (same dtype and device as the target)
     tokenizer: object = None  # the draft model's Tokenizer, to compare token strings (with `model`)
-    num_draft: int = 6  # deepest chain
+    num_draft: int = 10  # deepest chain
     branch: int = 1  # children per depth (1 = a chain)
-    threshold: float = 0.3  # stop after a main-chain token whose draft confidence is below this
+    threshold: float = 0.3  # stop after a main-chain token where the draft's confidence is below this
+    # "path": the confidence is the product along the chain (the draft's estimate that the whole chain is
+    # accepted); "token": that token's alone. Measured on Qwen2.5-Coder 0.5B drafting for 1.5B, one
+    # process, 18 Spec-Bench questions rotating: path / 0.3 / 10 deep took 0.94x the time of token / 0.3 /
+    # 6 deep (3.67 against 3.49 tokens per step; path with 0.2 / 12 deep 0.97x, 0.4 / 10 deep 0.96x).
+    stop: str = "path"
     # the draft's output layer covers the ids below this and the request's own tokens (see drafters.vocab);
     # 0 = the whole vocabulary. It changes what is proposed, never the output.
     vocab: int = 65536
@@ -176,6 +189,8 @@ class DraftModelOptions:
         check_int("draft-model", "branch", self.branch, 1)
         check_int("draft-model", "vocab", self.vocab, 0)
         check_fraction("draft-model", "threshold", self.threshold)
+        if self.stop not in STOP_RULES:
+            raise LeapError(f"draft-model option stop must be one of {', '.join(STOP_RULES)}, got {self.stop!r}")
         LinearSpec(self.backend, self.quant, self.activations)  # unknown names fail here
 
 
@@ -244,7 +259,7 @@ class DraftModel(Drafter):
             return Draft(source=self.name)
         first = self._feed(list(tokens))
         return draft_nodes(first, self._feed_one, self._picker, max_nodes, depth, self.options.branch,
-                           self.options.threshold, self.name)
+                           self.options.threshold, self.name, self.options.stop)
 
     def _ensure_cache(self) -> None:
         want = self.cache.max_len if self.cache is not None else self.model.cfg.max_seq_len

@@ -46,7 +46,8 @@ def our_phase(args, methods: list[str]):
     from leapdecode.bench.methods import DrafterMethod
     from leapdecode.engine import Engine
 
-    options = {"path": args.draft, "num_draft": args.num_draft, "branch": args.branch, "threshold": args.threshold,
+    chain = {k: getattr(args, k) for k in ("num_draft", "branch", "threshold", "stop") if getattr(args, k) is not None}
+    options = {"path": args.draft, **chain,  # the drafter's own defaults unless given
                "backend": args.draft_backend, "quant": args.draft_quant, "activations": args.draft_activations}
     engine = Engine.load(args.target, args.dtype, threads=args.threads, drafter_options={"draft-model": options},
                          backend=args.backend, quant=args.quant, activations=args.activations)
@@ -109,9 +110,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default=None, help="target GGUF (default: the cached qwen-1.5b)")
     p.add_argument("--draft", default=None, help="draft GGUF (default: the cached qwen-0.5b)")
-    p.add_argument("--num-draft", type=int, default=6)
-    p.add_argument("--branch", type=int, default=1)
-    p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--num-draft", type=int, default=None, help="deepest chain (default: the drafter's)")
+    p.add_argument("--branch", type=int, default=None, help="children per depth (default: the drafter's)")
+    p.add_argument("--threshold", type=float, default=None, help="stop confidence (default: the drafter's)")
+    p.add_argument("--stop", choices=["token", "path"], default=None, help="stop rule (default: the drafter's)")
     for prefix, who in (("", "the target's"), ("draft-", "the draft model's")):
         p.add_argument(f"--{prefix}backend", default="auto", help=f"{who} linear kernels")
         p.add_argument(f"--{prefix}quant", default="auto", help=f"{who} weights")

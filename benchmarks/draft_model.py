@@ -107,13 +107,15 @@ def host_split(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from leapdecode.drafters.draft_model import STOP_RULES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default=None, help="target GGUF (default: the cached qwen-1.5b)")
     p.add_argument("--draft", default=None, help="draft GGUF (default: the cached qwen-0.5b)")
     p.add_argument("--num-draft", type=int, default=None, help="deepest chain (default: the drafter's)")
     p.add_argument("--branch", type=int, default=None, help="children per depth (default: the drafter's)")
     p.add_argument("--threshold", type=float, default=None, help="stop confidence (default: the drafter's)")
-    p.add_argument("--stop", choices=["token", "path"], default=None, help="stop rule (default: the drafter's)")
+    p.add_argument("--stop", choices=STOP_RULES, default=None, help="stop rule (default: the drafter's)")
     for prefix, who in (("", "the target's"), ("draft-", "the draft model's")):
         p.add_argument(f"--{prefix}backend", default="auto", help=f"{who} linear kernels")
         p.add_argument(f"--{prefix}quant", default="auto", help=f"{who} weights")

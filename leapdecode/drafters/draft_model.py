@@ -116,7 +116,8 @@ def draft_nodes(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor],
         if q is not None:
             rows += [q] * width
         path *= conf
-        if (path if stop == "path" else conf) < threshold or depth + 1 == max_depth or len(token_ids) >= max_nodes:
+        confident = (path if stop == "path" else conf) >= threshold
+        if not confident or depth + 1 == max_depth or len(token_ids) >= max_nodes:
             break
         logits, parent = step(kids[0]), main
     probs = torch.stack(rows) if rows else None  # [n, V]

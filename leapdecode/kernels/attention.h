@@ -168,7 +168,7 @@ constexpr int kPairs = 3;  // head pairs per pass of scores: 3 x 8 keys = 24 acc
 // both halves; each half is `dot8`'s register for that head and key.
 template <int NP>
 inline void dot8_pairs(const float* qp, const float* k, const int32_t* idx, int64_t kstride, int64_t D,
-                       float* const* out) {
+                       float* const* out, int64_t j) {  // scores of keys idx[0..8) into out[h][j..j+8)
     __m512 acc[NP][8];
     LD_UNROLL for (int r = 0; r < 8; ++r) {
         const __m512 kv = _mm512_broadcast_f32x8(_mm256_loadu_ps(k + idx[r] * kstride));
@@ -184,8 +184,8 @@ inline void dot8_pairs(const float* qp, const float* k, const int32_t* idx, int6
     }
     LD_UNROLL for (int p = 0; p < NP; ++p)
         LD_UNROLL for (int r = 0; r < 8; ++r) {
-            out[2 * p][r] = hsum8(_mm512_castps512_ps256(acc[p][r]));
-            out[2 * p + 1][r] = hsum8(_mm512_extractf32x8_ps(acc[p][r], 1));
+            out[2 * p][j + r] = hsum8(_mm512_castps512_ps256(acc[p][r]));
+            out[2 * p + 1][j + r] = hsum8(_mm512_extractf32x8_ps(acc[p][r], 1));
         }
 }
 
@@ -225,31 +225,30 @@ void values_heads(const float* v, int64_t vstride, const int32_t* idx, float* co
     }
 }
 
-// Keys [j0, j1) of idx for the G query heads `q[h]` of one key/value head: scores into p[h], then each
-// head's softmax part and weighted values into part[h]. `qp` has room for kPairs pairs of [D/8][16].
+// Keys [j0, j1) of idx for the G <= 2 * kPairs query heads `q[h]` of one key/value head: scores into
+// p[h], then each head's softmax part and weighted values into part[h].
 void attend_block_heads(const AttnArgs& a, const float* const* q, int G, const float* k, const float* v,
-                        const int32_t* idx, int64_t j0, int64_t j1, float* const* p, float* const* part, float* qp) {
+                        const int32_t* idx, int64_t j0, int64_t j1, float* const* p, float* const* part) {
     const int64_t D = a.D, m = j1 - j0, m8 = m / 8 * 8;
-    for (int h0 = 0; h0 < G; h0 += 2 * kPairs) {
-        const int nh = G - h0 < 2 * kPairs ? G - h0 : 2 * kPairs, np = (nh + 1) / 2;
-        for (int pr = 0; pr < np; ++pr) {  // an odd last head is paired with itself
-            const float* q0 = q[h0 + 2 * pr];
-            const float* q1 = q[h0 + (2 * pr + 1 < nh ? 2 * pr + 1 : 2 * pr)];
-            for (int64_t c = 0; c < D; c += 8) {
-                _mm256_store_ps(qp + pr * 2 * D + 2 * c, _mm256_loadu_ps(q0 + c));
-                _mm256_store_ps(qp + pr * 2 * D + 2 * c + 8, _mm256_loadu_ps(q1 + c));
-            }
+    const int np = (G + 1) / 2;
+    alignas(64) float qp[kPairs * 2 * 256];  // pair pr: its two heads' queries side by side, [D/8][16]
+    float* out[2 * kPairs];
+    for (int pr = 0; pr < np; ++pr) {  // an odd last head is paired with itself
+        const int h1 = 2 * pr + 1 < G ? 2 * pr + 1 : 2 * pr;
+        out[2 * pr] = p[2 * pr];
+        out[2 * pr + 1] = p[h1];
+        for (int64_t c = 0; c < D; c += 8) {
+            _mm256_store_ps(qp + pr * 2 * D + 2 * c, _mm256_loadu_ps(q[2 * pr] + c));
+            _mm256_store_ps(qp + pr * 2 * D + 2 * c + 8, _mm256_loadu_ps(q[h1] + c));
         }
-        float* out[2 * kPairs];
-        for (int64_t j = 0; j < m8; j += 8) {
-            for (int h = 0; h < 2 * np; ++h) out[h] = p[h0 + (h < nh ? h : nh - 1)] + j;
-            if (np == 3) dot8_pairs<3>(qp, k, idx + j0 + j, a.kst[2], D, out);
-            else if (np == 2) dot8_pairs<2>(qp, k, idx + j0 + j, a.kst[2], D, out);
-            else dot8_pairs<1>(qp, k, idx + j0 + j, a.kst[2], D, out);
-        }
-        for (int h = h0; h < h0 + nh; ++h)
-            for (int64_t j = m8; j < m; ++j) p[h][j] = dot(q[h], k + idx[j0 + j] * a.kst[2], D);
     }
+    for (int64_t j = 0; j < m8; j += 8) {
+        if (np == 3) dot8_pairs<3>(qp, k, idx + j0 + j, a.kst[2], D, out, j);
+        else if (np == 2) dot8_pairs<2>(qp, k, idx + j0 + j, a.kst[2], D, out, j);
+        else dot8_pairs<1>(qp, k, idx + j0 + j, a.kst[2], D, out, j);
+    }
+    for (int h = 0; h < G; ++h)
+        for (int64_t j = m8; j < m; ++j) p[h][j] = dot(q[h], k + idx[j0 + j] * a.kst[2], D);
     for (int h = 0; h < G; ++h) softmax_part(p[h], m, a.scale, part[h]);
     if (D == 128) return values_heads<8>(v, a.vst[2], idx + j0, p, m, G, part);
     if (D == 64) return values_heads<4>(v, a.vst[2], idx + j0, p, m, G, part);
@@ -324,7 +323,6 @@ void group_block(const AttnJob& j, int64_t b, int64_t g, int64_t i, const int32_
     const int64_t kb = key_block(n), j0 = c * kb, j1 = j0 + kb < n ? j0 + kb : n;
     const float* k = a.k + b * a.kst[0] + g * a.kst[1];
     const float* v = a.v + b * a.vst[0] + g * a.vst[1];
-    alignas(64) float qp[kPairs * 2 * 256];
     for (int64_t h0 = 0; h0 < G; h0 += most) {
         const int nh = (int)(G - h0 < most ? G - h0 : most);
         const float* q[most];
@@ -335,7 +333,7 @@ void group_block(const AttnJob& j, int64_t b, int64_t g, int64_t i, const int32_
             ps[t] = p + (h0 + t) * j.room;
             parts[t] = part_of(j, b, i, h, c);
         }
-        attend_block_heads(a, q, nh, k, v, idx, j0, j1, ps, parts, qp);
+        attend_block_heads(a, q, nh, k, v, idx, j0, j1, ps, parts);
     }
 #else
     for (int64_t h = g * G; h < (g + 1) * G; ++h) block_of_row(j, b, h, i, idx, n, c, p);

@@ -60,7 +60,9 @@ def weight_bytes_per_token(engine: Engine) -> int:
     total = 0
     for owner, attr in linear_slots(engine.model):
         layer = getattr(owner, attr)
-        total += layer.nbytes if hasattr(layer, "nbytes") else layer.weight.numel() * layer.weight.element_size()
+        total += (
+            layer.nbytes if hasattr(layer, "nbytes") else layer.weight.numel() * layer.weight.element_size()
+        )
     return total
 
 
@@ -70,7 +72,9 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="results folder (default: bench_results/decode_speed-<date-time>)")
+    ap.add_argument(
+        "--out", default=None, help="results folder (default: bench_results/decode_speed-<date-time>)"
+    )
     ap.add_argument("--backend", default="torch", help="torch (default: the reference path) or native")
     ap.add_argument("--quant", default="none")
     ap.add_argument("--activations", default="float32")
@@ -80,14 +84,25 @@ def main() -> int:
         ap.error(f"--out: {args.out} already holds results; choose another folder")
     bw = {t: read_bandwidth(t) for t in (1, args.threads)}
     torch.set_num_threads(args.threads)
-    engine = Engine.load(args.model, threads=args.threads, backend=args.backend, quant=args.quant,
-                         activations=args.activations)
+    engine = Engine.load(
+        args.model, threads=args.threads, backend=args.backend, quant=args.quant, activations=args.activations
+    )
     questions = load_questions(args.data, categories=CATEGORIES[1:], per_category=1)  # single-turn groups
-    ctx = PeerContext(model_path=engine_path(engine, args.model), dtype=engine.model.dtype,
-                      eos_ids=frozenset(engine.tokenizer.eos_ids), threads=args.threads,
-                      n_ctx=min(engine.model.cfg.max_seq_len, 4096))
-    records = run_bench(engine, questions, ["none"], make_peers(["hf"], ctx), max_new_tokens=args.max_new_tokens,
-                        out_dir=args.out)
+    ctx = PeerContext(
+        model_path=engine_path(engine, args.model),
+        dtype=engine.model.dtype,
+        eos_ids=frozenset(engine.tokenizer.eos_ids),
+        threads=args.threads,
+        n_ctx=min(engine.model.cfg.max_seq_len, 4096),
+    )
+    records = run_bench(
+        engine,
+        questions,
+        ["none"],
+        make_peers(["hf"], ctx),
+        max_new_tokens=args.max_new_tokens,
+        out_dir=args.out,
+    )
     after = {t: read_bandwidth(t) for t in (1, args.threads)}  # this host's bandwidth drifts: read it twice
     bw = {t: (bw[t] + after[t]) / 2 for t in bw}
     print(table(records, engine, bw, args))
@@ -118,13 +133,20 @@ def paired_shares(engine: Engine, questions, args) -> str:
         tps = (stats.new_tokens - 1) / stats.decode_s
         step_bytes = wbytes + kv * (stats.prompt_tokens + stats.new_tokens / 2)
         shares.append(tps / (gbs * 1e9 / step_bytes))
-        rows.append(f"| {q.question_id} ({q.category}) | {stats.prompt_tokens} | {step_bytes / 1e6:.0f} MB | {tps:.1f} | "
-                    f"{gbs:.1f} GB/s | {shares[-1]:.0%} |")
+        rows.append(
+            f"| {q.question_id} ({q.category}) | {stats.prompt_tokens} | {step_bytes / 1e6:.0f} MB | "
+            f"{tps:.1f} | "
+            f"{gbs:.1f} GB/s | {shares[-1]:.0%} |"
+        )
     shares.sort()
-    head = ["| prompt | prompt tokens | bytes per step | decode tok/s | bandwidth around it | share of the bound |",
-            "|---|---|---|---|---|---|"]
-    summary = (f"Paired share of the bound: median {shares[len(shares) // 2]:.0%}, "
-               f"lowest {shares[0]:.0%}, highest {shares[-1]:.0%}.")
+    head = [
+        "| prompt | prompt tokens | bytes per step | decode tok/s | bandwidth around it | share of bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary = (
+        f"Paired share of the bound: median {shares[len(shares) // 2]:.0%}, "
+        f"lowest {shares[0]:.0%}, highest {shares[-1]:.0%}."
+    )
     return "\n".join(head + rows + ["", summary])
 
 
@@ -148,19 +170,25 @@ def table(records: list[dict], engine: Engine, bw: dict[int, float], args) -> st
     bound = bw[args.threads] * 1e9 / wbytes
     m = describe_machine(engine)
     lines = [
-        (f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['logical_cpus']} CPUs, threads {args.threads}, "
-        f"dtype {m['dtype']}, backend {engine.backend}, torch {m['torch']}, model {m['model']}, {len(records) // 2} Spec-Bench prompts, "
-        f"{args.max_new_tokens} new tokens, greedy, one warm-up run each."),
+        (
+            f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['logical_cpus']} CPUs, "
+            f"threads {args.threads}, "
+            f"dtype {m['dtype']}, backend {engine.backend}, torch {m['torch']}, model {m['model']}, "
+            f"{len(records) // 2} Spec-Bench prompts, "
+            f"{args.max_new_tokens} new tokens, greedy, one warm-up run each."
+        ),
         "",
         "| engine | tokens/s (prefill included) | ratio vs transformers |",
         "|---|---|---|",
         f"| transformers `generate` | {hf:.1f} | 1.00x |",
         f"| leapdecode plain (`--drafter none`) | {ours:.1f} | {ours / hf:.2f}x |",
         "",
-        (f"Decode-only: {decode_tps():.1f} tokens/s. Weights read per token: {wbytes / 1e6:.0f} MB; read "
-        f"bandwidth (mean of a reading before and after the runs) {bw[1]:.1f} GB/s (1 thread), "
-        f"{bw[args.threads]:.1f} GB/s ({args.threads} threads): "
-        f"bound {bound:.1f} tokens/s, so decoding reaches {decode_tps() / bound:.0%} of it."),
+        (
+            f"Decode-only: {decode_tps():.1f} tokens/s. Weights read per token: {wbytes / 1e6:.0f} MB; read "
+            f"bandwidth (mean of a reading before and after the runs) {bw[1]:.1f} GB/s (1 thread), "
+            f"{bw[args.threads]:.1f} GB/s ({args.threads} threads): "
+            f"bound {bound:.1f} tokens/s, so decoding reaches {decode_tps() / bound:.0%} of it."
+        ),
     ]
     return "\n".join(lines)
 

@@ -46,15 +46,34 @@ def our_phase(args, methods: list[str]):
     from leapdecode.bench.methods import DrafterMethod
     from leapdecode.engine import Engine
 
-    chain = {k: getattr(args, k) for k in ("num_draft", "branch", "threshold", "stop") if getattr(args, k) is not None}
-    options = {"path": args.draft, **chain,  # the drafter's own defaults unless given
-               "backend": args.draft_backend, "quant": args.draft_quant, "activations": args.draft_activations}
-    engine = Engine.load(args.target, args.dtype, threads=args.threads, drafter_options={"draft-model": options},
-                         backend=args.backend, quant=args.quant, activations=args.activations)
+    chain = {
+        k: getattr(args, k)
+        for k in ("num_draft", "branch", "threshold", "stop")
+        if getattr(args, k) is not None
+    }
+    options = {
+        "path": args.draft,
+        **chain,  # the drafter's own defaults unless given
+        "backend": args.draft_backend,
+        "quant": args.draft_quant,
+        "activations": args.draft_activations,
+    }
+    engine = Engine.load(
+        args.target,
+        args.dtype,
+        threads=args.threads,
+        drafter_options={"draft-model": options},
+        backend=args.backend,
+        quant=args.quant,
+        activations=args.activations,
+    )
     prompts = load_selected(args, engine)
     contenders = [DrafterMethod(engine, m) for m in methods]  # loads the draft model
     draft = engine.drafter("draft-model").model if "draft-model" in methods else None
-    print(f"target kernels {engine.backend}" + (f", draft kernels {draft.linear_spec.describe()}" if draft else ""))
+    print(
+        f"target kernels {engine.backend}"
+        + (f", draft kernels {draft.linear_spec.describe()}" if draft else "")
+    )
     probe = StreamProbe(args.threads)
     records = run_rotating(contenders, prompts, args.max_new_tokens, probe=probe) if contenders else []
     return records, prompts, frozenset(engine.tokenizer.eos_ids)
@@ -93,15 +112,19 @@ def host_split(records: list[dict]) -> str:
     readings: dict[int, list[float]] = {}
     for r in ours:
         readings.setdefault(r["index"], []).append(r["host_gbs"])
-    states = {"slower": {i for i, v in readings.items() if max(v) < FAST_HOST_GBS},
-              "faster": {i for i, v in readings.items() if min(v) >= FAST_HOST_GBS}}
+    states = {
+        "slower": {i for i, v in readings.items() if max(v) < FAST_HOST_GBS},
+        "faster": {i for i, v in readings.items() if min(v) >= FAST_HOST_GBS},
+    }
     parts = []
     for label, chosen in states.items():
         if chosen:
             gbs = [g for i in chosen for g in readings[i]]
-            parts.append(f"Questions whose runs all met the host streaming {label} than {FAST_HOST_GBS:.0f} GB/s "
-                         f"({len(chosen)}, readings {min(gbs):.0f}-{max(gbs):.0f} GB/s):\n\n"
-                         + table(ours, "none", subset=lambda r, c=chosen: r["index"] in c))
+            parts.append(
+                f"Questions whose runs all met the host streaming {label} than {FAST_HOST_GBS:.0f} GB/s "
+                f"({len(chosen)}, readings {min(gbs):.0f}-{max(gbs):.0f} GB/s):\n\n"
+                + table(ours, "none", subset=lambda r, c=chosen: r["index"] in c)
+            )
     parts.append(f"({len(readings) - sum(map(len, states.values()))} questions met the host in both states.)")
     return "\n\n".join(parts)
 
@@ -131,10 +154,16 @@ def main(argv=None) -> int:
     gc.collect()
     if {"hf", "hf-assisted"} & set(methods):
         records += hf_phase(args, methods, prompts, eos_ids)  # same question indexes: tokens comparable
-    print(f"## Draft-model speculation: {Path(args.draft).name} drafting for {Path(args.target).name} "
-          f"({args.dtype}, {args.threads} threads, greedy, {args.max_new_tokens} new tokens, "
-          f"{len(prompts)} questions)\n")
-    print("Command: python benchmarks/draft_model.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
+    print(
+        f"## Draft-model speculation: {Path(args.draft).name} drafting for {Path(args.target).name} "
+        f"({args.dtype}, {args.threads} threads, greedy, {args.max_new_tokens} new tokens, "
+        f"{len(prompts)} questions)\n"
+    )
+    print(
+        "Command: python benchmarks/draft_model.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+        + "\n"
+    )
     print(table(records, "none") if any(r["method"] == "none" for r in records) else "")
     if any(r.get("host_gbs") for r in records):
         print("\n" + host_split(records))

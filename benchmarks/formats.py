@@ -30,7 +30,10 @@ from leapdecode.engine import Engine
 from leapdecode.model.linear import convert_linears
 from leapdecode.model.source import default_model_path
 
-DEFAULT_CONFIGS = "torch:none:float32,native:none:float32,native:gguf:float32,native:gguf:int8,native:int8:int8,native:int4:int8"
+DEFAULT_CONFIGS = (
+    "torch:none:float32,native:none:float32,native:gguf:float32,native:gguf:int8,native:int8:int8,"
+    "native:int4:int8"
+)
 GROUPS = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
 
 
@@ -69,16 +72,25 @@ def summarize(records: list[dict], configs: list[str], ks: list[int], curves: di
         return tok[m] / sec[m] if sec[m] else float("nan")
 
     lc = tps("llamacpp")
-    lines = ["| config | " + " | ".join(f"k={k}" for k in ks) + " | plain tok/s | auto tok/s | auto / plain "
-             "| plain / llama.cpp | auto / llama.cpp | auto output == plain |", "|---|" + "---|" * (len(ks) + 6)]
+    lines = [
+        "| config | " + " | ".join(f"k={k}" for k in ks) + " | plain tok/s | auto tok/s | auto / plain "
+        "| plain / llama.cpp | auto / llama.cpp | auto output == plain |",
+        "|---|" + "---|" * (len(ks) + 6),
+    ]
     for spec in configs:
         plain, auto = method_name("none", spec, configs), method_name("auto", spec, configs)
         same = sum(outs[auto].get(key) == out for key, out in outs[plain].items())
-        lines.append(f"| {spec} | " + " | ".join(f"{curves[spec][k] * 1e3:.1f}" for k in ks)
-                     + f" | {tps(plain):.1f} | {tps(auto):.1f} | {tps(auto) / tps(plain):.2f}x | {tps(plain) / lc:.2f}x"
-                     f" | {tps(auto) / lc:.2f}x | {same}/{len(outs[plain])} |")
-    lines.append(f"\nllama.cpp plain {lc:.1f} tok/s, prompt lookup {tps('llamacpp-pld'):.1f} tok/s; "
-                 "k columns: ms for a forward of k tokens after 256 cached (best of 3).")
+        lines.append(
+            f"| {spec} | "
+            + " | ".join(f"{curves[spec][k] * 1e3:.1f}" for k in ks)
+            + f" | {tps(plain):.1f} | {tps(auto):.1f} | {tps(auto) / tps(plain):.2f}x"
+            f" | {tps(plain) / lc:.2f}x"
+            f" | {tps(auto) / lc:.2f}x | {same}/{len(outs[plain])} |"
+        )
+    lines.append(
+        f"\nllama.cpp plain {lc:.1f} tok/s, prompt lookup {tps('llamacpp-pld'):.1f} tok/s; "
+        "k columns: ms for a forward of k tokens after 256 cached (best of 3)."
+    )
     return "\n".join(lines)
 
 
@@ -103,14 +115,28 @@ def main() -> int:
         with eng.compute_scope():
             curve = measure_cost(eng.model, tuple(sorted(set(ks))))
         curves[spec] = dict(zip(curve.ks, curve.seconds))
-    methods = [FormatMethod(eng, d, method_name(d, spec, configs)) for spec, eng in engines.items()
-               for d in ("none", "auto")]
-    ctx = PeerContext(model_path=default_model_path(), dtype=torch.float32, eos_ids=frozenset(
-        next(iter(engines.values())).tokenizer.eos_ids), threads=args.threads, n_ctx=4096)
+    methods = [
+        FormatMethod(eng, d, method_name(d, spec, configs))
+        for spec, eng in engines.items()
+        for d in ("none", "auto")
+    ]
+    ctx = PeerContext(
+        model_path=default_model_path(),
+        dtype=torch.float32,
+        eos_ids=frozenset(next(iter(engines.values())).tokenizer.eos_ids),
+        threads=args.threads,
+        n_ctx=4096,
+    )
     questions = load_questions(args.data, categories=GROUPS, per_category=args.per_group)
     base = engines[configs[0]]
-    records = run_bench(base, questions, methods, make_peers(["llamacpp", "llamacpp-pld"], ctx),
-                        max_new_tokens=args.max_new_tokens, out_dir=args.out)
+    records = run_bench(
+        base,
+        questions,
+        methods,
+        make_peers(["llamacpp", "llamacpp-pld"], ctx),
+        max_new_tokens=args.max_new_tokens,
+        out_dir=args.out,
+    )
     text = summarize(records, configs, ks, curves)
     Path(args.out, "formats.md").write_text(text + "\n")
     print(text)

@@ -28,12 +28,28 @@ from leapdecode.model.loader import build_model, expected_shapes
 from leapdecode.model.tokenizer import Tokenizer
 
 PRESETS = {  # Llama-3-8B, a 1B-class shape, and a tiny one for trying the script on a CPU
-    "8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                      max_seq_len=4096, rope_theta=500000.0),
-    "1b": ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632,
-                      max_seq_len=4096),
-    "tiny": ModelConfig(vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256,
-                        max_seq_len=4096),
+    "8b": ModelConfig(
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        max_seq_len=4096,
+        rope_theta=500000.0,
+    ),
+    "1b": ModelConfig(
+        vocab_size=32000,
+        dim=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        intermediate_size=5632,
+        max_seq_len=4096,
+    ),
+    "tiny": ModelConfig(
+        vocab_size=1024, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256, max_seq_len=4096
+    ),
 }
 
 
@@ -45,7 +61,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int = 
             state[name] = torch.ones(shape, dtype=dtype, device=device)
         else:
             fan_in = shape[-1] if len(shape) > 1 else 1
-            state[name] = torch.randn(shape, generator=gen, dtype=dtype, device=device) / fan_in ** 0.5
+            state[name] = torch.randn(shape, generator=gen, dtype=dtype, device=device) / fan_in**0.5
     return build_model(state, cfg, dtype, device)
 
 
@@ -74,8 +90,16 @@ def chosen(curve, context: int) -> tuple[int, float]:
 
 
 def lossless_check(device: str) -> str:
-    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
-                      max_seq_len=512, norm_eps=1e-6)
+    cfg = ModelConfig(
+        vocab_size=64,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=128,
+        max_seq_len=512,
+        norm_eps=1e-6,
+    )
     model = random_model(cfg, torch.float64, device, seed=1)
     vocab = {chr(0x41 + i) if i < 26 else f"t{i}": i for i in range(64)}
     import tokenizers
@@ -118,14 +142,21 @@ def main() -> int:
     cost = measure_model(model)
     rows = [("this device", cost)] + ([("--compare", load_curve(args.compare))] if args.compare else [])
     ks = cost.curves[0].ks
-    print("\n| curve | context | k=1 ms | " + " | ".join(f"k={k}" for k in ks[1:]) + " | tree auto picks | tokens per 1-token time |")
+    print(
+        "\n| curve | context | k=1 ms | "
+        + " | ".join(f"k={k}" for k in ks[1:])
+        + " | tree auto picks | tokens per 1-token time |"
+    )
     print("|---|---|---|" + "---|" * (len(ks) - 1) + "---|---|")
     for label, model_cost in rows:
         for ctx in model_cost.contexts:
             rel = model_cost.relative(ctx)
             n, gain = chosen(model_cost, ctx)
-            print(f"| {label} | {ctx} | {model_cost(1, ctx) * 1e3:.2f} | " + " | ".join(f"{rel[k]:.2f}x" for k in ks[1:])
-                  + f" | {n} nodes | {gain:.2f} |")
+            print(
+                f"| {label} | {ctx} | {model_cost(1, ctx) * 1e3:.2f} | "
+                + " | ".join(f"{rel[k]:.2f}x" for k in ks[1:])
+                + f" | {n} nodes | {gain:.2f} |"
+            )
     return 0
 
 

@@ -39,8 +39,10 @@ def weights_by_format(cfg: ModelConfig) -> dict[str, list[list[Q.QuantWeight]]]:
 
 def configs(weights) -> dict[str, tuple]:
     """name -> (kind, per-layer payload, activations)."""
-    out = {"torch f32": ("torch", [Q.dequantize(p[0]) for p in weights["f32"]], "float32"),
-           "native f32": ("native", weights["f32"], "float32")}
+    out = {
+        "torch f32": ("torch", [Q.dequantize(p[0]) for p in weights["f32"]], "float32"),
+        "native f32": ("native", weights["f32"], "float32"),
+    }
     for quant in ("gguf", "int8", "int4"):
         for act in ("int8", "float32"):
             out[f"native {quant} act-{act}"] = ("native", weights[quant], act)
@@ -48,10 +50,14 @@ def configs(weights) -> dict[str, tuple]:
 
 
 def make_runner(kind: str, layers, act: str, m: int):
-    xs = {k: torch.randn(m, k) for k in {(w.shape[1] if kind == "torch" else w[0].in_features) for w in layers}}
+    xs = {
+        k: torch.randn(m, k) for k in {(w.shape[1] if kind == "torch" else w[0].in_features) for w in layers}
+    }
     if kind == "torch":
         return lambda: [F.linear(xs[w.shape[1]], w) for w in layers]
-    calls = [(kernel_args(parts[0], "float32" if parts[0].fmt == "f32" else act), parts[0]) for parts in layers]
+    calls = [
+        (kernel_args(parts[0], "float32" if parts[0].fmt == "f32" else act), parts[0]) for parts in layers
+    ]
     ys = [torch.empty(m, qw.out_features) for _, qw in calls]
     return lambda: [run_linear([c], xs[qw.in_features], y) for (c, qw), y in zip(calls, ys)]
 
@@ -73,8 +79,12 @@ def main() -> None:
     ap.add_argument("--ms", default="1,2,4,8,16,32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated substrings of configuration names to keep")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: this thread's CPU time, steadier on a busy machine (with --threads 1 only)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this thread's CPU time, steadier on a busy machine (with --threads 1 only)",
+    )
     args = ap.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures one thread: use it with --threads 1")
@@ -101,19 +111,26 @@ def main() -> None:
                 if r:  # the first round warms up
                     times[name].append(clock() - t0)
                 if cfgs[name][0] == "torch":  # torch's idle OpenMP threads spin for a while after a
-                    time.sleep(0.2)           # parallel op: let them sleep before our pool runs
+                    time.sleep(0.2)  # parallel op: let them sleep before our pool runs
         table[m] = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     bw = read_bandwidth()
-    print(f"{len(weights['f32'])} linear layers (fused q/k/v and gate/up of {cfg.n_layers} blocks, and the output "
-          f"layer), {args.threads} threads, {args.clock} clock, median of {args.repeats} (ms per forward); "
-          f"read bandwidth {bw / 1e9:.1f} GB/s\n")
+    print(
+        f"{len(weights['f32'])} linear layers (fused q/k/v and gate/up of {cfg.n_layers} blocks, "
+        "and the output "
+        f"layer), {args.threads} threads, {args.clock} clock, median of {args.repeats} (ms per forward); "
+        f"read bandwidth {bw / 1e9:.1f} GB/s\n"
+    )
     names = list(cfgs)
     print("| M | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for m in ms:
         print(f"| {m} | " + " | ".join(f"{table[m][n]:.2f}" for n in names) + " |")
-    mb = {n: sum(p.nbytes for parts in (cfgs[n][1] if cfgs[n][0] == "native" else weights["f32"]) for p in parts)
-          for n in names}
+    mb = {
+        n: sum(
+            p.nbytes for parts in (cfgs[n][1] if cfgs[n][0] == "native" else weights["f32"]) for p in parts
+        )
+        for n in names
+    }
     print("| weight MB | " + " | ".join(f"{mb[n] / 1e6:.0f}" for n in names) + " |")
     print("| bandwidth bound, ms | " + " | ".join(f"{mb[n] / bw * 1e3:.2f}" for n in names) + " |")
 

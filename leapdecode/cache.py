@@ -17,8 +17,17 @@ from leapdecode.errors import LeapError
 
 
 class KVCache:
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, *, batch: int = 1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # [L, B, Hkv, T, D]
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -33,9 +42,9 @@ class KVCache:
         n, s = self.length, k.shape[2]
         if n + s > self.max_len:
             raise LeapError(f"context full: {n + s} tokens exceed the cache size {self.max_len}")
-        self.k[layer, :, :, n:n + s] = k
-        self.v[layer, :, :, n:n + s] = v
-        return self.k[layer, :, :, :n + s], self.v[layer, :, :, :n + s]
+        self.k[layer, :, :, n : n + s] = k
+        self.v[layer, :, :, n : n + s] = v
+        return self.k[layer, :, :, : n + s], self.v[layer, :, :, : n + s]
 
     def advance(self, s: int) -> None:
         self.length += s
@@ -53,6 +62,6 @@ class KVCache:
             raise ValueError(f"keep: indices must be ascending, unique and in [{start}, {self.length})")
         if idx != list(range(start, start + len(idx))):
             src = torch.tensor(idx, device=self.k.device)
-            self.k[:, :, :, start:start + len(idx)] = self.k.index_select(3, src)
-            self.v[:, :, :, start:start + len(idx)] = self.v.index_select(3, src)
+            self.k[:, :, :, start : start + len(idx)] = self.k.index_select(3, src)
+            self.v[:, :, :, start : start + len(idx)] = self.v.index_select(3, src)
         self.length = start + len(idx)

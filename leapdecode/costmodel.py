@@ -60,7 +60,11 @@ class CostModel:
     curves: tuple[CostCurve, ...]
 
     def __post_init__(self):
-        if len(self.contexts) != len(self.curves) or not self.curves or list(self.contexts) != sorted(set(self.contexts)):
+        if (
+            len(self.contexts) != len(self.curves)
+            or not self.curves
+            or list(self.contexts) != sorted(set(self.contexts))
+        ):
             raise ValueError("CostModel needs ascending, unique contexts with one curve each")
 
     def __call__(self, k: int, context: int | None = None) -> float:
@@ -78,15 +82,17 @@ class CostModel:
         return {k: self(k, context) / self(1, context) for k in ks}
 
 
-def measure_model(model, ks: tuple[int, ...] = DEFAULT_KS, contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
-                  repeats: int = 3) -> CostModel:
+def measure_model(
+    model, ks: tuple[int, ...] = DEFAULT_KS, contexts: tuple[int, ...] = DEFAULT_CONTEXTS, repeats: int = 3
+) -> CostModel:
     """`measure` at each context that fits the model (at least one)."""
     fits = sorted({max(1, min(c, model.cfg.max_seq_len - max(ks) - 1)) for c in contexts})
     return CostModel(tuple(fits), tuple(measure(model, ks, c, repeats) for c in fits))
 
 
-def measure(model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats: int = 3,
-            budget_s: float = 0.25) -> CostCurve:
+def measure(
+    model, ks: tuple[int, ...] = DEFAULT_KS, context: int = 256, repeats: int = 3, budget_s: float = 0.25
+) -> CostCurve:
     """Time a forward of k new tokens after `context` cached ones (best of up to `repeats`, fewer once a
     k has taken `budget_s`), as decoding sees it. The cache is filled with random keys and values rather
     than by a prefill: a forward's cost does not depend on their values, and prefilling 2048 tokens of
@@ -124,8 +130,15 @@ def code_fingerprint() -> str:
     """A hash of the code a forward runs (model and kernels) and of how it is timed (this module): a saved
     curve is stale once either changes."""
     root = Path(__file__).parent
-    files = sorted([*root.glob("model/*.py"), *root.glob("kernels/*.py"), *root.glob("kernels/*.cpp"),
-                    *root.glob("kernels/*.h"), Path(__file__)])
+    files = sorted(
+        [
+            *root.glob("model/*.py"),
+            *root.glob("kernels/*.py"),
+            *root.glob("kernels/*.cpp"),
+            *root.glob("kernels/*.h"),
+            Path(__file__),
+        ]
+    )
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + f.read_bytes())
@@ -140,16 +153,24 @@ def cached(model, describe: dict, folder: Path) -> CostModel:
     path = folder / f"cost-{key}.json"
     try:
         saved = json.loads(path.read_text())
-        return CostModel(tuple(saved["contexts"]),
-                         tuple(CostCurve(tuple(saved["ks"]), tuple(t)) for t in saved["seconds"]))
+        return CostModel(
+            tuple(saved["contexts"]), tuple(CostCurve(tuple(saved["ks"]), tuple(t)) for t in saved["seconds"])
+        )
     except (OSError, ValueError, KeyError, TypeError):
         pass
     model_cost = measure_model(model)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"describe": describe, "contexts": model_cost.contexts,
-                                    "ks": model_cost.curves[0].ks,
-                                    "seconds": [c.seconds for c in model_cost.curves]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "describe": describe,
+                    "contexts": model_cost.contexts,
+                    "ks": model_cost.curves[0].ks,
+                    "seconds": [c.seconds for c in model_cost.curves],
+                }
+            )
+        )
     except OSError:
         pass  # a read-only cache only costs the measurement again next time
     return model_cost

@@ -50,7 +50,9 @@ class Draft:
         return len(self.token_ids)
 
     @staticmethod
-    def chain(token_ids: list[int], probs: torch.Tensor | None = None, source: str = "", match_len: int = 0) -> Draft:
+    def chain(
+        token_ids: list[int], probs: torch.Tensor | None = None, source: str = "", match_len: int = 0
+    ) -> Draft:
         return Draft(list(token_ids), list(range(-1, len(token_ids) - 1)), probs, source, match_len=match_len)
 
     def is_chain(self) -> bool:
@@ -82,7 +84,9 @@ class Draft:
             return self
         probs = None if self.probs is None else self.probs[:max_nodes]
         scores = None if self.scores is None else self.scores[:max_nodes]
-        return Draft(self.token_ids[:max_nodes], self.parents[:max_nodes], probs, self.source, scores, self.match_len)
+        return Draft(
+            self.token_ids[:max_nodes], self.parents[:max_nodes], probs, self.source, scores, self.match_len
+        )
 
 
 def tree_inputs(draft: Draft, root_token: int, n_cached: int, device=None):

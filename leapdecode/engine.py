@@ -80,8 +80,13 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model",
-                 drafter_options: dict[str, dict] | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        name: str = "model",
+        drafter_options: dict[str, dict] | None = None,
+    ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.drafter_options = dict(drafter_options or {})
         self._drafters: dict[str, Drafter] = {}
@@ -89,9 +94,17 @@ class Engine:
         self.step_overhead = 0.0  # seconds per step outside the verification forward (moving average)
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-             threads: int | None = None, drafter_options: dict[str, dict] | None = None,
-             backend: str = "auto", quant: str = "auto", activations: str = "auto") -> Engine:
+    def load(
+        cls,
+        model: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        threads: int | None = None,
+        drafter_options: dict[str, dict] | None = None,
+        backend: str = "auto",
+        quant: str = "auto",
+        activations: str = "auto",
+    ) -> Engine:
         """Load a model (None = the bundled default). `drafter_options` maps a drafter name to the
         keyword arguments it is built with (e.g. {"draft-model": {"path": ...}}). `backend`, `quant` and
         `activations` choose the linear kernels and weight format (see `leapdecode.model.linear`)."""
@@ -109,8 +122,11 @@ class Engine:
     def encode_prompt(self, prompt: Prompt, raw: bool = False) -> list[int]:
         """A string gets the chat template unless `raw`; a list of messages always does; ids pass as is."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt) if raw else self.tokenizer.encode_chat(
-                [{"role": "user", "content": prompt}])
+            ids = (
+                self.tokenizer.encode(prompt)
+                if raw
+                else self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            )
         elif prompt and all(isinstance(m, dict) for m in prompt):
             ids = self.tokenizer.encode_chat(list(prompt))
         elif prompt and all(isinstance(t, int) for t in prompt):
@@ -120,8 +136,9 @@ class Engine:
         if not ids:
             raise LeapError("the prompt is empty after tokenization")
         if len(ids) >= self.model.cfg.max_seq_len:
-            raise LeapError(f"the prompt has {len(ids)} tokens; the model's context holds "
-                            f"{self.model.cfg.max_seq_len}")
+            raise LeapError(
+                f"the prompt has {len(ids)} tokens; the model's context holds {self.model.cfg.max_seq_len}"
+            )
         if max(ids) >= self.model.cfg.vocab_size or min(ids) < 0:
             raise LeapError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
         return ids
@@ -157,21 +174,38 @@ class Engine:
         """What a verify-cost measurement depends on; random-weight models built in code are not cached."""
         from leapdecode.bench.machine import cpu_flags, cpu_model  # the bench package imports this module
 
-        return {"model": self.name, "config": repr(self.model.cfg), "backend": self.backend, "dtype": str(self.model.dtype),
-                "device": str(self.model.device), "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                "flags": cpu_flags()}
+        return {
+            "model": self.name,
+            "config": repr(self.model.cfg),
+            "backend": self.backend,
+            "dtype": str(self.model.dtype),
+            "device": str(self.model.device),
+            "threads": torch.get_num_threads(),
+            "cpu": cpu_model(),
+            "flags": cpu_flags(),
+        }
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False,
-                 drafter: Drafter | None = None) -> Result:
+    def generate(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        raw: bool = False,
+        drafter: Drafter | None = None,
+    ) -> Result:
         gen = self.stream(prompt, config, raw, drafter)
         for _ in gen:
             pass
         return gen.result
 
-    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, raw: bool = False,
-               drafter: Drafter | None = None) -> Generation:
+    def stream(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        raw: bool = False,
+        drafter: Drafter | None = None,
+    ) -> Generation:
         """Text pieces as they are committed. `drafter` (an instance) overrides `config.drafter`."""
         config = config or GenerationConfig()
         ids = self.encode_prompt(prompt, raw)

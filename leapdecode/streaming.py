@@ -31,7 +31,7 @@ class TextStream:
         settled, window = self._window()
         if window.endswith("\ufffd") or len(window) < len(settled):
             return self._decoded
-        self._decoded += window[len(settled):]
+        self._decoded += window[len(settled) :]
         self._start, self._read = self._read, len(self.ids)
         return self._decoded
 
@@ -45,7 +45,7 @@ class TextStream:
         if cut is not None:
             self.stopped = True
             return self._emit(full[:cut]), True
-        return self._emit(full[:len(full) - self._held_back(full)]), False
+        return self._emit(full[: len(full) - self._held_back(full)]), False
 
     def flush(self) -> str:
         """The rest of the text once generation ends without a stop string (a trailing partial UTF-8
@@ -53,14 +53,16 @@ class TextStream:
         if self.stopped:
             return ""
         settled, window = self._window()
-        return self._emit(self._decoded + window[len(settled):])
+        return self._emit(self._decoded + window[len(settled) :])
 
     def _window(self) -> tuple[str, str]:
         """The text of the settled ids of the window, and of the whole window."""
-        return self.tokenizer.decode(self.ids[self._start:self._read]), self.tokenizer.decode(self.ids[self._start:])
+        return self.tokenizer.decode(self.ids[self._start : self._read]), self.tokenizer.decode(
+            self.ids[self._start :]
+        )
 
     def _emit(self, upto: str) -> str:
-        piece = upto[len(self.text):]
+        piece = upto[len(self.text) :]
         self.text = upto if len(upto) > len(self.text) else self.text
         return piece
 

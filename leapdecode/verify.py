@@ -23,8 +23,9 @@ from leapdecode.draft import Draft
 from leapdecode.sampling import SamplingParams, sample, target_probs
 
 
-def accept(draft: Draft, logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None = None) -> tuple[list[int], int]:
+def accept(
+    draft: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[list[int], int]:
     """logits: [1 + n, V]. Returns (accepted node indices from the root down, bonus token)."""
     if logits.shape[0] != len(draft) + 1:
         raise ValueError(f"logits have {logits.shape[0]} rows for a draft of {len(draft)} nodes")

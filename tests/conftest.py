@@ -21,11 +21,31 @@ torch.set_num_threads(1)
 SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
-def tiny_config(vocab=64, dim=32, layers=2, heads=4, kv_heads=2, inter=64, max_seq=512, tie=False,
-                qkv_bias=False, rope_theta=10000.0) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                       intermediate_size=inter, max_seq_len=max_seq, tie_embeddings=tie, qkv_bias=qkv_bias,
-                       rope_theta=rope_theta, norm_eps=1e-6)
+def tiny_config(
+    vocab=64,
+    dim=32,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    inter=64,
+    max_seq=512,
+    tie=False,
+    qkv_bias=False,
+    rope_theta=10000.0,
+) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        intermediate_size=inter,
+        max_seq_len=max_seq,
+        tie_embeddings=tie,
+        qkv_bias=qkv_bias,
+        rope_theta=rope_theta,
+        norm_eps=1e-6,
+    )
 
 
 def random_state(cfg: ModelConfig, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
@@ -37,7 +57,7 @@ def random_state(cfg: ModelConfig, seed: int = 0, scale: float = 0.5) -> dict[st
             state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
         else:
             fan_in = shape[-1] if len(shape) > 1 else 1
-            state[name] = torch.randn(shape, generator=gen, dtype=torch.float64) * scale / fan_in ** 0.5
+            state[name] = torch.randn(shape, generator=gen, dtype=torch.float64) * scale / fan_in**0.5
     state["model.embed_tokens.weight"] *= 4.0  # embeddings are not scaled by fan-in in Llama models
     return state
 

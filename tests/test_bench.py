@@ -24,9 +24,28 @@ QUESTIONS = [
     {"question_id": 3, "category": "qa", "turns": ["WHO IS QQQ AND WHO IS PPP"]},
     {"question_id": 4, "category": "qa", "turns": ["WHAT IS MNOP MNOP"]},
 ]
-FIELDS = ("method", "kind", "question_id", "category", "group", "turn", "prompt_tokens", "new_tokens", "wall_s",
-          "tokens_per_s", "prefill_s", "steps", "accepted", "mean_accepted", "draft_s", "verify_s",
-          "accepted_hist", "lossless", "output_ids", "text")
+FIELDS = (
+    "method",
+    "kind",
+    "question_id",
+    "category",
+    "group",
+    "turn",
+    "prompt_tokens",
+    "new_tokens",
+    "wall_s",
+    "tokens_per_s",
+    "prefill_s",
+    "steps",
+    "accepted",
+    "mean_accepted",
+    "draft_s",
+    "verify_s",
+    "accepted_hist",
+    "lossless",
+    "output_ids",
+    "text",
+)
 
 
 def drafters_under_test() -> list[str]:
@@ -60,8 +79,16 @@ class Lossy(Logged):
         if list(prompt_ids) != self.target:
             return run
         ids = run.token_ids[:-1] + [(run.token_ids[-1] + 1) % self.engine.model.cfg.vocab_size]
-        return type(run)(ids, run.wall_s, run.prefill_s, run.steps, run.accepted, run.draft_s, run.verify_s,
-                         run.accepted_hist)
+        return type(run)(
+            ids,
+            run.wall_s,
+            run.prefill_s,
+            run.steps,
+            run.accepted,
+            run.draft_s,
+            run.verify_s,
+            run.accepted_hist,
+        )
 
 
 class Interrupted(Logged):
@@ -83,8 +110,11 @@ def first_prompt(engine):
 
 
 def contenders(engine, log):
-    return ([Logged(engine, "none", log)] + [Logged(engine, d, log) for d in drafters_under_test()]
-            + [Lossy(engine, log, first_prompt(engine))])
+    return (
+        [Logged(engine, "none", log)]
+        + [Logged(engine, d, log) for d in drafters_under_test()]
+        + [Lossy(engine, log, first_prompt(engine))]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +164,11 @@ def test_second_turn_follows_the_methods_own_first_answer(bench):
     q = QUESTIONS[0]
     for name in bench["names"]:
         first = recs[(name, 81, 1)]
-        messages = [{"role": "user", "content": q["turns"][0]},
-                    {"role": "assistant", "content": engine.tokenizer.decode(first["output_ids"])},
-                    {"role": "user", "content": q["turns"][1]}]
+        messages = [
+            {"role": "user", "content": q["turns"][0]},
+            {"role": "assistant", "content": engine.tokenizer.decode(first["output_ids"])},
+            {"role": "user", "content": q["turns"][1]},
+        ]
         prompt = engine.tokenizer.encode_chat(messages)
         assert (name, tuple(prompt)) in bench["log"]
         assert recs[(name, 81, 2)]["prompt_tokens"] == len(prompt)
@@ -158,12 +190,12 @@ def test_lossless_flags_match_recomputed_equality(bench):
 def test_methods_alternate_with_rotating_order_after_warm_up(bench):
     names = bench["names"]
     calls = [name for name, _ in bench["log"]]
-    assert calls[:len(names)] == names  # one warm-up each
+    assert calls[: len(names)] == names  # one warm-up each
     expected = []
     for i, q in enumerate(QUESTIONS):
         for name in _rotated(names, i):
             expected += [name] * len(q["turns"])
-    assert calls[len(names):] == expected
+    assert calls[len(names) :] == expected
 
 
 def _manual_speedup(records, method, keep):
@@ -244,8 +276,11 @@ def test_report_files_and_machine(bench):
 def test_interrupted_run_keeps_records_and_resume_skips_them(tmp_path, questions):
     engine, log = tiny_engine_for(), []
     names = ["none"] + drafters_under_test()
-    first = [Logged(engine, "none", log)] + [Interrupted(engine, d, log, at_call=4) for d in names[1:2]] \
+    first = (
+        [Logged(engine, "none", log)]
+        + [Interrupted(engine, d, log, at_call=4) for d in names[1:2]]
         + [Logged(engine, d, log) for d in names[2:]]
+    )
     with pytest.raises(KeyboardInterrupt):
         run_bench(engine, questions, first, max_new_tokens=MAX_NEW, out_dir=tmp_path, progress=False)
     kept = read_records(tmp_path / RECORDS)
@@ -254,16 +289,28 @@ def test_interrupted_run_keeps_records_and_resume_skips_them(tmp_path, questions
         run_bench(engine, questions, names, max_new_tokens=MAX_NEW, out_dir=tmp_path, progress=False)
     log.clear()
     again = [Logged(engine, n, log) for n in names]
-    records = run_bench(engine, questions, again, max_new_tokens=MAX_NEW, out_dir=tmp_path, resume=True,
-                        progress=False, warmup=False)
+    records = run_bench(
+        engine,
+        questions,
+        again,
+        max_new_tokens=MAX_NEW,
+        out_dir=tmp_path,
+        resume=True,
+        progress=False,
+        warmup=False,
+    )
     done = {(r["method"], r["question_id"], r["turn"]) for r in kept}
     assert len(records) == 5 * len(names) and len(by_key(records)) == len(records)
     assert read_records(tmp_path / RECORDS) == records
     assert len(log) == len(records) - len(done)  # only the missing (method, question, turn) ran
     assert all(r["lossless"] for r in records if r["method"] != "none")
     log.clear()
-    assert run_bench(engine, questions, again, max_new_tokens=MAX_NEW, out_dir=tmp_path, resume=True,
-                     progress=False) == records
+    assert (
+        run_bench(
+            engine, questions, again, max_new_tokens=MAX_NEW, out_dir=tmp_path, resume=True, progress=False
+        )
+        == records
+    )
     assert log == []  # nothing left to run: not even a warm-up
 
 
@@ -273,23 +320,48 @@ def test_resume_drops_a_record_cut_short_by_an_interruption(tmp_path, questions)
     run_bench(engine, qs, ["none"], max_new_tokens=4, out_dir=tmp_path, progress=False, warmup=False)
     path = tmp_path / RECORDS
     path.write_text(path.read_text() + '{"method": "pld", "question_')
-    records = run_bench(engine, qs, ["none", "pld"], max_new_tokens=4, out_dir=tmp_path, resume=True,
-                        progress=False, warmup=False)
+    records = run_bench(
+        engine,
+        qs,
+        ["none", "pld"],
+        max_new_tokens=4,
+        out_dir=tmp_path,
+        resume=True,
+        progress=False,
+        warmup=False,
+    )
     assert [r["method"] for r in read_records(path)] == ["none", "pld"] == [r["method"] for r in records]
 
 
 def test_resume_refuses_other_settings(tmp_path, questions):
     engine = tiny_engine_for()
-    run_bench(engine, questions[2:3], ["none"], max_new_tokens=4, out_dir=tmp_path, progress=False, warmup=False)
+    run_bench(
+        engine, questions[2:3], ["none"], max_new_tokens=4, out_dir=tmp_path, progress=False, warmup=False
+    )
     with pytest.raises(LeapError, match="max_new_tokens=4"):
-        run_bench(engine, questions[2:3], ["none"], max_new_tokens=5, out_dir=tmp_path, resume=True,
-                  progress=False, warmup=False)
+        run_bench(
+            engine,
+            questions[2:3],
+            ["none"],
+            max_new_tokens=5,
+            out_dir=tmp_path,
+            resume=True,
+            progress=False,
+            warmup=False,
+        )
 
 
 def test_sampling_runs_are_not_compared(questions):
     engine = tiny_engine_for()
-    records = run_bench(engine, questions[2:3], ["none", "pld"], max_new_tokens=6, progress=False,
-                        sampling=SamplingParams(temperature=0.8, seed=1), warmup=False)
+    records = run_bench(
+        engine,
+        questions[2:3],
+        ["none", "pld"],
+        max_new_tokens=6,
+        progress=False,
+        sampling=SamplingParams(temperature=0.8, seed=1),
+        warmup=False,
+    )
     assert len(records) == 2 and all(r["lossless"] is None for r in records)
 
 
@@ -305,5 +377,16 @@ def test_unknown_method_and_duplicates_are_errors(questions):
 
 def test_report_needs_the_baseline():
     with pytest.raises(LeapError, match="no `none` run"):
-        summarize([{"method": "pld", "question_id": 1, "turn": 1, "category": "qa", "new_tokens": 1,
-                    "wall_s": 1.0, "output_ids": [1]}])
+        summarize(
+            [
+                {
+                    "method": "pld",
+                    "question_id": 1,
+                    "turn": 1,
+                    "category": "qa",
+                    "new_tokens": 1,
+                    "wall_s": 1.0,
+                    "output_ids": [1],
+                }
+            ]
+        )

@@ -45,8 +45,16 @@ def test_select_categories_and_first_n_per_category():
     qs = load_questions(SPEC_BENCH, ["qa", "math_reasoning"], per_category=2)
     assert [q.category for q in qs] == ["qa", "qa", "math_reasoning", "math_reasoning"]
     mt = load_questions(SPEC_BENCH, ["mt_bench"], per_category=1)
-    assert [q.category for q in mt] == ["writing", "roleplay", "reasoning", "math", "coding", "extraction",
-                                        "stem", "humanities"]
+    assert [q.category for q in mt] == [
+        "writing",
+        "roleplay",
+        "reasoning",
+        "math",
+        "coding",
+        "extraction",
+        "stem",
+        "humanities",
+    ]
 
 
 def test_group_of():
@@ -54,16 +62,19 @@ def test_group_of():
     assert group_of("rag") == "RAG" and group_of("my_task") == "my_task"
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"question_id": 2, "category": "qa", "turns": ["A"]', "line 2: malformed JSON"),
-    ('[1, 2]', "line 2: expected a JSON object"),
-    ('{"question_id": 2, "turns": ["A"]}', "line 2: missing category"),
-    ('{"question_id": 2, "category": "qa", "turns": "A"}', "line 2: turns must be a list"),
-    ('{"question_id": 2, "category": "qa", "turns": []}', "line 2: turns must be a non-empty list"),
-    ('{"question_id": 2, "category": "qa", "turns": ["A", 3]}', "line 2: turns must be a non-empty list"),
-    ('{"question_id": 1, "category": "qa", "turns": ["A"]}', "line 2: duplicate question_id 1"),
-    ('{"question_id": [2], "category": "qa", "turns": ["A"]}', "line 2: question_id must be"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"question_id": 2, "category": "qa", "turns": ["A"]', "line 2: malformed JSON"),
+        ("[1, 2]", "line 2: expected a JSON object"),
+        ('{"question_id": 2, "turns": ["A"]}', "line 2: missing category"),
+        ('{"question_id": 2, "category": "qa", "turns": "A"}', "line 2: turns must be a list"),
+        ('{"question_id": 2, "category": "qa", "turns": []}', "line 2: turns must be a non-empty list"),
+        ('{"question_id": 2, "category": "qa", "turns": ["A", 3]}', "line 2: turns must be a non-empty list"),
+        ('{"question_id": 1, "category": "qa", "turns": ["A"]}', "line 2: duplicate question_id 1"),
+        ('{"question_id": [2], "category": "qa", "turns": ["A"]}', "line 2: question_id must be"),
+    ],
+)
 def test_bad_question_lines_name_the_line(line, message):
     with pytest.raises(LeapError, match=message):
         parse_questions([json.dumps(GOOD), line], "q.jsonl")
@@ -82,8 +93,10 @@ def test_hist_from_depths_is_exact():
 
 
 def test_cpuinfo_parsing():
-    info = "processor : 0\nphysical id : 0\ncore id : 0\nmodel name : Test CPU 9000\n\n" \
-           "processor : 1\nphysical id : 0\ncore id : 0\n\nprocessor : 2\nphysical id : 0\ncore id : 1\n"
+    info = (
+        "processor : 0\nphysical id : 0\ncore id : 0\nmodel name : Test CPU 9000\n\n"
+        "processor : 1\nphysical id : 0\ncore id : 0\n\nprocessor : 2\nphysical id : 0\ncore id : 1\n"
+    )
     assert cpu_model(info) == "Test CPU 9000" and physical_cores(info) == 2
 
 
@@ -126,8 +139,11 @@ def test_cli_unknown_category(capsys, qfile):
 
 def test_cli_peer_not_installed_names_the_install_command(capsys, qfile, monkeypatch):
     spec = peers_module.PEERS["llamacpp"]
-    monkeypatch.setitem(peers_module.PEERS, "llamacpp",
-                        peers_module.PeerSpec("no_such_module_for_leap", spec.package, spec.build))
+    monkeypatch.setitem(
+        peers_module.PEERS,
+        "llamacpp",
+        peers_module.PeerSpec("no_such_module_for_leap", spec.package, spec.build),
+    )
     err = cli_error(capsys, ["bench", "--data", str(qfile), "--peers", "llamacpp"])
     assert "llama-cpp-python is not installed" in err and "benchmarks/setup_peers.sh" in err
 
@@ -144,13 +160,22 @@ def test_cli_report_of_a_folder_without_records(capsys, tmp_path):
 
 def test_cli_report_with_a_bad_record_line(capsys, tmp_path):
     write_lines(tmp_path / RECORDS, ['{"method": "none"}'])
-    assert "records.jsonl line 1: not a bench record" in cli_error(capsys, ["bench", "--report", str(tmp_path)])
+    assert "records.jsonl line 1: not a bench record" in cli_error(
+        capsys, ["bench", "--report", str(tmp_path)]
+    )
 
 
 def test_cli_report_rerenders_from_saved_records(capsys, tmp_path):
     qs = parse_questions([json.dumps(GOOD), json.dumps({**GOOD, "question_id": 2, "category": "rag"})])
-    run_bench(tiny_engine_for(), qs, ["none", "pld"], max_new_tokens=6, out_dir=tmp_path, progress=False,
-              warmup=False)
+    run_bench(
+        tiny_engine_for(),
+        qs,
+        ["none", "pld"],
+        max_new_tokens=6,
+        out_dir=tmp_path,
+        progress=False,
+        warmup=False,
+    )
     assert main(["bench", "--report", str(tmp_path)]) == 0
     first = (tmp_path / "report.md").read_text()
     for name in ("report.md", "speedup.png", "accepted.png"):
@@ -158,12 +183,21 @@ def test_cli_report_rerenders_from_saved_records(capsys, tmp_path):
     assert main(["bench", "--report", str(tmp_path)]) == 0
     capsys.readouterr()
     assert (tmp_path / "report.md").read_text() == first
-    assert "| QA | Math | RAG |" in first and "| pld | - | - | - |" in first and (tmp_path / "speedup.png").is_file()
+    assert (
+        "| QA | Math | RAG |" in first
+        and "| pld | - | - | - |" in first
+        and (tmp_path / "speedup.png").is_file()
+    )
 
 
-@pytest.mark.parametrize("flags,backend", [([], "native/gguf/int8"),
-                                           (["--quant", "none", "--activations", "float32"], "native/none/float32"),
-                                           (["--backend", "torch"], "torch/none/float32")])
+@pytest.mark.parametrize(
+    "flags,backend",
+    [
+        ([], "native/gguf/int8"),
+        (["--quant", "none", "--activations", "float32"], "native/none/float32"),
+        (["--backend", "torch"], "torch/none/float32"),
+    ],
+)
 def test_cli_bench_runs_the_kernels_and_format_it_is_given(capsys, tmp_path, flags, backend):
     """The weight format and kernels of a bench run are the ones asked for, and the saved command says so."""
     pytest.importorskip("gguf")
@@ -173,8 +207,26 @@ def test_cli_bench_runs_the_kernels_and_format_it_is_given(capsys, tmp_path, fla
         pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
     qfile = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD)])
     out = tmp_path / "run"
-    assert main(["bench", "--data", str(qfile), "--methods", "none", "--max-new-tokens", "2", "--no-warmup",
-                 "--threads", "1", "--out", str(out)] + flags) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--data",
+                str(qfile),
+                "--methods",
+                "none",
+                "--max-new-tokens",
+                "2",
+                "--no-warmup",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+            + flags
+        )
+        == 0
+    )
     capsys.readouterr()
     meta = json.loads((out / "run.json").read_text())
     assert meta["machine"]["backend"] == backend

@@ -17,10 +17,19 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=None,
-                                   bos_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float64)
     with torch.no_grad():  # livelier than the default init, so greedy outputs are not constant
@@ -38,12 +47,21 @@ def test_cut_at_eos():
 
 def test_hf_peers_match_plain_decoding_in_float64(hf_folder):
     engine = Engine.load(str(hf_folder), dtype="float64")
-    ctx = PeerContext(model_path=hf_folder, dtype=torch.float64, eos_ids=frozenset(engine.tokenizer.eos_ids),
-                      threads=torch.get_num_threads(), n_ctx=256)
+    ctx = PeerContext(
+        model_path=hf_folder,
+        dtype=torch.float64,
+        eos_ids=frozenset(engine.tokenizer.eos_ids),
+        threads=torch.get_num_threads(),
+        n_ctx=256,
+    )
     peers = make_peers(["hf", "hf-pld"], ctx)
     assert peers[0].model is peers[1].model  # one load for both variants
-    qs = parse_questions(['{"question_id": 1, "category": "qa", "turns": ["ABCABCABC DEF ABC"]}',
-                          '{"question_id": 2, "category": "writing", "turns": ["XYZ XY", "ZZZ XYZ"]}'])
+    qs = parse_questions(
+        [
+            '{"question_id": 1, "category": "qa", "turns": ["ABCABCABC DEF ABC"]}',
+            '{"question_id": 2, "category": "writing", "turns": ["XYZ XY", "ZZZ XYZ"]}',
+        ]
+    )
     records = run_bench(engine, qs, ["none"], peers, max_new_tokens=20, progress=False)
     assert len(records) == 9
     plain = {(r["question_id"], r["turn"]): r["output_ids"] for r in records if r["method"] == "none"}

@@ -7,23 +7,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import draft_model  # noqa: E402
+import draft_model
 
 
 def _record(method: str, index: int, wall: float, gbs: float) -> dict:
-    return {"method": method, "question_id": index, "group": "g", "index": index, "prompt_tokens": 5,
-            "new_tokens": 10, "wall_s": wall, "prefill_s": 0.5, "steps": 10 if method == "none" else 4,
-            "accepted": 0 if method == "none" else 6, "draft_s": 0.0 if method == "none" else 0.2,
-            "host_gbs": gbs, "token_ids": [1] * 10}
+    return {
+        "method": method,
+        "question_id": index,
+        "group": "g",
+        "index": index,
+        "prompt_tokens": 5,
+        "new_tokens": 10,
+        "wall_s": wall,
+        "prefill_s": 0.5,
+        "steps": 10 if method == "none" else 4,
+        "accepted": 0 if method == "none" else 6,
+        "draft_s": 0.0 if method == "none" else 0.2,
+        "host_gbs": gbs,
+        "token_ids": [1] * 10,
+    }
 
 
 def test_host_split_groups_questions_by_every_run_of_ours():
     """Question 0 ran slow-host only, 1 fast-host only, 2 met both states; transformers' runs (hf) never
     decide a question's state."""
-    records = [_record("none", 0, 4.0, 45), _record("draft-model", 0, 2.0, 50),
-               _record("none", 1, 3.0, 80), _record("draft-model", 1, 2.5, 78),
-               _record("none", 2, 4.0, 45), _record("draft-model", 2, 2.0, 79),
-               _record("hf", 0, 9.0, 80)]
+    records = [
+        _record("none", 0, 4.0, 45),
+        _record("draft-model", 0, 2.0, 50),
+        _record("none", 1, 3.0, 80),
+        _record("draft-model", 1, 2.5, 78),
+        _record("none", 2, 4.0, 45),
+        _record("draft-model", 2, 2.0, 79),
+        _record("hf", 0, 9.0, 80),
+    ]
     text = draft_model.host_split(records)
     slower, faster, mixed = text.split("\n\n")[0:2], text.split("\n\n")[2:4], text.split("\n\n")[-1]
     assert "slower than 60 GB/s (1, readings 45-50 GB/s)" in slower[0]

@@ -32,8 +32,12 @@ def tree_with_path(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(prompt=st.lists(st.integers(0, V - 1), min_size=1, max_size=20), case=tree_with_path(),
-       root=st.integers(0, V - 1), nxt=st.integers(0, V - 1))
+@given(
+    prompt=st.lists(st.integers(0, V - 1), min_size=1, max_size=20),
+    case=tree_with_path(),
+    root=st.integers(0, V - 1),
+    nxt=st.integers(0, V - 1),
+)
 def test_keep_path_then_decode_equals_scratch(prompt, case, root, nxt):
     draft, path = case
     model = ENGINE.model
@@ -52,8 +56,9 @@ def test_keep_path_then_decode_equals_scratch(prompt, case, root, nxt):
 
 
 @settings(max_examples=25, deadline=None)
-@given(prompt=st.lists(st.integers(0, V - 1), min_size=2, max_size=20), extra=st.integers(1, 8),
-       data=st.data())
+@given(
+    prompt=st.lists(st.integers(0, V - 1), min_size=2, max_size=20), extra=st.integers(1, 8), data=st.data()
+)
 def test_truncate_then_decode_equals_scratch(prompt, extra, data):
     model = ENGINE.model
     cut = data.draw(st.integers(1, len(prompt)))

@@ -14,16 +14,26 @@ LEAP = [sys.executable, "-m", "leapdecode.cli"]
 
 
 def leap(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(LEAP + list(args), check=False, input=stdin, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        LEAP + list(args), check=False, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("flags,engine_fixture", [
-    ([], "default_engine"),  # the fastest kernels, as users get them
-    (["--backend", "torch", "--quant", "none", "--activations", "float32"], "bundled_engine"),  # == transformers
-])
+@pytest.mark.parametrize(
+    "flags,engine_fixture",
+    [
+        ([], "default_engine"),  # the fastest kernels, as users get them
+        (
+            ["--backend", "torch", "--quant", "none", "--activations", "float32"],
+            "bundled_engine",
+        ),  # == transformers
+    ],
+)
 def test_generate_json_default_model_equals_api(flags, engine_fixture, request):
     engine = request.getfixturevalue(engine_fixture)
-    proc = leap("generate", "Name two planets.", "--json", "--max-new-tokens", "24", "--drafter", "pld", *flags)
+    proc = leap(
+        "generate", "Name two planets.", "--json", "--max-new-tokens", "24", "--drafter", "pld", *flags
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"text", "token_ids", "stats"}
@@ -47,17 +57,20 @@ def test_chat_keeps_the_conversation():
     assert "Ada" in proc.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["generate", "hi", "--model", "no/such/model.gguf"], "model not found"),
-    (["generate", "hi", "--dtype", "float17"], "unknown dtype"),
-    (["generate", "hi", "--model", "pyproject.toml"], "not a GGUF file"),
-    (["generate", "hi", "--drafter", "telepathy"], "unknown drafter"),
-    (["generate", "hi", "--max-new-tokens", "-3"], "positive integer"),
-    (["generate", "hi", "--top-p", "0"], "top_p"),
-    (["generate", "hi", "--drafter", "draft-model"], "--draft-model"),
-    (["generate"], "prompt"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "hi", "--model", "no/such/model.gguf"], "model not found"),
+        (["generate", "hi", "--dtype", "float17"], "unknown dtype"),
+        (["generate", "hi", "--model", "pyproject.toml"], "not a GGUF file"),
+        (["generate", "hi", "--drafter", "telepathy"], "unknown drafter"),
+        (["generate", "hi", "--max-new-tokens", "-3"], "positive integer"),
+        (["generate", "hi", "--top-p", "0"], "top_p"),
+        (["generate", "hi", "--drafter", "draft-model"], "--draft-model"),
+        (["generate"], "prompt"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_give_one_line_and_exit_2(args, needle):
     proc = leap(*args)
     assert proc.returncode == 2

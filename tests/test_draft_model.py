@@ -41,8 +41,12 @@ def drafter_for(engine: Engine, model, **options) -> DraftModel:
 
 
 def generate(engine: Engine, drafter, prompt, n: int, sampling=None, max_draft: int = 64):
-    cfg = GenerationConfig(max_new_tokens=n, drafter=drafter.name if drafter else "none",
-                           sampling=sampling or SamplingParams(), max_draft=max_draft)
+    cfg = GenerationConfig(
+        max_new_tokens=n,
+        drafter=drafter.name if drafter else "none",
+        sampling=sampling or SamplingParams(),
+        max_draft=max_draft,
+    )
     return engine.generate(prompt, cfg, drafter=drafter)
 
 
@@ -50,19 +54,27 @@ def generate(engine: Engine, drafter, prompt, n: int, sampling=None, max_draft: 
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(target_seed=st.integers(0, 2), draft=st.sampled_from(["self", "other-1", "other-2", "other-3"]),
-       num_draft=st.integers(1, 8), branch=st.integers(1, 4), threshold=st.sampled_from([0.0, 0.2, 0.6]),
-       stop=st.sampled_from(["token", "path"]),
-       max_draft=st.integers(0, 12), prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10),
-                                                       min_size=1, max_size=3),
-       n_new=st.integers(1, 40), vocab=st.sampled_from([0, 4, 40]))
-def test_greedy_output_equals_plain_decoding(target_seed, draft, num_draft, branch, threshold, stop, max_draft,
-                                              prompts, n_new, vocab):
+@given(
+    target_seed=st.integers(0, 2),
+    draft=st.sampled_from(["self", "other-1", "other-2", "other-3"]),
+    num_draft=st.integers(1, 8),
+    branch=st.integers(1, 4),
+    threshold=st.sampled_from([0.0, 0.2, 0.6]),
+    stop=st.sampled_from(["token", "path"]),
+    max_draft=st.integers(0, 12),
+    prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10), min_size=1, max_size=3),
+    n_new=st.integers(1, 40),
+    vocab=st.sampled_from([0, 4, 40]),
+)
+def test_greedy_output_equals_plain_decoding(
+    target_seed, draft, num_draft, branch, threshold, stop, max_draft, prompts, n_new, vocab
+):
     engine = target(target_seed)
     # "self": the target's own weights (every draft accepted); "other-s": a smaller random model
     model = engine.model if draft == "self" else draft_model(int(draft[-1]), int(draft[-1]))
-    drafter = drafter_for(engine, model, num_draft=num_draft, branch=branch, threshold=threshold, vocab=vocab,
-                          stop=stop)
+    drafter = drafter_for(
+        engine, model, num_draft=num_draft, branch=branch, threshold=threshold, vocab=vocab, stop=stop
+    )
     for prompt in prompts:  # one drafter across requests: its cache must resync each time
         result = generate(engine, drafter, prompt, n_new, max_draft=max_draft)
         assert result.token_ids == generate(engine, None, prompt, n_new).token_ids
@@ -84,7 +96,9 @@ def test_tree_shape_and_greedy_siblings():
     drafter.cache, drafter.sampling = engine.model.new_cache(64), SamplingParams()
     draft = drafter.propose([4, 5, 6], 64)
     assert draft.parents == [-1, -1, -1, 0, 0, 0, 3, 3, 3] and draft.probs is None
-    logits = draft_model(1, 1)(torch.tensor([[4, 5, 6]]), torch.arange(3), draft_model(1, 1).new_cache(8))[0, -1]
+    logits = draft_model(1, 1)(torch.tensor([[4, 5, 6]]), torch.arange(3), draft_model(1, 1).new_cache(8))[
+        0, -1
+    ]
     assert draft.token_ids[:3] == torch.topk(logits, 3).indices.tolist()  # top-3, most likely first
     assert len(drafter.propose([4, 5, 6], 4)) == 4  # max_nodes caps the tree
     assert drafter.propose([4, 5, 6], 4).parents == [-1, -1, -1, 0]
@@ -93,7 +107,10 @@ def test_tree_shape_and_greedy_siblings():
 def test_sampled_drafts_carry_their_distributions():
     engine = target(0)
     drafter = drafter_for(engine, draft_model(1, 1), num_draft=4, branch=2, threshold=0.0)
-    drafter.cache, drafter.sampling = engine.model.new_cache(64), SamplingParams(temperature=0.9, top_k=10, seed=3)
+    drafter.cache, drafter.sampling = (
+        engine.model.new_cache(64),
+        SamplingParams(temperature=0.9, top_k=10, seed=3),
+    )
     drafter.start([4, 5, 6])
     draft = drafter.propose([4, 5, 6], 64)
     assert draft.probs.shape == (8, VOCAB) and draft.probs.dtype == torch.float64
@@ -118,8 +135,8 @@ def test_cache_follows_the_sequence_through_rejections_and_new_requests():
         fresh = drafter_for(engine, model, num_draft=4, threshold=0.0)
         fresh.cache, fresh.sampling = engine.model.new_cache(128), SamplingParams()
         assert got.token_ids == fresh.propose(tokens, 64).token_ids
-        assert drafter._seen[:len(tokens)] == tokens and drafter._cache.length == len(drafter._seen)
-        assert drafter._seen[len(tokens):] == got.token_ids[:-1]  # the chain minus its last token is cached
+        assert drafter._seen[: len(tokens)] == tokens and drafter._cache.length == len(drafter._seen)
+        assert drafter._seen[len(tokens) :] == got.token_ids[:-1]  # the chain minus its last token is cached
 
 
 def test_feed_only_what_the_draft_model_has_not_seen():
@@ -160,18 +177,30 @@ def scripted(confidences: list[float]):
     return rows[0], lambda token: next(it)
 
 
-@pytest.mark.parametrize("confidences, stop, threshold, depth, expected", [
-    ([0.9, 0.6, 0.5, 0.9, 0.9], "token", 0.3, 5, 5),  # every token above 0.3
-    ([0.9, 0.6, 0.5, 0.9, 0.9], "path", 0.3, 5, 3),  # 0.9, 0.54, 0.27: stops after the third
-    ([0.9, 0.2, 0.9, 0.9], "token", 0.3, 4, 2),  # the token below 0.3 is still proposed
-    ([0.9, 0.2, 0.9, 0.9], "path", 0.3, 4, 2),
-    ([0.99] * 12, "path", 0.3, 10, 10),  # confident chains run to the deepest allowed
-    ([0.9, 0.6, 0.5, 0.9], "path", 0.0, 4, 4),  # threshold 0: only the depth stops
-])
+@pytest.mark.parametrize(
+    "confidences, stop, threshold, depth, expected",
+    [
+        ([0.9, 0.6, 0.5, 0.9, 0.9], "token", 0.3, 5, 5),  # every token above 0.3
+        ([0.9, 0.6, 0.5, 0.9, 0.9], "path", 0.3, 5, 3),  # 0.9, 0.54, 0.27: stops after the third
+        ([0.9, 0.2, 0.9, 0.9], "token", 0.3, 4, 2),  # the token below 0.3 is still proposed
+        ([0.9, 0.2, 0.9, 0.9], "path", 0.3, 4, 2),
+        ([0.99] * 12, "path", 0.3, 10, 10),  # confident chains run to the deepest allowed
+        ([0.9, 0.6, 0.5, 0.9], "path", 0.0, 4, 4),  # threshold 0: only the depth stops
+    ],
+)
 def test_stop_rules(confidences, stop, threshold, depth, expected):
     first, step = scripted(confidences)
-    d = draft_nodes(first, step, Picker(None, 0), max_nodes=64, max_depth=depth, branch=1, threshold=threshold,
-                    source="t", stop=stop)
+    d = draft_nodes(
+        first,
+        step,
+        Picker(None, 0),
+        max_nodes=64,
+        max_depth=depth,
+        branch=1,
+        threshold=threshold,
+        source="t",
+        stop=stop,
+    )
     assert d.token_ids == list(range(expected)) and d.parents == list(range(-1, expected - 1))
 
 
@@ -191,7 +220,9 @@ def test_seeded_sampling_is_reproducible():
     sampling = SamplingParams(temperature=1.0, seed=7)
     runs = [generate(engine, drafter_for(engine, model, branch=2), [3, 4], 40, sampling) for _ in range(2)]
     assert runs[0].token_ids == runs[1].token_ids and runs[0].stats.drafted == runs[1].stats.drafted > 0
-    other = generate(engine, drafter_for(engine, model, branch=2), [3, 4], 40, SamplingParams(temperature=1.0, seed=8))
+    other = generate(
+        engine, drafter_for(engine, model, branch=2), [3, 4], 40, SamplingParams(temperature=1.0, seed=8)
+    )
     assert other.token_ids != runs[0].token_ids
 
 
@@ -214,8 +245,13 @@ def test_refuses_other_token_strings():
     import tokenizers
     from tokenizers import models
 
-    other = Tokenizer(tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[])), bos_id=None, eos_ids=set(),
-                      chat_template=None, add_bos=False)
+    other = Tokenizer(
+        tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[])),
+        bos_id=None,
+        eos_ids=set(),
+        chat_template=None,
+        add_bos=False,
+    )
     with pytest.raises(LeapError, match="token 63 is 'x9' for the draft model but"):
         drafter_for(engine, draft_model(1, 1), tokenizer=other)
     drafter_for(engine, draft_model(1, 1), tokenizer=tok)  # the same strings pass
@@ -227,19 +263,22 @@ def test_refuses_another_dtype():
         drafter_for(engine, draft_model(1, 1).to(torch.float32))
 
 
-@pytest.mark.parametrize("options, message", [
-    ({}, "exactly one of the options path"),
-    ({"path": "a.gguf", "model": object()}, "exactly one of the options path"),
-    ({"path": 3}, "option path must be a string"),
-    ({"path": "x", "num_draft": 0}, "draft-model option num_draft must be an integer >= 1"),
-    ({"path": "x", "branch": 1.5}, "draft-model option branch"),
-    ({"path": "x", "threshold": -1}, "draft-model option threshold"),
-    ({"path": "x", "stop": "chain"}, "draft-model option stop must be one of token, path, got 'chain'"),
-    ({"path": "x", "vocab": -1}, "draft-model option vocab must be an integer >= 0"),
-    ({"path": "x", "depth": 3}, "unknown draft-model option.*depth"),
-    ({"path": "x", "quant": "int3"}, "unknown quant 'int3'"),
-    ({"path": "x", "backend": "gpu"}, "unknown backend 'gpu'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "exactly one of the options path"),
+        ({"path": "a.gguf", "model": object()}, "exactly one of the options path"),
+        ({"path": 3}, "option path must be a string"),
+        ({"path": "x", "num_draft": 0}, "draft-model option num_draft must be an integer >= 1"),
+        ({"path": "x", "branch": 1.5}, "draft-model option branch"),
+        ({"path": "x", "threshold": -1}, "draft-model option threshold"),
+        ({"path": "x", "stop": "chain"}, "draft-model option stop must be one of token, path, got 'chain'"),
+        ({"path": "x", "vocab": -1}, "draft-model option vocab must be an integer >= 0"),
+        ({"path": "x", "depth": 3}, "unknown draft-model option.*depth"),
+        ({"path": "x", "quant": "int3"}, "unknown quant 'int3'"),
+        ({"path": "x", "backend": "gpu"}, "unknown backend 'gpu'"),
+    ],
+)
 def test_invalid_options(options, message):
     with pytest.raises(LeapError, match=message):
         make_drafter("draft-model", **options)
@@ -254,8 +293,18 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 def test_defaults():
     assert DraftModelOptions(path="m.gguf") == DraftModelOptions(
-        path="m.gguf", model=None, tokenizer=None, num_draft=10, branch=1, threshold=0.3, stop="path",
-        vocab=65536, backend="auto", quant="auto", activations="auto")
+        path="m.gguf",
+        model=None,
+        tokenizer=None,
+        num_draft=10,
+        branch=1,
+        threshold=0.3,
+        stop="path",
+        vocab=65536,
+        backend="auto",
+        quant="auto",
+        activations="auto",
+    )
 
 
 def test_a_draft_model_from_a_path_runs_on_the_fast_kernels(default_engine):
@@ -295,8 +344,14 @@ def test_draft_spec_takes_int4_where_the_files_blocks_cannot_run(monkeypatch, de
 def test_bundled_model_drafting_for_itself_from_its_path(bundled_engine):
     from leapdecode.model.source import default_model_path
 
-    drafter = make_drafter("draft-model", path=str(default_model_path()), threshold=0.0, num_draft=4,
-                           backend="torch", quant="none")  # exactly the target's arithmetic
+    drafter = make_drafter(
+        "draft-model",
+        path=str(default_model_path()),
+        threshold=0.0,
+        num_draft=4,
+        backend="torch",
+        quant="none",
+    )  # exactly the target's arithmetic
     drafter.bind(bundled_engine)  # loads a second copy and compares the tokenizers
     result = generate(bundled_engine, drafter, bundled_engine.encode_prompt("Name three colors."), 20)
     assert result.stats.accepted == result.stats.drafted > 0

@@ -14,9 +14,14 @@ from leapdecode.engine import Engine, GenerationConfig
 
 pytestmark = pytest.mark.slow
 
-FILES = {"qwen-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
-PROMPTS = ["Write a Python function that checks whether a number is prime.",
-           "Explain what a hash map is in two sentences."]
+FILES = {
+    "qwen-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    "qwen-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+}
+PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "Explain what a hash map is in two sentences.",
+]
 
 
 def cached(name: str) -> Path:
@@ -34,20 +39,30 @@ def test_qwen_05b_matches_transformers():
     engine = Engine.load(str(path))
     ids = engine.encode_prompt(PROMPTS[0])
     ours = engine.generate(ids, GenerationConfig(max_new_tokens=24, drafter="none")).token_ids
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     x = torch.tensor([ids])
     with torch.inference_mode():
-        theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
-                             eos_token_id=sorted(engine.tokenizer.eos_ids))[0, len(ids):].tolist()
+        theirs = hf.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=sorted(engine.tokenizer.eos_ids),
+        )[0, len(ids) :].tolist()
         hf_logits = hf(x).logits[0]  # [P, V]
-    assert ours == theirs[:len(ours)] and len(ours) >= 16
+    assert ours == theirs[: len(ours)] and len(ours) >= 16
     our_logits = engine.model(x, torch.arange(len(ids)), engine.model.new_cache(len(ids)))[0]
     assert torch.allclose(our_logits, hf_logits, atol=1e-3, rtol=0)
 
 
 def test_qwen_pair_draft_model_is_lossless_and_accepts():
-    engine = Engine.load(str(cached("qwen-1.5b")), threads=None,
-                         drafter_options={"draft-model": {"path": str(cached("qwen-0.5b")), "num_draft": 5}})
+    engine = Engine.load(
+        str(cached("qwen-1.5b")),
+        threads=None,
+        drafter_options={"draft-model": {"path": str(cached("qwen-0.5b")), "num_draft": 5}},
+    )
     drafter = engine.drafter("draft-model")  # loads the 0.5B and compares the tokenizers
     assert drafter.model.cfg.n_layers == 24 and engine.model.cfg.n_layers == 28
     accepted = drafted = 0

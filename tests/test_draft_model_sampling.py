@@ -35,7 +35,9 @@ def exact_sequence_probs(engine: Engine, prompt: list[int], params: SamplingPara
             if p == 0.0:
                 continue
             ids = prompt + list(seq)
-            logits = model(torch.tensor([ids]), torch.arange(len(ids)), model.new_cache(len(ids)), last_only=True)
+            logits = model(
+                torch.tensor([ids]), torch.arange(len(ids)), model.new_cache(len(ids)), last_only=True
+            )
             row = target_probs(logits[0, -1], params)  # [V]
             for t in range(vocab):
                 nxt[seq + (t,)] = p * row[t].item()
@@ -56,12 +58,14 @@ def chi_square_p(counts: Counter, exact: dict, n: int) -> float:
     if pooled_exp > 0:
         stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
         df += 1
-    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                   torch.tensor(stat / 2, dtype=torch.float64)).item()
+    return torch.special.gammaincc(
+        torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
+    ).item()
 
 
-def assert_matches_exact(engine: Engine, drafter, prompt: list[int], sampling: SamplingParams, n_new: int,
-                         n_samples: int) -> None:
+def assert_matches_exact(
+    engine: Engine, drafter, prompt: list[int], sampling: SamplingParams, n_new: int, n_samples: int
+) -> None:
     counts: Counter = Counter()
     drafted = accepted = 0
     for i in range(n_samples):
@@ -82,14 +86,20 @@ def tiny_pair(target_seed: int = 5, draft_seed: int = 6):
     return engine, build_model(random_state(cfg, draft_seed, scale=0.8), cfg, torch.float64)
 
 
-@pytest.mark.parametrize("options, sampling", [
-    ({"threshold": 0.0, "num_draft": 3}, SamplingParams(temperature=1.0)),  # chain
-    ({"threshold": 0.0, "num_draft": 2, "branch": 3}, SamplingParams(temperature=1.0)),  # tree
-    ({"threshold": 0.0, "num_draft": 2, "branch": 2}, SamplingParams(temperature=0.7, top_k=5, top_p=0.9)),
-    # the draft's output layer over ids 0-3 and the request's own: draws from a distribution with zeros
-    ({"threshold": 0.0, "num_draft": 3, "vocab": 4}, SamplingParams(temperature=1.0)),
-    ({"threshold": 0.0, "num_draft": 2, "branch": 3, "vocab": 4}, SamplingParams(temperature=1.0)),
-])
+@pytest.mark.parametrize(
+    "options, sampling",
+    [
+        ({"threshold": 0.0, "num_draft": 3}, SamplingParams(temperature=1.0)),  # chain
+        ({"threshold": 0.0, "num_draft": 2, "branch": 3}, SamplingParams(temperature=1.0)),  # tree
+        (
+            {"threshold": 0.0, "num_draft": 2, "branch": 2},
+            SamplingParams(temperature=0.7, top_k=5, top_p=0.9),
+        ),
+        # the draft's output layer over ids 0-3 and the request's own: draws from a distribution with zeros
+        ({"threshold": 0.0, "num_draft": 3, "vocab": 4}, SamplingParams(temperature=1.0)),
+        ({"threshold": 0.0, "num_draft": 2, "branch": 3, "vocab": 4}, SamplingParams(temperature=1.0)),
+    ],
+)
 def test_draft_model_sampling_is_exact(options, sampling):
     engine, draft = tiny_pair()
     drafter = make_drafter("draft-model", model=draft, **options)
@@ -103,7 +113,9 @@ def test_the_check_detects_a_wrong_distribution():
     counts: Counter = Counter()
     n = 3000
     for i in range(n):
-        cfg = GenerationConfig(max_new_tokens=3, drafter="none", sampling=SamplingParams(temperature=1.3, seed=i))
+        cfg = GenerationConfig(
+            max_new_tokens=3, drafter="none", sampling=SamplingParams(temperature=1.3, seed=i)
+        )
         counts[tuple(engine.generate([1, 2, 3], cfg).token_ids)] += 1
     exact = exact_sequence_probs(engine, [1, 2, 3], SamplingParams(temperature=1.0), 3)
     assert chi_square_p(counts, exact, n) < P_MIN

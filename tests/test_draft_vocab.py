@@ -39,7 +39,9 @@ def test_torch_linear_select_rows():
 
 
 @pytest.mark.skipif(not NATIVE, reason="the native backend needs AVX2+FMA+F16C and a C++ compiler")
-@pytest.mark.parametrize("fmt, act", [("f32", "float32"), ("q8_0", "int8"), ("q4_1", "int8"), ("q4_1", "float32")])
+@pytest.mark.parametrize(
+    "fmt, act", [("f32", "float32"), ("q8_0", "int8"), ("q4_1", "int8"), ("q4_1", "float32")]
+)
 def test_native_linear_select_rows_is_bit_exact(fmt, act):
     g = torch.Generator().manual_seed(2)
     parts = [Q.quantize(torch.randn(n, 64, generator=g), fmt) for n in (24, 13)]  # two parts, as fused q/k/v

@@ -53,10 +53,15 @@ def auto_with(sources: dict, curve: CostCurve) -> Auto:
 
 
 def test_merges_shared_prefixes_into_one_trie():
-    a = auto_with({"x": FixedDrafter(Draft.chain([5, 6, 7])), "y": FixedDrafter(Draft([5, 9], [-1, 0]))}, FLAT)
+    a = auto_with(
+        {"x": FixedDrafter(Draft.chain([5, 6, 7])), "y": FixedDrafter(Draft([5, 9], [-1, 0]))}, FLAT
+    )
     d = a.propose([1, 2, 3], 16)
     assert d.token_ids == [5, 6, 7, 9] and d.parents == [-1, 0, 1, 0]
-    assert a._last[0].origins == {"x": (0, (0, -1)), "y": (0, (0, -1))}  # rank 0, shortest-match bin, no scores
+    assert a._last[0].origins == {
+        "x": (0, (0, -1)),
+        "y": (0, (0, -1)),
+    }  # rank 0, shortest-match bin, no scores
 
 
 def test_cost_decides_the_tree_size():
@@ -103,10 +108,21 @@ def test_acceptance_stats_forget_old_evidence():
     assert s.key("x", 99, 9) == ("x", 12, 4)
 
 
-@pytest.mark.parametrize("match_len,scores,expected", [
-    (0, None, (0, -1)), (2, None, (0, -1)), (3, None, (1, -1)), (8, None, (2, -1)), (16, None, (3, -1)),
-    (17, None, (4, -1)), (5, [0.1], (2, 0)), (5, [0.5], (2, 1)), (5, [0.9], (2, 2)), (5, [1.0], (2, 3)),
-])
+@pytest.mark.parametrize(
+    "match_len,scores,expected",
+    [
+        (0, None, (0, -1)),
+        (2, None, (0, -1)),
+        (3, None, (1, -1)),
+        (8, None, (2, -1)),
+        (16, None, (3, -1)),
+        (17, None, (4, -1)),
+        (5, [0.1], (2, 0)),
+        (5, [0.5], (2, 1)),
+        (5, [0.9], (2, 2)),
+        (5, [1.0], (2, 3)),
+    ],
+)
 def test_evidence_bins(match_len, scores, expected):
     assert evidence(Draft([4], [-1], scores=scores, match_len=match_len), 0) == expected
 
@@ -133,8 +149,15 @@ def test_defaults_and_validation():
     opts = AutoOptions()
     assert opts.sources == ("suffix", "copy") and opts.max_nodes == 64
     assert isinstance(make_drafter("auto"), Auto)
-    for bad in ({"sources": ()}, {"sources": ("auto",)}, {"max_nodes": 0}, {"prior_rate": 1.5}, {"costly": -1},
-                {"probe_every": 0}, {"warmup": -1}):
+    for bad in (
+        {"sources": ()},
+        {"sources": ("auto",)},
+        {"max_nodes": 0},
+        {"prior_rate": 1.5},
+        {"costly": -1},
+        {"probe_every": 0},
+        {"warmup": -1},
+    ):
         with pytest.raises(LeapError):
             Auto(**bad)
     with pytest.raises(LeapError, match="unknown auto option"):
@@ -154,7 +177,7 @@ def test_cost_model_is_linear_in_the_context():
     assert m(8) == 2.0  # no context: the shortest one
     assert m(8, 100) == 2.0 and m(8, 1100) == 10.0 and m(8, 600) == pytest.approx(6.0)
     assert m(8, 2100) == pytest.approx(18.0)  # extrapolated: attention keeps growing with the context
-    assert m(8, 0) == pytest.approx(1.2) and m(1, -10**6) == 0.5  # floored at half the shortest curve
+    assert m(8, 0) == pytest.approx(1.2) and m(1, -(10**6)) == 0.5  # floored at half the shortest curve
     assert m.relative(1100) == {1: 1.0, 8: 5.0}
     with pytest.raises(ValueError):
         CostModel((5, 1), (CostCurve((1,), (1.0,)), CostCurve((1,), (1.0,))))
@@ -162,7 +185,9 @@ def test_cost_model_is_linear_in_the_context():
 
 def test_measured_model_on_a_tiny_model(tiny_engine):
     model = tiny_engine.cost_curve()
-    assert len(model.contexts) == 2 and model.contexts[0] < model.contexts[1] < tiny_engine.model.cfg.max_seq_len
+    assert (
+        len(model.contexts) == 2 and model.contexts[0] < model.contexts[1] < tiny_engine.model.cfg.max_seq_len
+    )
     for curve in model.curves:
         assert curve.ks[0] == 1 and all(b >= a for a, b in zip(curve.seconds, curve.seconds[1:]))
     assert tiny_engine.cost_curve() is model  # measured once
@@ -206,7 +231,8 @@ FLAT_MS = CostCurve((1, 64), (0.001, 0.001))  # a 1 ms forward whatever its size
 
 
 def run_steps(a: Auto, n: int, right: set[int]) -> None:
-    """n steps in which exactly the depth-1 nodes whose token is in `right` (and their chains) are accepted."""
+    """n steps in which exactly the depth-1 nodes whose token is in `right` (and their chains) are
+    accepted."""
     for _ in range(n):
         d = a.propose([1], 16)
         accepted, path = [], -1

@@ -9,18 +9,21 @@ from leapdecode.drafters.copy import CopyOptions, CopySpec
 from leapdecode.errors import LeapError
 
 
-@pytest.mark.parametrize("history, options, max_nodes, expected", [
-    ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {}, 64, [5, 6, 1, 2, 3, 4]),
-    ([1, 2, 3, 9, 1, 2, 3], {}, 64, []),  # only 3 tokens repeat: gamma is 4
-    ([1, 2, 3, 9, 1, 2, 3], {"gamma": 3}, 64, [9, 1, 2, 3]),
-    ([1, 2, 3, 4, 7, 1, 2, 3, 4, 8, 1, 2, 3, 4], {}, 64, [8, 1, 2, 3, 4]),  # the latest occurrence
-    ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {"max_copy": 2}, 64, [5, 6]),
-    ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {}, 3, [5, 6, 1]),
-    ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {}, 0, []),
-    (list(range(50)) + [0, 1, 2, 3], {}, 64, list(range(4, 36))),  # max_copy=32 by default
-    ([1, 2, 3, 4], {}, 64, []),
-    ([], {}, 64, []),
-])
+@pytest.mark.parametrize(
+    "history, options, max_nodes, expected",
+    [
+        ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {}, 64, [5, 6, 1, 2, 3, 4]),
+        ([1, 2, 3, 9, 1, 2, 3], {}, 64, []),  # only 3 tokens repeat: gamma is 4
+        ([1, 2, 3, 9, 1, 2, 3], {"gamma": 3}, 64, [9, 1, 2, 3]),
+        ([1, 2, 3, 4, 7, 1, 2, 3, 4, 8, 1, 2, 3, 4], {}, 64, [8, 1, 2, 3, 4]),  # the latest occurrence
+        ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {"max_copy": 2}, 64, [5, 6]),
+        ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {}, 3, [5, 6, 1]),
+        ([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], {}, 0, []),
+        (list(range(50)) + [0, 1, 2, 3], {}, 64, list(range(4, 36))),  # max_copy=32 by default
+        ([1, 2, 3, 4], {}, 64, []),
+        ([], {}, 64, []),
+    ],
+)
 def test_proposals(history, options, max_nodes, expected):
     draft = make_drafter("copy", **options).propose(history, max_nodes)
     assert draft.token_ids == expected
@@ -34,13 +37,16 @@ def test_defaults():
     assert d.options == CopyOptions(gamma=4, max_copy=32)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"gamma": 0}, "gamma"),
-    ({"gamma": 1.0}, "gamma"),
-    ({"max_copy": 0}, "max_copy"),
-    ({"max_copy": None}, "max_copy"),
-    ({"copy_len": 8}, "unknown copy option.*copy_len"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"gamma": 0}, "gamma"),
+        ({"gamma": 1.0}, "gamma"),
+        ({"max_copy": 0}, "max_copy"),
+        ({"max_copy": None}, "max_copy"),
+        ({"copy_len": 8}, "unknown copy option.*copy_len"),
+    ],
+)
 def test_invalid_options(options, message):
     with pytest.raises(LeapError, match=message):
         make_drafter("copy", **options)
@@ -84,7 +90,7 @@ def test_a_new_request_is_compared_in_full():
 def reference_index(tokens, gamma):
     index = {}
     for s in range(len(tokens) - gamma):
-        index.setdefault(tuple(tokens[s:s + gamma]), []).append(s)
+        index.setdefault(tuple(tokens[s : s + gamma]), []).append(s)
     return index
 
 
@@ -95,7 +101,7 @@ def test_index_follows_extensions_and_divergences(seed):
     tokens = [rng.randrange(4) for _ in range(10)]
     for _ in range(40):
         if rng.random() < 0.2:  # cut back (a new turn that differs, or a shorter sequence)
-            tokens = tokens[:rng.randrange(len(tokens) + 1)] + [rng.randrange(4)]
+            tokens = tokens[: rng.randrange(len(tokens) + 1)] + [rng.randrange(4)]
             d.start(tokens)
         else:
             tokens = tokens + [rng.randrange(4) for _ in range(rng.randrange(1, 4))]

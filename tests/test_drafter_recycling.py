@@ -46,31 +46,37 @@ def test_defaults():
     assert RecyclingOptions(k=3).widths == (3, 3, 2, 1, 1, 1)  # the default widths are capped at k
 
 
-@pytest.mark.parametrize("widths, template", [
-    ((3,), [(-1, 0), (-1, 1), (-1, 2)]),
-    ((2, 1), [(-1, 0), (-1, 1), (0, 0)]),
-    # ranks: root children 0, 1; node 0 (rank 0) gets 2 children, node 1 (rank 1) gets 2 - 1 = 1
-    ((2, 2), [(-1, 0), (-1, 1), (0, 0), (0, 1), (1, 0)]),
-    # cost order (depth + ranks): the rank-0 grandchild (cost 2) precedes the rank-2 root child (cost 3)
-    ((3, 1), [(-1, 0), (-1, 1), (0, 0), (-1, 2)]),
-    ((1, 0, 1), [(-1, 0)]),  # a zero width ends the tree
-])
+@pytest.mark.parametrize(
+    "widths, template",
+    [
+        ((3,), [(-1, 0), (-1, 1), (-1, 2)]),
+        ((2, 1), [(-1, 0), (-1, 1), (0, 0)]),
+        # ranks: root children 0, 1; node 0 (rank 0) gets 2 children, node 1 (rank 1) gets 2 - 1 = 1
+        ((2, 2), [(-1, 0), (-1, 1), (0, 0), (0, 1), (1, 0)]),
+        # cost order (depth + ranks): the rank-0 grandchild (cost 2) precedes the rank-2 root child (cost 3)
+        ((3, 1), [(-1, 0), (-1, 1), (0, 0), (-1, 2)]),
+        ((1, 0, 1), [(-1, 0)]),  # a zero width ends the tree
+    ],
+)
 def test_widths_template(widths, template):
     assert widths_template(widths) == template
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"k": 0}, "option k"),
-    ({"k": "8"}, "option k"),
-    ({"widths": []}, "widths"),
-    ({"widths": [9]}, "widths"),  # wider than k=8
-    ({"widths": [2, -1]}, "widths"),
-    ({"widths": "ab"}, "widths"),
-    ({"template": [(-1, 0), (1, 0)]}, r"template\[1\]"),  # parent not earlier
-    ({"template": [(-1, 8)]}, r"template\[0\]"),  # rank >= k
-    ({"template": [5]}, "template"),
-    ({"topk": 4}, "unknown recycling option.*topk"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"k": 0}, "option k"),
+        ({"k": "8"}, "option k"),
+        ({"widths": []}, "widths"),
+        ({"widths": [9]}, "widths"),  # wider than k=8
+        ({"widths": [2, -1]}, "widths"),
+        ({"widths": "ab"}, "widths"),
+        ({"template": [(-1, 0), (1, 0)]}, r"template\[1\]"),  # parent not earlier
+        ({"template": [(-1, 8)]}, r"template\[0\]"),  # rank >= k
+        ({"template": [5]}, "template"),
+        ({"topk": 4}, "unknown recycling option.*topk"),
+    ],
+)
 def test_invalid_options(options, message):
     with pytest.raises(LeapError, match=message):
         make_drafter("recycling", **options)
@@ -104,15 +110,23 @@ def test_observe_a_new_vocabulary_restarts_the_matrix():
 ROWS = {0: [1, 2, 3], 1: [4, 5, 6], 2: [7, 8, 9], 4: [0, 2, 1], 7: [3, 4, 5]}
 
 
-@pytest.mark.parametrize("template, max_nodes, tokens, parents", [
-    ([(-1, 0), (-1, 1), (-1, 2)], 64, [1, 2, 3], [-1, -1, -1]),
-    # node 0 is token 1 (row 1 = 4 5 6); node 1 is token 2 (row 2 = 7 8 9); node 3 is 4 (row 4 = 0 2 1)
-    ([(-1, 0), (-1, 1), (0, 0), (0, 2), (1, 0), (2, 1)], 64, [1, 2, 4, 6, 7, 2], [-1, -1, 0, 0, 1, 2]),
-    ([(-1, 0), (-1, 1), (0, 0), (0, 2), (1, 0), (2, 1)], 3, [1, 2, 4], [-1, -1, 0]),  # template order
-    ([(-1, 2), (0, 0), (1, 0)], 64, [3], [-1]),  # row 3 was never seen: nothing below it
-    ([(-1, 0), (-1, 0), (1, 1), (0, 1)], 64, [1, 5], [-1, 0]),  # a duplicate sibling goes, with its subtree
-    ([(-1, 0)], 0, [], []),
-])
+@pytest.mark.parametrize(
+    "template, max_nodes, tokens, parents",
+    [
+        ([(-1, 0), (-1, 1), (-1, 2)], 64, [1, 2, 3], [-1, -1, -1]),
+        # node 0 is token 1 (row 1 = 4 5 6); node 1 is token 2 (row 2 = 7 8 9); node 3 is 4 (row 4 = 0 2 1)
+        ([(-1, 0), (-1, 1), (0, 0), (0, 2), (1, 0), (2, 1)], 64, [1, 2, 4, 6, 7, 2], [-1, -1, 0, 0, 1, 2]),
+        ([(-1, 0), (-1, 1), (0, 0), (0, 2), (1, 0), (2, 1)], 3, [1, 2, 4], [-1, -1, 0]),  # template order
+        ([(-1, 2), (0, 0), (1, 0)], 64, [3], [-1]),  # row 3 was never seen: nothing below it
+        (
+            [(-1, 0), (-1, 0), (1, 1), (0, 1)],
+            64,
+            [1, 5],
+            [-1, 0],
+        ),  # a duplicate sibling goes, with its subtree
+        ([(-1, 0)], 0, [], []),
+    ],
+)
 def test_proposals_from_a_template(template, max_nodes, tokens, parents):
     d = with_rows(ROWS, k=3, template=template)
     draft = d.propose([9, 0], max_nodes)  # root = 0
@@ -148,7 +162,7 @@ def test_respects_max_nodes_and_keeps_a_tree(max_nodes):
     d.observe(StepResult(Draft.chain(tokens[1:]), tokens, torch.randn(vocab, vocab, generator=gen), [], 0))
     draft = d.propose([3], max_nodes)
     assert len(draft) == min(max_nodes, 50)  # every row is known and has distinct candidates
-    assert draft.token_ids == d.propose([3], 64).token_ids[:len(draft)]  # a prefix of the full tree
+    assert draft.token_ids == d.propose([3], 64).token_ids[: len(draft)]  # a prefix of the full tree
 
 
 def test_matrix_outlives_requests():

@@ -17,26 +17,35 @@ FORK = [1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 6, 7, 1, 2, 3]
 SKEWED = [7, 1, 7, 1, 7, 1, 7, 2, 7]
 
 
-@pytest.mark.parametrize("history, options, max_nodes, tokens, parents", [
-    # match "1 2 3" (3 tokens, so 3 nodes): 4 (p=1), then 5 and 6 (p=1/2 each) as siblings
-    (FORK, {}, 64, [4, 5, 6], [-1, 0, 0]),
-    # 12 nodes: both branches grow, equally likely, alternately (ties go to the first seen)
-    (FORK, {"factor": 4.0}, 64, [4, 5, 6, 9, 7, 1, 1, 2, 2, 3, 3, 4], [-1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
-    (FORK, {"factor": 4.0, "max_spec": 2}, 64, [4, 5], [-1, 0]),
-    (FORK, {"factor": 4.0}, 2, [4, 5], [-1, 0]),
-    (FORK, {"factor": 4.0}, 0, [], []),
-    (FORK, {"factor": 4.0, "min_prob": 0.6}, 64, [4], [-1]),  # the 1/2 branches fall below min_prob
-    (FORK, {"max_depth": 2}, 64, [4, 5], [-1, 0]),  # match "2 3" only: 2 nodes
-    (SKEWED, {}, 64, [1], [-1]),  # match "7": the likelier continuation (3/4)
-    # 1 (3/4), 7 (3/4), 1 (3/4 * 2/3), 7 (1/2) beat the 2 after the root (1/4)
-    (SKEWED, {"factor": 4.0}, 64, [1, 7, 1, 7], [-1, 0, 1, 2]),
-    (SKEWED, {"factor": 4.0, "min_prob": 0.8}, 64, [], []),
-    ([1, 2, 1, 3, 1, 2], {"factor": 4.0}, 64, [1, 3, 1, 2], [-1, 0, 1, 2]),
-    ([5, 5, 5, 5], {"factor": 4.0}, 64, [5], [-1]),  # "5 5 5" occurred once before, then one more 5
-    ([1, 2, 3, 4], {}, 64, [], []),  # nothing repeats
-    ([3], {}, 64, [], []),
-    ([], {}, 64, [], []),
-])
+@pytest.mark.parametrize(
+    "history, options, max_nodes, tokens, parents",
+    [
+        # match "1 2 3" (3 tokens, so 3 nodes): 4 (p=1), then 5 and 6 (p=1/2 each) as siblings
+        (FORK, {}, 64, [4, 5, 6], [-1, 0, 0]),
+        # 12 nodes: both branches grow, equally likely, alternately (ties go to the first seen)
+        (
+            FORK,
+            {"factor": 4.0},
+            64,
+            [4, 5, 6, 9, 7, 1, 1, 2, 2, 3, 3, 4],
+            [-1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        ),
+        (FORK, {"factor": 4.0, "max_spec": 2}, 64, [4, 5], [-1, 0]),
+        (FORK, {"factor": 4.0}, 2, [4, 5], [-1, 0]),
+        (FORK, {"factor": 4.0}, 0, [], []),
+        (FORK, {"factor": 4.0, "min_prob": 0.6}, 64, [4], [-1]),  # the 1/2 branches fall below min_prob
+        (FORK, {"max_depth": 2}, 64, [4, 5], [-1, 0]),  # match "2 3" only: 2 nodes
+        (SKEWED, {}, 64, [1], [-1]),  # match "7": the likelier continuation (3/4)
+        # 1 (3/4), 7 (3/4), 1 (3/4 * 2/3), 7 (1/2) beat the 2 after the root (1/4)
+        (SKEWED, {"factor": 4.0}, 64, [1, 7, 1, 7], [-1, 0, 1, 2]),
+        (SKEWED, {"factor": 4.0, "min_prob": 0.8}, 64, [], []),
+        ([1, 2, 1, 3, 1, 2], {"factor": 4.0}, 64, [1, 3, 1, 2], [-1, 0, 1, 2]),
+        ([5, 5, 5, 5], {"factor": 4.0}, 64, [5], [-1]),  # "5 5 5" occurred once before, then one more 5
+        ([1, 2, 3, 4], {}, 64, [], []),  # nothing repeats
+        ([3], {}, 64, [], []),
+        ([], {}, 64, [], []),
+    ],
+)
 def test_proposals(history, options, max_nodes, tokens, parents):
     draft = make_drafter("suffix", **options).propose(history, max_nodes)
     assert draft.token_ids == tokens
@@ -47,21 +56,25 @@ def test_proposals(history, options, max_nodes, tokens, parents):
 def test_defaults():
     d = make_drafter("suffix")
     assert isinstance(d, SuffixDecoding) and d.name == "suffix" and not d.wants_logits
-    assert d.options == SuffixOptions(max_depth=32, max_spec=32, factor=1.0, min_prob=0.1,
-                                      max_global_nodes=300_000)
+    assert d.options == SuffixOptions(
+        max_depth=32, max_spec=32, factor=1.0, min_prob=0.1, max_global_nodes=300_000
+    )
     assert d.global_trie.depth == 64
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"max_depth": 0}, "max_depth"),
-    ({"max_spec": 1.5}, "max_spec"),
-    ({"max_global_nodes": -1}, "max_global_nodes"),
-    ({"factor": 0}, "factor"),
-    ({"factor": "2"}, "factor"),
-    ({"min_prob": 1.5}, "min_prob"),
-    ({"min_prob": -0.1}, "min_prob"),
-    ({"depth": 8}, "unknown suffix option.*depth"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_depth": 0}, "max_depth"),
+        ({"max_spec": 1.5}, "max_spec"),
+        ({"max_global_nodes": -1}, "max_global_nodes"),
+        ({"factor": 0}, "factor"),
+        ({"factor": "2"}, "factor"),
+        ({"min_prob": 1.5}, "min_prob"),
+        ({"min_prob": -0.1}, "min_prob"),
+        ({"depth": 8}, "unknown suffix option.*depth"),
+    ],
+)
 def test_invalid_options(options, message):
     with pytest.raises(LeapError, match=message):
         make_drafter("suffix", **options)
@@ -137,7 +150,7 @@ def trie_counts(trie: _Trie) -> dict[tuple[int, ...], int]:
     while stack:
         prefix, node = stack.pop()
         if node.seq is not None:
-            tail = node.seq[node.pos:min(node.lim, len(node.seq))]
+            tail = node.seq[node.pos : min(node.lim, len(node.seq))]
             for i in range(1, len(tail) + 1):
                 out[prefix + tuple(tail[:i])] = 1
         for token, kid in (node.kids or {}).items():

@@ -51,7 +51,7 @@ def test_eos_stops_generation():
     ref = engine.generate([1, 2, 3], GenerationConfig(max_new_tokens=30, drafter="none")).token_ids
     engine.tokenizer.eos_ids = {ref[5]}
     out = engine.generate([1, 2, 3], GenerationConfig(max_new_tokens=30, drafter="pld"))
-    assert out.token_ids == ref[:ref.index(ref[5])]
+    assert out.token_ids == ref[: ref.index(ref[5])]
     assert out.stats.finish_reason == "stop"
 
 

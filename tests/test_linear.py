@@ -22,7 +22,9 @@ from leapdecode.model.linear import (
     linear_slots,
 )
 
-pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler")
+pytestmark = pytest.mark.skipif(
+    "native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler"
+)
 
 # (out, in) of the bundled model's linears: fused q/k/v, o, fused gate/up, down; and odd shapes.
 MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -33,8 +35,20 @@ ISAS = [isa for isa in build.ISAS if build.cpu_problem(isa) is None]  # every bu
 
 def run(qw: Q.QuantWeight, x: torch.Tensor, act: str, threads: int | None = None, isa: str | None = None):
     y = torch.empty(x.shape[0], qw.out_features)
-    native.linear_into(y, x, qw.fmt, act, qw.out_features, qw.in_features, qs=qw.qs, d=qw.d, m=qw.m, f=qw.f,
-                       threads=threads, isa=isa)
+    native.linear_into(
+        y,
+        x,
+        qw.fmt,
+        act,
+        qw.out_features,
+        qw.in_features,
+        qs=qw.qs,
+        d=qw.d,
+        m=qw.m,
+        f=qw.f,
+        threads=threads,
+        isa=isa,
+    )
     return y
 
 
@@ -46,7 +60,7 @@ def reference(qw: Q.QuantWeight, x: torch.Tensor, act: str) -> tuple[torch.Tenso
         x = (q.double().reshape(x.shape[0], nb, 32) * d[:, :nb, None].double()).reshape(x.shape)
     w = Q.dequantize(qw).double()
     exact = x.double() @ w.T
-    bound = (x.double().abs() @ w.abs().T) * x.shape[1] * 2.0 ** -23 + 1e-30
+    bound = (x.double().abs() @ w.abs().T) * x.shape[1] * 2.0**-23 + 1e-30
     return exact, bound
 
 
@@ -98,7 +112,7 @@ def test_every_row_is_bitwise_independent_of_the_others(fmt, act, isa):
             y = run(qw, x, act, isa=isa)
             rows = torch.randint(0, m, (4,), generator=gen).tolist() + [0, m - 1]
             for i in rows:
-                assert torch.equal(y[i], run(qw, x[i:i + 1].clone(), act, isa=isa)[0]), (n, k, m, i)
+                assert torch.equal(y[i], run(qw, x[i : i + 1].clone(), act, isa=isa)[0]), (n, k, m, i)
             assert torch.equal(y, run(qw, x, act, threads=1, isa=isa))  # the thread split never matters
 
 
@@ -126,8 +140,11 @@ def test_bad_calls_raise_leap_errors():
 
 
 def _qkv(s: int, t: int, gen, b=1, h=6, hkv=2, d=32):
-    return (torch.randn(b, h, s, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen),
-            torch.randn(b, hkv, t, d, generator=gen))
+    return (
+        torch.randn(b, h, s, d, generator=gen),
+        torch.randn(b, hkv, t, d, generator=gen),
+        torch.randn(b, hkv, t, d, generator=gen),
+    )
 
 
 @pytest.mark.parametrize("t", [21, 300])  # 300: rows of several key blocks, merged
@@ -153,7 +170,7 @@ def test_attention_rows_see_only_their_compacted_keys(t):
     y = native.attention(q, k, v, mask, True)
     for i in range(7):
         keep = mask[i].nonzero()[:, 0]
-        alone = native.attention(q[:, :, i:i + 1], k[:, :, keep], v[:, :, keep], None, True)
+        alone = native.attention(q[:, :, i : i + 1], k[:, :, keep], v[:, :, keep], None, True)
         assert torch.equal(y[:, :, i], alone[:, :, 0])
 
 
@@ -173,8 +190,10 @@ def test_attention_avx512_equals_avx2_bitwise(d, heads):
         mask = torch.rand(s, t, generator=gen) < 0.6
         mask[:, 0] = True
         for m in (mask, None):
-            assert torch.equal(native.attention(q, k, v, m, True, isa="avx2"),
-                               native.attention(q, k, v, m, True, isa="avx512")), (s, t, m is None)
+            assert torch.equal(
+                native.attention(q, k, v, m, True, isa="avx2"),
+                native.attention(q, k, v, m, True, isa="avx512"),
+            ), (s, t, m is None)
 
 
 @pytest.mark.parametrize("d", [32, 64, 128])
@@ -223,7 +242,9 @@ def test_converted_model_is_close_to_torch(quant):
     assert float((a - b).abs().max()) < tol
 
 
-@pytest.mark.parametrize("quant,act", [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int4", "float32")])
+@pytest.mark.parametrize(
+    "quant,act", [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int4", "float32")]
+)
 def test_forward_of_k_tokens_equals_k_single_steps_bitwise(quant, act):
     eng = _tiny_float32(dim=64, inter=128, vocab=96, qkv_bias=True)
     model = eng.model
@@ -233,7 +254,7 @@ def test_forward_of_k_tokens_equals_k_single_steps_bitwise(quant, act):
     model(ids[:, :9], torch.arange(9), cache)
     together = model(ids[:, 9:], torch.arange(9, 16), cache)[0]  # [7, V]
     cache.truncate(9)
-    alone = torch.cat([model(ids[:, i:i + 1], torch.arange(i, i + 1), cache)[0] for i in range(9, 16)])
+    alone = torch.cat([model(ids[:, i : i + 1], torch.arange(i, i + 1), cache)[0] for i in range(9, 16)])
     assert torch.equal(together, alone)
 
 
@@ -253,10 +274,14 @@ def test_bundled_model_gguf_blocks_lossless_drafting(bundled_engine):
     from leapdecode.model.source import default_model_path
 
     eng = Engine(copy.deepcopy(bundled_engine.model), bundled_engine.tokenizer)
-    spec = convert_linears(eng.model, "auto", "auto", default_model_path())  # from any backend the fixture has
+    spec = convert_linears(
+        eng.model, "auto", "auto", default_model_path()
+    )  # from any backend the fixture has
     assert spec == LinearSpec("native", "gguf", "int8") and eng.model.lm_head.backend == "native"
-    for prompt in ["Repeat this list exactly: apples, pears, plums, apples, pears, plums.",
-                   "Write a Python function that returns the sum of a list."]:
+    for prompt in [
+        "Repeat this list exactly: apples, pears, plums, apples, pears, plums.",
+        "Write a Python function that returns the sum of a list.",
+    ]:
         plain = eng.generate(prompt, GenerationConfig(max_new_tokens=40, drafter="none"))
         pld = eng.generate(prompt, GenerationConfig(max_new_tokens=40, drafter="pld"))
         assert pld.token_ids == plain.token_ids
@@ -336,7 +361,7 @@ def test_f32_ragged_shapes_are_exact_and_row_independent(n, k, isa):
     exact, bound = reference(qw, x, "float32")
     assert ((y.double() - exact).abs() <= bound).all()
     for i in range(11):
-        assert torch.equal(y[i], run(qw, x[i:i + 1].clone(), "float32", isa=isa)[0])
+        assert torch.equal(y[i], run(qw, x[i : i + 1].clone(), "float32", isa=isa)[0])
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="needs a CPU that runs both the AVX2 and the AVX-512 build")

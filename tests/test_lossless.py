@@ -19,14 +19,19 @@ from leapdecode.model.linear import available_backends, convert_linears
 
 
 def _native(quant: str, activations: str, seed: int):
-    engine = tiny_engine_for(tiny_config(vocab=48, dim=64, inter=128, qkv_bias=True), seed=seed, dtype=torch.float32)
+    engine = tiny_engine_for(
+        tiny_config(vocab=48, dim=64, inter=128, qkv_bias=True), seed=seed, dtype=torch.float32
+    )
     convert_linears(engine.model, "native", quant, None, activations)
     return engine
 
 
 ENGINES = [tiny_engine_for(seed=s) for s in range(2)] + [
-    tiny_engine_for(tiny_config(vocab=48, qkv_bias=True, tie=True, layers=3), seed=7)]
-if "native" in available_backends():  # the fast backend: its tests elsewhere skip, with the reason, without it
+    tiny_engine_for(tiny_config(vocab=48, qkv_bias=True, tie=True, layers=3), seed=7)
+]
+if (
+    "native" in available_backends()
+):  # the fast backend: its tests elsewhere skip, with the reason, without it
     ENGINES += [_native("int4", "int8", 11), _native("none", "float32", 12)]
 V = 48
 # drafters that need construction options (a draft model path) have their own test files
@@ -55,7 +60,9 @@ class NoisyOracle(Drafter):
             else:
                 ids.append(self.rng.randrange(V))
             parents.append(parent)
-            on_truth.append(truthful and ids[-1] == self.reference[pos] if pos < len(self.reference) else False)
+            on_truth.append(
+                truthful and ids[-1] == self.reference[pos] if pos < len(self.reference) else False
+            )
         return Draft(ids, parents, source=self.name)
 
 
@@ -64,8 +71,13 @@ def plain(engine, prompt, n):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prompt=st.lists(st.integers(0, V - 1), min_size=1, max_size=24), which=st.integers(0, len(ENGINES) - 1),
-       seed=st.integers(0, 2**16), p_true=st.floats(0.0, 1.0), max_draft=st.integers(0, 12))
+@given(
+    prompt=st.lists(st.integers(0, V - 1), min_size=1, max_size=24),
+    which=st.integers(0, len(ENGINES) - 1),
+    seed=st.integers(0, 2**16),
+    p_true=st.floats(0.0, 1.0),
+    max_draft=st.integers(0, 12),
+)
 def test_random_tree_drafter_is_lossless(prompt, which, seed, p_true, max_draft):
     engine, n = ENGINES[which], 20
     ref = plain(engine, prompt, n)
@@ -92,6 +104,8 @@ def test_noisy_oracle_actually_gets_accepted():
     """Guards the property test: the adversarial drafter must exercise acceptance, not only rejection."""
     engine, prompt = ENGINES[0], [3, 1, 4, 1, 5]
     ref = plain(engine, prompt, 30)
-    out = engine.generate(prompt, GenerationConfig(max_new_tokens=30), drafter=NoisyOracle(prompt + ref, 1, 0.9))
+    out = engine.generate(
+        prompt, GenerationConfig(max_new_tokens=30), drafter=NoisyOracle(prompt + ref, 1, 0.9)
+    )
     assert out.token_ids == ref
     assert out.stats.accepted > 0 and out.stats.steps < 30

@@ -33,13 +33,16 @@ def test_arena_refuses_more_than_its_room():
 
 @pytest.mark.parametrize("quant,act", [("none", "float32"), ("int4", "int8")])
 def test_a_model_computes_the_same_bits_after_its_weights_moved(quant, act):
-    eng = tiny_engine_for(tiny_config(dim=64, inter=128, heads=4, kv_heads=2, vocab=96), seed=3,
-                          dtype=torch.float32)
+    eng = tiny_engine_for(
+        tiny_config(dim=64, inter=128, heads=4, kv_heads=2, vocab=96), seed=3, dtype=torch.float32
+    )
     model = eng.model
     convert_linears(model, "native", quant, None, act)  # moves the weights already
     layers = [m for m in model.modules() if isinstance(m, NativeLinear)]
     ptrs = sorted(t.data_ptr() for layer in layers for t in layer.tensors())
-    assert ptrs[-1] - ptrs[0] < sum(t.numel() * t.element_size() + ALIGN for layer in layers for t in layer.tensors())
+    assert ptrs[-1] - ptrs[0] < sum(
+        t.numel() * t.element_size() + ALIGN for layer in layers for t in layer.tensors()
+    )
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
     before = model(ids, torch.arange(12), model.new_cache(16))
     assert move_to_huge_pages(layers)  # and once more, from one arena to another

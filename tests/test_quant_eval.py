@@ -45,7 +45,9 @@ def test_evaluate_tiny_model():
     eng = tiny_engine_for(tiny_config(vocab=64, dim=64, inter=128), dtype=torch.float32)
     windows = [list(range(3, 40)), [5, 9, 2, 7] * 6]
     ref_model = copy.deepcopy(eng.model)
-    res = evaluate(eng.model, None, windows, [Format.parse("none:float32"), Format.parse("int4:int8")], "native")
+    res = evaluate(
+        eng.model, None, windows, [Format.parse("none:float32"), Format.parse("int4:int8")], "native"
+    )
     assert list(res) == ["reference", "native/none/float32", "native/int4/int8"]
     ref, f32, q4 = res.values()
     assert ref["tokens"] == 36 + 23 and ref["mean_kl"] == 0.0
@@ -78,8 +80,20 @@ def test_spec_bench_summaries_are_read():
 
 @native_only
 def test_leap_eval_on_the_bundled_model(capsys):
-    rc = main(["eval", "--data", str(SPEC_BENCH), "--docs", "1", "--max-tokens", "48", "--formats", "gguf:int8",
-               "--json"])
+    rc = main(
+        [
+            "eval",
+            "--data",
+            str(SPEC_BENCH),
+            "--docs",
+            "1",
+            "--max-tokens",
+            "48",
+            "--formats",
+            "gguf:int8",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     res = out["results"]

@@ -22,8 +22,9 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def hf_bundled():
     path = default_model_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def test_bundled_logits_equal_transformers(hf_bundled, bundled_engine):
@@ -43,9 +44,13 @@ def test_bundled_greedy_equals_transformers_generate(hf_bundled, bundled_engine,
     ids = bundled_engine.encode_prompt(prompt)
     ours = bundled_engine.generate(ids, GenerationConfig(max_new_tokens=64, drafter="none"))
     with torch.no_grad():
-        out = hf_bundled.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
-                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    ref = out[0, len(ids):].tolist()
+        out = hf_bundled.generate(
+            torch.tensor([ids]),
+            max_new_tokens=64,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    ref = out[0, len(ids) :].tolist()
     eos = bundled_engine.tokenizer.eos_ids
     if ref and ref[-1] in eos:
         ref = ref[:-1]
@@ -53,9 +58,18 @@ def test_bundled_greedy_equals_transformers_generate(hf_bundled, bundled_engine,
 
 
 def _hf_config(arch: str, **kw):
-    common = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-                  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+    common = {
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    }
     common.update(kw)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
@@ -65,9 +79,18 @@ def _hf_config(arch: str, **kw):
 CASES = {
     "llama": ("llama", {}),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
-    "llama3-rope": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0,
-                                               "original_max_position_embeddings": 64}}),
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     "llama-linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "qwen2": ("qwen2", {}),
 }

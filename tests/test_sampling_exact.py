@@ -23,7 +23,9 @@ from leapdecode.sampling import SamplingParams, target_probs
 V, NEW, SAMPLES = 5, 3, 3000
 ENGINE = tiny_engine_for(tiny_config(vocab=V, dim=16, heads=2, kv_heads=1, inter=32), seed=11)
 PROMPT = [1, 3, 0, 2]
-Q = torch.softmax(torch.randn(V, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 1.5, -1)
+Q = torch.softmax(
+    torch.randn(V, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 1.5, -1
+)
 
 
 class RandomTokens(Drafter):
@@ -103,8 +105,10 @@ def sample_counts(make_drafter, params: SamplingParams) -> Counter:
     counts = Counter()
     drafter = make_drafter()
     for i in range(SAMPLES):
-        cfg = GenerationConfig(max_new_tokens=NEW, sampling=SamplingParams(params.temperature, params.top_k,
-                                                                            params.top_p, seed=i))
+        cfg = GenerationConfig(
+            max_new_tokens=NEW,
+            sampling=SamplingParams(params.temperature, params.top_k, params.top_p, seed=i),
+        )
         counts[tuple(ENGINE.generate(PROMPT, cfg, drafter=drafter).token_ids)] += 1
     return counts
 

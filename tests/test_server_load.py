@@ -60,10 +60,17 @@ def slow_down(engine, delay: float = 0.0, gate: threading.Event | None = None) -
 
 async def stream_text(client, kind: str, prompt: str, drafter: str, max_tokens: int) -> tuple[str, dict]:
     """One streamed request; returns the text and the final chunk's leap_stats."""
-    common = {"model": "tiny-0", "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                  "extra_body": {"leap": {"drafter": drafter}}}
+    common = {
+        "model": "tiny-0",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "extra_body": {"leap": {"drafter": drafter}},
+    }
     if kind == "chat":
-        stream = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+        stream = await client.chat.completions.create(
+            messages=[{"role": "user", "content": prompt}], **common
+        )
     else:
         stream = await client.completions.create(prompt=prompt, **common)
     pieces, last = [], None
@@ -75,13 +82,21 @@ async def stream_text(client, kind: str, prompt: str, drafter: str, max_tokens: 
 
 
 def test_32_concurrent_streams_with_mixed_drafters(tiny_engine):
-    jobs = [("chat" if i % 2 else "completion", prompt_text(i), DRAFTERS[i % len(DRAFTERS)]) for i in range(32)]
-    expected = [tiny_engine.generate(p, GenerationConfig(max_new_tokens=16, drafter="none"), raw=kind == "completion").text
-                for kind, p, _ in jobs]
+    jobs = [
+        ("chat" if i % 2 else "completion", prompt_text(i), DRAFTERS[i % len(DRAFTERS)]) for i in range(32)
+    ]
+    expected = [
+        tiny_engine.generate(
+            p, GenerationConfig(max_new_tokens=16, drafter="none"), raw=kind == "completion"
+        ).text
+        for kind, p, _ in jobs
+    ]
     app = build_app(tiny_engine, ServerConfig(drafter="none", max_concurrency=4, max_queue=64))
 
     async def run_all(url):
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        async with openai.AsyncOpenAI(
+            base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60
+        ) as client:
             tasks = [stream_text(client, kind, p, d, 16) for kind, p, d in jobs]
             return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
 
@@ -102,15 +117,21 @@ def test_32_concurrent_streams_with_mixed_drafters(tiny_engine):
 
 
 def test_full_queue_answers_429_at_once_and_server_stays_healthy(tiny_engine):
-    expected = tiny_engine.generate(prompt_text(0), GenerationConfig(max_new_tokens=8, drafter="none"), raw=True).text
+    expected = tiny_engine.generate(
+        prompt_text(0), GenerationConfig(max_new_tokens=8, drafter="none"), raw=True
+    ).text
     gate = threading.Event()
     slow_down(tiny_engine, gate=gate)  # nothing generates until the gate opens: the queue state is exact
     app = build_app(tiny_engine, ServerConfig(drafter="none", max_concurrency=2, max_queue=2))
 
     async def scenario(url):
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        async with openai.AsyncOpenAI(
+            base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60
+        ) as client:
+
             def start():
                 return asyncio.create_task(stream_text(client, "completion", prompt_text(0), "none", 8))
+
             accepted = [start(), start()]
             await asyncio.to_thread(wait_for, url, lambda m: m["leap_active_generations"] == 2)
             accepted += [start(), start()]
@@ -137,11 +158,21 @@ def test_full_queue_answers_429_at_once_and_server_stays_healthy(tiny_engine):
     assert m['leap_generations_total{outcome="length"}'] == 4
 
 
-def open_stream(url: str, prompt: str, max_tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def open_stream(
+    url: str, prompt: str, max_tokens: int
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    body = json.dumps({"model": "tiny-0", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "leap": {"drafter": "none"}})
+    body = json.dumps(
+        {
+            "model": "tiny-0",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "leap": {"drafter": "none"},
+        }
+    )
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
@@ -165,8 +196,15 @@ def test_clients_that_disconnect_free_their_slots(tiny_engine):
         for i in (0, 2):  # one active client and the waiting one go away
             streams[i][1].close()
             streams[i][0].close()
-        m = wait_for(srv.url, lambda m: m.get('leap_generations_total{outcome="cancelled"}') == 2
-                     and m["leap_active_generations"] == 1 and m["leap_queue_length"] == 0, timeout=5)
+        m = wait_for(
+            srv.url,
+            lambda m: (
+                m.get('leap_generations_total{outcome="cancelled"}') == 2
+                and m["leap_active_generations"] == 1
+                and m["leap_queue_length"] == 0
+            ),
+            timeout=5,
+        )
         assert m["leap_completion_tokens_total"] < 400  # the cancelled one stopped early
         conn, resp = open_stream(srv.url, prompt_text(5), 3)  # the freed slot serves a new request at once
         assert resp.read().decode().endswith("data: [DONE]\n\n")
@@ -178,8 +216,12 @@ def test_clients_that_disconnect_free_their_slots(tiny_engine):
         assert m['leap_generations_total{outcome="length"}'] == 1
 
         conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)  # not streamed: the same
-        conn.request("POST", "/v1/completions", json.dumps({"model": "tiny-0", "prompt": "AB", "max_tokens": 400}),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({"model": "tiny-0", "prompt": "AB", "max_tokens": 400}),
+            {"Content-Type": "application/json"},
+        )
         wait_for(srv.url, lambda m: m["leap_active_generations"] == 1)
         conn.close()
         m = wait_for(srv.url, lambda m: m['leap_generations_total{outcome="cancelled"}'] == 4, timeout=5)
@@ -195,7 +237,12 @@ def test_drafter_state_is_kept_across_requests(tiny_engine):
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         for name in names:
             for i in range(3):
-                client.completions.create(model="tiny-0", prompt=prompt_text(i), max_tokens=6, temperature=0,
-                                          extra_body={"leap": {"drafter": name}})
+                client.completions.create(
+                    model="tiny-0",
+                    prompt=prompt_text(i),
+                    max_tokens=6,
+                    temperature=0,
+                    extra_body={"leap": {"drafter": name}},
+                )
         pool = app.state.leap.scheduler.pool
         assert pool.created == {name: 1 for name in names}

@@ -19,7 +19,9 @@ def test_exposition_text_is_exact():
     h.observe(0.5, d="p")
     h.observe(7, d="p")
     assert g.kind == "gauge"
-    assert r.render() == """\
+    assert (
+        r.render()
+        == """\
 # HELP x_total Things
 # TYPE x_total counter
 x_total{kind="a\\"b"} 1
@@ -35,6 +37,7 @@ z_seconds_bucket{d="p",le="+Inf"} 3
 z_seconds_sum{d="p"} 7.55
 z_seconds_count{d="p"} 3
 """
+    )
 
 
 def test_labels_must_match_the_declared_names():
@@ -45,11 +48,17 @@ def test_labels_must_match_the_declared_names():
 
 def test_speculative_statistics_per_drafter():
     m = ServerMetrics(lambda: 2, lambda: 1, 4)
-    m.observe_generation(Stats(prompt_tokens=5, new_tokens=9, steps=4, drafted=12, accepted=5, decode_s=0.5,
-                               drafter="pld"), "length")
-    m.observe_generation(Stats(prompt_tokens=3, new_tokens=3, steps=2, drafted=2, accepted=1, decode_s=0.5,
-                               drafter="pld"), "stop")
-    m.observe_generation(Stats(prompt_tokens=1, new_tokens=2, steps=2, drafter="none", decode_s=1.0), "cancelled")
+    m.observe_generation(
+        Stats(prompt_tokens=5, new_tokens=9, steps=4, drafted=12, accepted=5, decode_s=0.5, drafter="pld"),
+        "length",
+    )
+    m.observe_generation(
+        Stats(prompt_tokens=3, new_tokens=3, steps=2, drafted=2, accepted=1, decode_s=0.5, drafter="pld"),
+        "stop",
+    )
+    m.observe_generation(
+        Stats(prompt_tokens=1, new_tokens=2, steps=2, drafter="none", decode_s=1.0), "cancelled"
+    )
     s = parse_samples(m.render())
     assert s['leap_spec_steps_total{drafter="pld"}'] == 6
     assert s['leap_spec_drafted_tokens_total{drafter="pld"}'] == 14

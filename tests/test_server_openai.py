@@ -22,10 +22,14 @@ from leapdecode.server import BackgroundServer, ServerConfig, build_app
 
 KEY = "sk-local"
 SPEC = next((d for d in ("pld", "suffix", "copy", "recycling") if d in available()), "none")
-CHAT_CASES = [("What is the capital of France?", "none"),
-              ("Write a Python function that returns the sum of a list, then call it on [1, 2, 3].", SPEC)]
-TEXT_CASES = [("The three primary colors are", "none"),
-              ("def total(items):\n    \"\"\"Sum of items.\"\"\"\n    result = 0\n    for item in items:\n", SPEC)]
+CHAT_CASES = [
+    ("What is the capital of France?", "none"),
+    ("Write a Python function that returns the sum of a list, then call it on [1, 2, 3].", SPEC),
+]
+TEXT_CASES = [
+    ("The three primary colors are", "none"),
+    ('def total(items):\n    """Sum of items."""\n    result = 0\n    for item in items:\n', SPEC),
+]
 MAX_TOKENS = 32
 
 
@@ -59,15 +63,22 @@ def check_stats(stats: dict, ref, drafter: str) -> None:
 def test_chat_over_http_equals_engine_generate(served, bundled_engine, prompt, drafter):
     _srv, client = served
     ref = reference(bundled_engine, prompt, drafter, raw=False)
-    common = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
-                  "temperature": 0, "extra_body": {"leap": {"drafter": drafter}}}
+    common = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "extra_body": {"leap": {"drafter": drafter}},
+    }
     resp = client.chat.completions.create(**common)
     assert resp.choices[0].message.content == ref.text
     assert resp.choices[0].finish_reason == ref.stats.finish_reason
     check_usage(resp.usage, ref)
     check_stats(resp.model_extra["leap_stats"], ref, drafter)
 
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **common))
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **common)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.stats.finish_reason
@@ -79,8 +90,13 @@ def test_chat_over_http_equals_engine_generate(served, bundled_engine, prompt, d
 def test_completions_over_http_equal_engine_generate(served, bundled_engine, prompt, drafter):
     _srv, client = served
     ref = reference(bundled_engine, prompt, drafter, raw=True)
-    common = {"model": "smollm2", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                  "extra_body": {"leap": {"drafter": drafter}}}
+    common = {
+        "model": "smollm2",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "extra_body": {"leap": {"drafter": drafter}},
+    }
     resp = client.completions.create(**common)
     assert resp.choices[0].text == ref.text
     check_usage(resp.usage, ref)
@@ -106,14 +122,33 @@ def test_models_and_api_key_with_the_official_client(served):
 
 def test_sigterm_finishes_the_stream_in_flight_and_exits_cleanly():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "leapdecode.cli", "serve", "--port", "0", "--drafter", "none", "--log-level",
-           "warning", "--shutdown-timeout", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "leapdecode.cli",
+        "serve",
+        "--port",
+        "0",
+        "--drafter",
+        "none",
+        "--log-level",
+        "warning",
+        "--shutdown-timeout",
+        "60",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stderr.readline()  # printed once the model has loaded and the port is bound
         url = re.search(r"on (http://\S+) ", line).group(1)
-        body = json.dumps({"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "prompt": "Count: 1, 2, 3,",
-                           "max_tokens": 24, "temperature": 0, "stream": True}).encode()
+        body = json.dumps(
+            {
+                "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "prompt": "Count: 1, 2, 3,",
+                "max_tokens": 24,
+                "temperature": 0,
+                "stream": True,
+            }
+        ).encode()
         req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             first = resp.readline()

@@ -13,7 +13,9 @@ from leapdecode.errors import LeapError
 from leapdecode.model.linear import Linear, available_backends, convert_linears
 from leapdecode.model.stack import NativeStack
 
-pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler")
+pytestmark = pytest.mark.skipif(
+    "native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler"
+)
 
 COMBOS = [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int8", "float32")]
 
@@ -48,8 +50,9 @@ def test_native_models_get_a_stack_and_torch_models_do_not():
 
 
 @pytest.mark.parametrize("quant,act", COMBOS)
-@pytest.mark.parametrize("cfg", [{}, {"qkv_bias": True}, {"heads": 4, "kv_heads": 4}, {"dim": 96, "heads": 3,
-                                                                                      "kv_heads": 1}])
+@pytest.mark.parametrize(
+    "cfg", [{}, {"qkv_bias": True}, {"heads": 4, "kv_heads": 4}, {"dim": 96, "heads": 3, "kv_heads": 1}]
+)
 def test_stack_agrees_with_the_per_block_path(quant, act, cfg):
     model = _native(quant, act, **cfg)
     ref = _per_block(model)

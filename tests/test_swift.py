@@ -57,8 +57,9 @@ def plain(engine: Engine, prompt, n: int, sampling: SamplingParams | None = None
 
 
 def run(engine: Engine, drafter, prompt, n: int, sampling: SamplingParams | None = None, max_draft: int = 64):
-    cfg = GenerationConfig(max_new_tokens=n, drafter=drafter.name, sampling=sampling or SamplingParams(),
-                           max_draft=max_draft)
+    cfg = GenerationConfig(
+        max_new_tokens=n, drafter=drafter.name, sampling=sampling or SamplingParams(), max_draft=max_draft
+    )
     return engine.generate(prompt, cfg, drafter=drafter)
 
 
@@ -71,25 +72,56 @@ def bound(engine: Engine, name: str, **options):
 # ---------------------------------------------------------------- lossless greedy decoding
 
 drafter_options = st.one_of(
-    st.tuples(st.just("swift"), st.fixed_dictionaries({
-        "context_window": st.integers(2, 8), "skip_ratio": st.sampled_from([0.25, 0.45, 0.75]),
-        "threshold": st.sampled_from([0.0, 0.3, 0.8]), "num_draft": st.integers(1, 8),
-        "bayes_interval": st.sampled_from([0, 2, 5]), "max_score": st.just(1.0), "seed": st.integers(0, 3)})),
-    st.tuples(st.just("ffn-skip"), st.fixed_dictionaries({
-        "ratio": st.sampled_from([0.0, 0.3, 0.5, 1.0]), "threshold": st.sampled_from([0.0, 0.5]),
-        "num_draft": st.integers(1, 8)})),
-    st.tuples(st.just("early-exit"), st.fixed_dictionaries({
-        "exit_layer": st.integers(1, N_LAYERS), "threshold": st.sampled_from([0.0, 0.5]),
-        "num_draft": st.integers(1, 8)})),
+    st.tuples(
+        st.just("swift"),
+        st.fixed_dictionaries(
+            {
+                "context_window": st.integers(2, 8),
+                "skip_ratio": st.sampled_from([0.25, 0.45, 0.75]),
+                "threshold": st.sampled_from([0.0, 0.3, 0.8]),
+                "num_draft": st.integers(1, 8),
+                "bayes_interval": st.sampled_from([0, 2, 5]),
+                "max_score": st.just(1.0),
+                "seed": st.integers(0, 3),
+            }
+        ),
+    ),
+    st.tuples(
+        st.just("ffn-skip"),
+        st.fixed_dictionaries(
+            {
+                "ratio": st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+                "threshold": st.sampled_from([0.0, 0.5]),
+                "num_draft": st.integers(1, 8),
+            }
+        ),
+    ),
+    st.tuples(
+        st.just("early-exit"),
+        st.fixed_dictionaries(
+            {
+                "exit_layer": st.integers(1, N_LAYERS),
+                "threshold": st.sampled_from([0.0, 0.5]),
+                "num_draft": st.integers(1, 8),
+            }
+        ),
+    ),
 )
-zeroed_layers = st.tuples(st.sets(st.integers(1, N_LAYERS - 2), max_size=3).map(lambda s: tuple(sorted(s))),
-                          st.sets(st.integers(1, N_LAYERS - 2), max_size=3).map(lambda s: tuple(sorted(s))))
+zeroed_layers = st.tuples(
+    st.sets(st.integers(1, N_LAYERS - 2), max_size=3).map(lambda s: tuple(sorted(s))),
+    st.sets(st.integers(1, N_LAYERS - 2), max_size=3).map(lambda s: tuple(sorted(s))),
+)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name_options=drafter_options, zeroed=zeroed_layers, seed=st.integers(0, 2),
-       prompt=st.lists(st.integers(0, 63), min_size=1, max_size=12), max_draft=st.integers(0, 10),
-       n_new=st.integers(1, 40))
+@given(
+    name_options=drafter_options,
+    zeroed=zeroed_layers,
+    seed=st.integers(0, 2),
+    prompt=st.lists(st.integers(0, 63), min_size=1, max_size=12),
+    max_draft=st.integers(0, 10),
+    n_new=st.integers(1, 40),
+)
 def test_greedy_output_equals_plain_decoding(name_options, zeroed, seed, prompt, max_draft, n_new):
     name, options = name_options
     engine = cached_engine(seed, zeroed)
@@ -145,11 +177,17 @@ def test_max_nodes_and_room_cap_the_chain():
 # ---------------------------------------------------------------- sampling
 
 
-@pytest.mark.parametrize("name, options, sampling", [
-    ("early-exit", {"exit_layer": 1, "threshold": 0.0, "num_draft": 3}, SamplingParams(temperature=1.0)),
-    ("swift", {"context_window": 2, "threshold": 0.0, "num_draft": 2, "max_score": 1.0},
-     SamplingParams(temperature=0.8, top_k=5)),
-])
+@pytest.mark.parametrize(
+    "name, options, sampling",
+    [
+        ("early-exit", {"exit_layer": 1, "threshold": 0.0, "num_draft": 3}, SamplingParams(temperature=1.0)),
+        (
+            "swift",
+            {"context_window": 2, "threshold": 0.0, "num_draft": 2, "max_score": 1.0},
+            SamplingParams(temperature=0.8, top_k=5),
+        ),
+    ],
+)
 def test_sampled_sequences_follow_the_target_distribution(name, options, sampling):
     cfg = tiny_config(vocab=8, dim=16, layers=4, heads=2, kv_heads=1, inter=32, max_seq=64)
     engine = tiny_engine_for(cfg, seed=5)
@@ -163,7 +201,13 @@ def test_seeded_sampling_is_reproducible():
     first = run(engine, bound(engine, "swift", context_window=4), [4, 5, 6], 40, sampling)
     second = run(engine, bound(engine, "swift", context_window=4), [4, 5, 6], 40, sampling)
     assert first.token_ids == second.token_ids and first.stats.drafted == second.stats.drafted > 0
-    third = run(engine, bound(engine, "swift", context_window=4), [4, 5, 6], 40, SamplingParams(temperature=1.0, seed=12))
+    third = run(
+        engine,
+        bound(engine, "swift", context_window=4),
+        [4, 5, 6],
+        40,
+        SamplingParams(temperature=1.0, seed=12),
+    )
     assert third.token_ids != first.token_ids
 
 
@@ -183,8 +227,17 @@ def test_ffn_skip_plan():
     assert [m for a, m in bound(engine, "ffn-skip").plan] == [False, False, True, True, True, False]
     assert all(not a for a, m in bound(engine, "ffn-skip").plan)
     assert [m for a, m in bound(engine, "ffn-skip", ratio=0.0).plan] == [False] * 6
-    assert [m for a, m in bound(engine, "ffn-skip", layers=[0, 5]).plan] == [True, False, False, False, False, True]
-    with pytest.raises(LeapError, match="ffn-skip option layers must be a list of block indices in \\[0, 6\\)"):
+    assert [m for a, m in bound(engine, "ffn-skip", layers=[0, 5]).plan] == [
+        True,
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
+    with pytest.raises(
+        LeapError, match="ffn-skip option layers must be a list of block indices in \\[0, 6\\)"
+    ):
         bound(engine, "ffn-skip", layers=[6])
 
 
@@ -193,23 +246,33 @@ def test_swift_starts_from_odd_blocks_with_the_skip_ratio():
     d = bound(engine, "swift")  # 8 candidate sub-layers (blocks 1..4), 45% -> 3 skipped
     assert d.skip_layers == {"attn": [1, 3], "mlp": [1]}
     assert d.plan == skip_plan(6, frozenset({(ATTN, 1), (MLP, 1), (ATTN, 3)}))
-    assert d.plan == [(False, False), (True, True), (False, False), (True, False), (False, False), (False, False)]
+    assert d.plan == [
+        (False, False),
+        (True, True),
+        (False, False),
+        (True, False),
+        (False, False),
+        (False, False),
+    ]
     d = bound(engine, "swift", attn_skip=[0, 2], mlp_skip=[])
     assert d.skip_layers == {"attn": [0, 2], "mlp": []}
 
 
-@pytest.mark.parametrize("name, options, message", [
-    ("swift", {"skip_ratio": 1.5}, "swift option skip_ratio must be a number in \\[0, 1\\]"),
-    ("swift", {"attn_skip": [1]}, "attn_skip and mlp_skip must be given together"),
-    ("swift", {"context_window": 0}, "swift option context_window must be an integer >= 1"),
-    ("swift", {"max_score": 0.0}, "swift option max_score must be a number in \\(0, 1\\]"),
-    ("swift", {"search": "yes"}, "search must be true or false"),
-    ("swift", {"layers": 3}, "unknown swift option.*layers"),
-    ("ffn-skip", {"ratio": -0.1}, "ffn-skip option ratio"),
-    ("early-exit", {"exit_layer": 0}, "early-exit option exit_layer must be an integer >= 1"),
-    ("early-exit", {"num_draft": 0}, "early-exit option num_draft"),
-    ("early-exit", {"threshold": 2}, "early-exit option threshold"),
-])
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("swift", {"skip_ratio": 1.5}, "swift option skip_ratio must be a number in \\[0, 1\\]"),
+        ("swift", {"attn_skip": [1]}, "attn_skip and mlp_skip must be given together"),
+        ("swift", {"context_window": 0}, "swift option context_window must be an integer >= 1"),
+        ("swift", {"max_score": 0.0}, "swift option max_score must be a number in \\(0, 1\\]"),
+        ("swift", {"search": "yes"}, "search must be true or false"),
+        ("swift", {"layers": 3}, "unknown swift option.*layers"),
+        ("ffn-skip", {"ratio": -0.1}, "ffn-skip option ratio"),
+        ("early-exit", {"exit_layer": 0}, "early-exit option exit_layer must be an integer >= 1"),
+        ("early-exit", {"num_draft": 0}, "early-exit option num_draft"),
+        ("early-exit", {"threshold": 2}, "early-exit option threshold"),
+    ],
+)
 def test_invalid_options(name, options, message):
     with pytest.raises(LeapError, match=message):
         make_drafter(name, **options)
@@ -218,7 +281,10 @@ def test_invalid_options(name, options, message):
 def test_swift_on_a_model_too_shallow_to_keep_first_and_last_blocks():
     engine = tiny_engine_for(tiny_config(layers=2))
     d = bound(engine, "swift")  # every sub-layer is a candidate then: 4, 45% -> 1 skipped
-    assert d.search.universe == [(ATTN, 0), (ATTN, 1), (MLP, 0), (MLP, 1)] and d.skip_layers == {"attn": [1], "mlp": []}
+    assert d.search.universe == [(ATTN, 0), (ATTN, 1), (MLP, 0), (MLP, 1)] and d.skip_layers == {
+        "attn": [1],
+        "mlp": [],
+    }
     result = run(engine, d, [1, 2, 3], 20)
     assert result.token_ids == plain(engine, [1, 2, 3], 20)
 
@@ -248,10 +314,10 @@ def test_window_score_of_the_full_model_is_perfect_and_leaves_the_cache():
     tokens = plain(engine, [7, 8, 9], 10)
     tokens = [7, 8, 9] + tokens
     cache = prefilled(engine, drafter, tokens, 3)
-    k_before = cache.k[:, :, :, :cache.length].clone()
+    k_before = cache.k[:, :, :, : cache.length].clone()
     match, neg_kl = drafter.score(frozenset(), tokens)
     assert match == 1.0 and -1e-12 < neg_kl <= 1e-12
-    assert cache.length == len(tokens) - 1 and torch.equal(cache.k[:, :, :, :cache.length], k_before)
+    assert cache.length == len(tokens) - 1 and torch.equal(cache.k[:, :, :, : cache.length], k_before)
     match, neg_kl = drafter.score(frozenset({(ATTN, 1), (MLP, 2), (MLP, 4)}), tokens)
     assert neg_kl < -1e-6
 
@@ -259,8 +325,17 @@ def test_window_score_of_the_full_model_is_perfect_and_leaves_the_cache():
 def test_search_finds_the_identity_sublayers():
     zero_attn, zero_mlp = (2,), (1, 4)  # three of the eight candidates add exactly zero
     engine = engine_with_identities(4, zero_attn, zero_mlp)
-    drafter = bound(engine, "swift", context_window=24, max_score=1.0, max_opt_iter=100, max_tolerance=100,
-                    bayes_interval=5, threshold=0.0, num_draft=4)
+    drafter = bound(
+        engine,
+        "swift",
+        context_window=24,
+        max_score=1.0,
+        max_opt_iter=100,
+        max_tolerance=100,
+        bayes_interval=5,
+        threshold=0.0,
+        num_draft=4,
+    )
     assert drafter.search.k == 3 and drafter.skip_layers != {"attn": [2], "mlp": [1, 4]}
     for request in range(12):  # the search goes on across requests
         run(engine, drafter, [1 + request, 2, 3], 100)

@@ -37,16 +37,20 @@ def test_agrees_with_transformers_after_its_pre_tokenizer_fix(default_engine):
 
     path = default_model_path()
     hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     ours = default_engine.tokenizer
     for text in TEXTS:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode(text)) == text
     messages = [{"role": "user", "content": "Hi there"}]
-    assert ours.render_chat(messages) == hf.apply_chat_template(messages, tokenize=False,
-                                                                 add_generation_prompt=True)
+    assert ours.render_chat(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_stop_tokens_include_the_end_of_turn(default_engine):
@@ -55,21 +59,33 @@ def test_stop_tokens_include_the_end_of_turn(default_engine):
 
 
 def spm_metadata() -> dict:
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [
-        "▁", "a", "b", "c", "▁a", "ab", "▁ab", "▁c", "bc"]
+    tokens = (
+        ["<unk>", "<s>", "</s>"]
+        + [f"<0x{b:02X}>" for b in range(256)]
+        + ["▁", "a", "b", "c", "▁a", "ab", "▁ab", "▁c", "bc"]
+    )
     scores = [0.0] * 259 + [-1.0, -2.0, -2.0, -2.0, -0.5, -0.7, -0.1, -0.6, -0.9]
     types = [2, 3, 3] + [6] * 256 + [1] * 9
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
-            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
-            "tokenizer.ggml.add_bos_token": True}
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+    }
 
 
-@pytest.mark.parametrize("text,pieces", [
-    ("ab ab", ["<s>", "▁ab", "▁ab"]),
-    ("c abc", ["<s>", "▁c", "▁ab", "c"]),
-    ("a!", ["<s>", "▁a", "<0x21>"]),  # byte fallback for a character outside the vocabulary
-])
+@pytest.mark.parametrize(
+    "text,pieces",
+    [
+        ("ab ab", ["<s>", "▁ab", "▁ab"]),
+        ("c abc", ["<s>", "▁c", "▁ab", "c"]),
+        ("a!", ["<s>", "▁a", "<0x21>"]),  # byte fallback for a character outside the vocabulary
+    ],
+)
 def test_sentencepiece_gguf_tokenizer(text, pieces):
     tok = Tokenizer.from_gguf_metadata(spm_metadata())
     ids = tok.encode(text)
@@ -84,7 +100,7 @@ def _streamed(tok, ids: list[int], sizes: list[int]) -> str:
     stream, out, i, k = TextStream(tok), [], 0, 0
     while i < len(ids):
         n = sizes[k % len(sizes)]
-        out.append(stream.push(ids[i:i + n])[0])
+        out.append(stream.push(ids[i : i + n])[0])
         i, k = i + n, k + 1
     return "".join(out) + stream.flush()
 
@@ -100,16 +116,20 @@ def test_streamed_text_is_the_full_decode_byte_level(default_engine, text, sizes
 
 
 @settings(max_examples=60, deadline=None)
-@given(ids=st.lists(st.integers(0, 49151), min_size=1, max_size=40), sizes=st.lists(st.integers(1, 3), min_size=1,
-                                                                                     max_size=4))
+@given(
+    ids=st.lists(st.integers(0, 49151), min_size=1, max_size=40),
+    sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+)
 def test_streamed_text_is_the_full_decode_for_any_ids(default_engine, ids, sizes):
     tok = default_engine.tokenizer
     assert _streamed(tok, ids, sizes) == tok.decode(ids)
 
 
 @settings(max_examples=60, deadline=None)
-@given(text=st.text(alphabet="abc é日", min_size=1, max_size=40), sizes=st.lists(st.integers(1, 3), min_size=1,
-                                                                                max_size=4))
+@given(
+    text=st.text(alphabet="abc é日", min_size=1, max_size=40),
+    sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+)
 def test_streamed_text_is_the_full_decode_sentencepiece(text, sizes):
     """SentencePiece drops the first token's leading space: both windows of a push start at the same
     token, so the new text still comes out as the full decode writes it (byte fallback included)."""

@@ -77,11 +77,14 @@ def test_sampling_acceptance_rate_is_min_one_p_over_q():
     assert 300 * 0.7 - 40 < hits_point < 300 * 0.7 + 40
 
 
-@pytest.mark.parametrize("params,kept", [
-    (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
-    (SamplingParams(temperature=1.0, top_p=0.5), {0}),
-    (SamplingParams(temperature=1.0, top_p=0.75), {0, 1}),
-])
+@pytest.mark.parametrize(
+    "params,kept",
+    [
+        (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
+        (SamplingParams(temperature=1.0, top_p=0.5), {0}),
+        (SamplingParams(temperature=1.0, top_p=0.75), {0, 1}),
+    ],
+)
 def test_target_probs_filters(params, kept):
     logits = torch.log(torch.tensor([0.6, 0.25, 0.1, 0.05]))
     probs = target_probs(logits, params)

@@ -30,14 +30,23 @@ MAX_PEER_CTX = 8192
 
 def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="Spec-Bench question.jsonl (question_id, category, turns)")
-    p.add_argument("--categories", nargs="+", default=None,
-                   help="only these categories (comma or space separated; mt_bench = its 8 categories)")
+    p.add_argument(
+        "--categories",
+        nargs="+",
+        default=None,
+        help="only these categories (comma or space separated; mt_bench = its 8 categories)",
+    )
     p.add_argument("--per-category", type=positive_int, default=None, help="first N questions per category")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated drafters (default: every available one); `{BASELINE}` always runs")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated drafters (default: every available one); `{BASELINE}` always runs",
+    )
     p.add_argument("--peers", default="", help=f"comma-separated peers: {', '.join(PEERS)} (default: none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; outputs are compared)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default; outputs are compared)"
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
     p.add_argument("--max-draft", type=int, default=64, help="most draft tokens verified per step")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
@@ -80,9 +89,20 @@ def run(args) -> int:
         raise LeapError(f"--out: {Path(args.out) / RECORDS} already exists; pass --resume or another --out")
     engine = _load_engine(args)
     contenders = make_peers(peers, _peer_context(args, engine))
-    records = run_bench(engine, questions, methods, contenders, max_new_tokens=args.max_new_tokens,
-                        sampling=sampling, max_draft=args.max_draft, out_dir=args.out, resume=args.resume,
-                        warmup=not args.no_warmup, progress=True, meta=_meta(args, methods, peers))
+    records = run_bench(
+        engine,
+        questions,
+        methods,
+        contenders,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        max_draft=args.max_draft,
+        out_dir=args.out,
+        resume=args.resume,
+        warmup=not args.no_warmup,
+        progress=True,
+        meta=_meta(args, methods, peers),
+    )
     path = render_report(records, read_meta(args.out), args.out)
     print(f"{len(records)} records in {Path(args.out) / RECORDS}; report: {path}", file=sys.stderr)
     print("\n".join(main_table(summarize(records))))
@@ -91,15 +111,27 @@ def run(args) -> int:
 
 def _load_engine(args) -> Engine:
     options = {"draft-model": {"path": args.draft_model}} if args.draft_model else {}
-    return Engine.load(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-                       drafter_options=options, backend=args.backend, quant=args.quant,
-                       activations=args.activations)
+    return Engine.load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        drafter_options=options,
+        backend=args.backend,
+        quant=args.quant,
+        activations=args.activations,
+    )
 
 
 def _peer_context(args, engine: Engine) -> PeerContext:
     path = Path(args.model).expanduser() if args.model else default_model_path()
-    return PeerContext(model_path=path, dtype=engine.model.dtype, eos_ids=frozenset(engine.tokenizer.eos_ids),
-                       threads=torch.get_num_threads(), n_ctx=min(engine.model.cfg.max_seq_len, MAX_PEER_CTX))
+    return PeerContext(
+        model_path=path,
+        dtype=engine.model.dtype,
+        eos_ids=frozenset(engine.tokenizer.eos_ids),
+        threads=torch.get_num_threads(),
+        n_ctx=min(engine.model.cfg.max_seq_len, MAX_PEER_CTX),
+    )
 
 
 def _meta(args, methods: list[str], peers: list[str]) -> dict:
@@ -109,12 +141,26 @@ def _meta(args, methods: list[str], peers: list[str]) -> dict:
     if args.per_category:
         cmd += ["--per-category", str(args.per_category)]
     cmd += ["--methods", ",".join(methods)] + (["--peers", ",".join(peers)] if peers else [])
-    cmd += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-            "--dtype", args.dtype]
+    cmd += [
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--temperature",
+        str(args.temperature),
+        "--dtype",
+        args.dtype,
+    ]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--model", args.model] if args.model else []
     for flag in ("backend", "quant", "activations"):
         cmd += [f"--{flag}", getattr(args, flag)] if getattr(args, flag) != "auto" else []
-    return {"command": shlex.join(cmd), "data": args.data,
-            "settings": {"categories": split_list(args.categories) or None, "per_category": args.per_category,
-                         "max_draft": args.max_draft, "methods": methods, "peers": peers}}
+    return {
+        "command": shlex.join(cmd),
+        "data": args.data,
+        "settings": {
+            "categories": split_list(args.categories) or None,
+            "per_category": args.per_category,
+            "max_draft": args.max_draft,
+            "methods": methods,
+            "peers": peers,
+        },
+    }

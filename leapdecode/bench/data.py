@@ -91,8 +91,9 @@ def _parse_line(line: str, where: str) -> Question:
         raise LeapError(f"{where}: {exc}") from None
 
 
-def load_questions(path: str | Path, categories: Sequence[str] | None = None,
-                   per_category: int | None = None) -> list[Question]:
+def load_questions(
+    path: str | Path, categories: Sequence[str] | None = None, per_category: int | None = None
+) -> list[Question]:
     """Questions of a Spec-Bench question.jsonl, optionally only some categories and the first N of each."""
     p = Path(path)
     if not p.is_file():
@@ -104,8 +105,9 @@ def load_questions(path: str | Path, categories: Sequence[str] | None = None,
     return select(parse_questions(text.splitlines(), str(path)), categories, per_category)
 
 
-def select(questions: list[Question], categories: Sequence[str] | None = None,
-           per_category: int | None = None) -> list[Question]:
+def select(
+    questions: list[Question], categories: Sequence[str] | None = None, per_category: int | None = None
+) -> list[Question]:
     if per_category is not None and per_category < 1:
         raise LeapError(f"--per-category must be a positive integer, got {per_category}")
     wanted = expand_categories(categories, questions) if categories else None
@@ -127,7 +129,9 @@ def expand_categories(names: Sequence[str], questions: list[Question]) -> set[st
     for name in names:
         cats = set(ALIASES.get(name, (name,))) & present if name in ALIASES else {name}
         if not cats <= present:
-            raise LeapError(f"--categories: unknown category {name!r}; the data has: "
-                            f"{', '.join(sorted(present))} (or {', '.join(ALIASES)})")
+            raise LeapError(
+                f"--categories: unknown category {name!r}; the data has: "
+                f"{', '.join(sorted(present))} (or {', '.join(ALIASES)})"
+            )
         wanted |= cats
     return wanted

@@ -67,15 +67,26 @@ class DrafterMethod(Contender):
         self.drafter = engine.drafter(drafter)  # unknown names fail here, before any work
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> Run:
-        config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, drafter=self.drafter_name,
-                                  max_draft=self.max_draft)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            drafter=self.drafter_name,
+            max_draft=self.max_draft,
+        )
         t0 = time.perf_counter()
         result = self.engine.generate(prompt_ids, config, drafter=self.drafter)
         wall = time.perf_counter() - t0
         s = result.stats
-        return Run(list(result.token_ids), wall, prefill_s=s.prefill_s, steps=s.steps, accepted=s.accepted,
-                   draft_s=s.draft_s, verify_s=s.verify_s,
-                   accepted_hist=hist_from_depths(s.steps, s.accepted_by_depth))
+        return Run(
+            list(result.token_ids),
+            wall,
+            prefill_s=s.prefill_s,
+            steps=s.steps,
+            accepted=s.accepted,
+            draft_s=s.draft_s,
+            verify_s=s.verify_s,
+            accepted_hist=hist_from_depths(s.steps, s.accepted_by_depth),
+        )
 
     def describe(self) -> dict:
         return {"engine": "leapdecode", "backend": self.engine.backend, "max_draft": self.max_draft}

@@ -72,7 +72,12 @@ class HFPeer(Contender):
     kind = "peer"
 
     def __init__(self, name: str, model, eos_ids: frozenset[int], prompt_lookup: int | None = None):
-        self.name, self.model, self.eos_ids, self.prompt_lookup = name, model, frozenset(eos_ids), prompt_lookup
+        self.name, self.model, self.eos_ids, self.prompt_lookup = (
+            name,
+            model,
+            frozenset(eos_ids),
+            prompt_lookup,
+        )
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> Run:
         x = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)  # [1, P]
@@ -83,26 +88,39 @@ class HFPeer(Contender):
         with torch.inference_mode():
             out = self.model.generate(x, attention_mask=torch.ones_like(x), **kwargs)  # [1, P + N]
         wall = time.perf_counter() - t0
-        return Run(cut_at_eos(out[0, len(prompt_ids):].tolist(), self.eos_ids), wall)
+        return Run(cut_at_eos(out[0, len(prompt_ids) :].tolist(), self.eos_ids), wall)
 
     def _generate_kwargs(self, max_new_tokens: int, sampling: SamplingParams) -> dict:
         eos = sorted(self.eos_ids)
-        kwargs = {"max_new_tokens": max_new_tokens, "min_new_tokens": 0, "eos_token_id": eos or None,
-                  "pad_token_id": eos[0] if eos else 0, "num_beams": 1, "repetition_penalty": 1.0}
+        kwargs = {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": 0,
+            "eos_token_id": eos or None,
+            "pad_token_id": eos[0] if eos else 0,
+            "num_beams": 1,
+            "repetition_penalty": 1.0,
+        }
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         else:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
-                          top_p=sampling.top_p)
+            kwargs.update(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k or None,
+                top_p=sampling.top_p,
+            )
         if self.prompt_lookup:
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
         return kwargs
 
     def describe(self) -> dict:
-        return {"engine": "transformers", "version": package_version("transformers"),
-                "dtype": str(self.model.dtype).removeprefix("torch."),
-                "prompt_lookup_num_tokens": self.prompt_lookup,
-                "compute": "GGUF dequantized to the benchmark dtype (as ours)"}
+        return {
+            "engine": "transformers",
+            "version": package_version("transformers"),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "prompt_lookup_num_tokens": self.prompt_lookup,
+            "compute": "GGUF dequantized to the benchmark dtype (as ours)",
+        }
 
 
 def load_hf_model(path: Path, dtype: torch.dtype):
@@ -112,8 +130,9 @@ def load_hf_model(path: Path, dtype: torch.dtype):
     if path.is_dir():
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype
+        )
     return model.eval()
 
 
@@ -131,7 +150,9 @@ def _hf(prompt_lookup: int | None) -> Callable[[PeerContext], Contender]:
 class LlamaCppPeer(Contender):
     kind = "peer"
 
-    def __init__(self, name: str, llm, eos_ids: frozenset[int], weights: str, prompt_lookup: int | None = None):
+    def __init__(
+        self, name: str, llm, eos_ids: frozenset[int], weights: str, prompt_lookup: int | None = None
+    ):
         self.name, self.llm, self.eos_ids = name, llm, frozenset(eos_ids)
         self.weights, self.prompt_lookup = weights, prompt_lookup
 
@@ -153,14 +174,25 @@ class LlamaCppPeer(Contender):
     @staticmethod
     def _sampling_kwargs(sampling: SamplingParams) -> dict:
         # temp 0 is llama.cpp's greedy sampler; penalties off as in every other contender
-        return {"temp": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "min_p": 0.0,
-                    "typical_p": 1.0, "repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-                    "reset": True}
+        return {
+            "temp": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+            "min_p": 0.0,
+            "typical_p": 1.0,
+            "repeat_penalty": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "reset": True,
+        }
 
     def describe(self) -> dict:
-        return {"engine": "llama.cpp via llama-cpp-python", "version": package_version("llama_cpp_python"),
-                "num_pred_tokens": self.prompt_lookup,
-                "compute": f"quantized: llama.cpp computes with the GGUF's {self.weights} weights"}
+        return {
+            "engine": "llama.cpp via llama-cpp-python",
+            "version": package_version("llama_cpp_python"),
+            "num_pred_tokens": self.prompt_lookup,
+            "compute": f"quantized: llama.cpp computes with the GGUF's {self.weights} weights",
+        }
 
 
 def gguf_weight_format(path: Path) -> str:
@@ -189,12 +221,23 @@ def _llamacpp(prompt_lookup: int | None) -> Callable[[PeerContext], Contender]:
         if prompt_lookup:
             # logits_all: without it llama-cpp-python sizes its score buffer by n_batch rows and fails
             # once prompt + output pass n_batch tokens
-            extra = {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup), "logits_all": True}
-        llm = Llama(model_path=str(ctx.model_path), n_ctx=ctx.n_ctx, n_threads=ctx.threads,
-                    n_threads_batch=ctx.threads, seed=ctx.seed, verbose=False, **extra)
+            extra = {
+                "draft_model": LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup),
+                "logits_all": True,
+            }
+        llm = Llama(
+            model_path=str(ctx.model_path),
+            n_ctx=ctx.n_ctx,
+            n_threads=ctx.threads,
+            n_threads_batch=ctx.threads,
+            seed=ctx.seed,
+            verbose=False,
+            **extra,
+        )
         weights = ctx.shared("gguf-format", lambda: gguf_weight_format(ctx.model_path))
-        return LlamaCppPeer("llamacpp-pld" if prompt_lookup else "llamacpp", llm, ctx.eos_ids, weights,
-                            prompt_lookup)
+        return LlamaCppPeer(
+            "llamacpp-pld" if prompt_lookup else "llamacpp", llm, ctx.eos_ids, weights, prompt_lookup
+        )
 
     return build
 
@@ -214,8 +257,10 @@ def check_peers(names: Sequence[str]) -> None:
             raise LeapError(f"--peers: unknown peer {name!r}; expected one of: {', '.join(PEERS)}")
         spec = PEERS[name]
         if importlib.util.find_spec(spec.module) is None:
-            raise LeapError(f"--peers {name}: {spec.package} is not installed; install the peers with "
-                            f"`{SETUP}` (or `pip install {spec.package}`)")
+            raise LeapError(
+                f"--peers {name}: {spec.package} is not installed; install the peers with "
+                f"`{SETUP}` (or `pip install {spec.package}`)"
+            )
 
 
 def make_peers(names: Sequence[str], ctx: PeerContext) -> list[Contender]:

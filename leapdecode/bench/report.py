@@ -23,15 +23,17 @@ DEFINITIONS = (
     "decoding `none`, over the (question, turn) pairs both answered in that group; wall time is the whole "
     "generate call (prefill included), every contender in the same process, alternating question by "
     "question. #Mean Accepted Tokens = tokens committed per verification step, the bonus token included "
-    "(1.00 = plain decoding). \"Same output\" compares the output token ids with `none`'s on the same "
-    "question and turn (Spec-Bench's equal.py check).")  # accepted-token histogram: longer steps are counted in the last bar
+    '(1.00 = plain decoding). "Same output" compares the output token ids with `none`\'s on the same '
+    "question and turn (Spec-Bench's equal.py check)."
+)  # accepted-token histogram: longer steps are counted in the last bar
 
 
 DECODE_DEFINITIONS = (
     "Decode speedup = (new tokens - 1) / (wall - prefill seconds) of a method over the same for `none`: "
     "the steps after the prompt's forward, which is the same for every method. Draft ms/step counts "
     "proposing and learning from each step; verify ms/step the target's forward over the draft and the "
-    "acceptance.")
+    "acceptance."
+)
 
 
 def throughput(records: Sequence[dict]) -> float | None:
@@ -57,11 +59,17 @@ class Summary:
     kinds: dict[str, str]
     groups: list[str]
     categories: list[str]
-    speedup: dict[str, dict[str, float | None]] = field(default_factory=dict)  # [c][group | category | Overall]
+    speedup: dict[str, dict[str, float | None]] = field(
+        default_factory=dict
+    )  # [c][group | category | Overall]
     tokens_per_s: dict[str, float | None] = field(default_factory=dict)
     mean_accepted: dict[str, float | None] = field(default_factory=dict)
-    decode_speedup: dict[str, dict[str, float | None]] = field(default_factory=dict)  # as speedup, prefill out
-    step_ms: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # c -> (draft, verify) per step
+    decode_speedup: dict[str, dict[str, float | None]] = field(
+        default_factory=dict
+    )  # as speedup, prefill out
+    step_ms: dict[str, tuple[float, float] | None] = field(
+        default_factory=dict
+    )  # c -> (draft, verify) per step
     matches: dict[str, tuple[int, int]] = field(default_factory=dict)  # c -> (equal to none, compared)
     accepted_hist: dict[str, list[int]] = field(default_factory=dict)
     best: str = BASELINE
@@ -85,8 +93,7 @@ def summarize(records: Sequence[dict]) -> Summary:
     s = Summary(contenders, kinds, groups, categories)
     for c in contenders:
         _fill(s, c, by[c], by[BASELINE])
-    s.best = max((c for c in contenders if kinds[c] == "method"),
-                 key=lambda c: s.speedup[c][OVERALL] or 0.0)
+    s.best = max((c for c in contenders if kinds[c] == "method"), key=lambda c: s.speedup[c][OVERALL] or 0.0)
     for peer in (c for c in contenders if kinds[c] == "peer"):
         s.versus_peers[peer] = {name: _pair_ratio(by[name], by[peer]) for name in (s.best, BASELINE)}
     return s
@@ -109,8 +116,11 @@ def _fill(s: Summary, c: str, mine: dict[tuple, dict], base: dict[tuple, dict]) 
     s.mean_accepted[c] = (sum(r["accepted"] for r in steps) + n_steps) / n_steps if n_steps else None
     timed = [r for r in steps if r.get("draft_s") is not None and r.get("verify_s") is not None]
     n_timed = sum(r["steps"] for r in timed)
-    s.step_ms[c] = (1e3 * sum(r["draft_s"] for r in timed) / n_timed,
-                    1e3 * sum(r["verify_s"] for r in timed) / n_timed) if n_timed else None
+    s.step_ms[c] = (
+        (1e3 * sum(r["draft_s"] for r in timed) / n_timed, 1e3 * sum(r["verify_s"] for r in timed) / n_timed)
+        if n_timed
+        else None
+    )
     checked = [r["lossless"] for r in mine.values() if r.get("lossless") is not None]
     s.matches[c] = (sum(checked), len(checked))
     hist: list[int] = []
@@ -156,21 +166,29 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def main_table(s: Summary) -> list[str]:
     header = ["Method"] + s.groups + ["#Mean Accepted Tokens", OVERALL, "tokens/s", "same output as `none`"]
-    rows = [[_label(s, c)] + [_x(s.speedup[c][g]) for g in s.groups]
-            + [_num(s.mean_accepted[c]), _x(s.speedup[c][OVERALL]), _num(s.tokens_per_s[c], 1), _match(s, c)]
-            for c in s.contenders]
+    rows = [
+        [_label(s, c)]
+        + [_x(s.speedup[c][g]) for g in s.groups]
+        + [_num(s.mean_accepted[c]), _x(s.speedup[c][OVERALL]), _num(s.tokens_per_s[c], 1), _match(s, c)]
+        for c in s.contenders
+    ]
     return _table(header, rows)
 
 
 def decode_table(s: Summary) -> list[str]:
     """The decode phase alone: prefill is the same computation for every method, and on a CPU it can
     take half the wall time of a long prompt, which hides what speculation does to the steps."""
+
     def ms(c: str, i: int) -> str:
         return "-" if s.step_ms.get(c) is None else f"{s.step_ms[c][i]:.2f}"
 
     methods = [c for c in s.contenders if s.kinds[c] == "method"]
-    rows = [[c] + [_x(s.decode_speedup[c][g]) for g in s.groups] + [_x(s.decode_speedup[c][OVERALL]), ms(c, 0), ms(c, 1)]
-            for c in methods]
+    rows = [
+        [c]
+        + [_x(s.decode_speedup[c][g]) for g in s.groups]
+        + [_x(s.decode_speedup[c][OVERALL]), ms(c, 0), ms(c, 1)]
+        for c in methods
+    ]
     return _table(["Method"] + s.groups + [OVERALL, "draft ms/step", "verify ms/step"], rows)
 
 
@@ -182,8 +200,12 @@ def category_table(s: Summary) -> list[str]:
 def peers_table(s: Summary) -> list[str]:
     ours = [s.best, BASELINE] if s.best != BASELINE else [BASELINE]
     rows = [[p] + [_x(v[name]) for name in ours] + [_match(s, p)] for p, v in s.versus_peers.items()]
-    return _table(["Peer"] + [f"speedup of our `{name}` over it" for name in ours]
-                  + [f"same output as our `{BASELINE}`"], rows)
+    return _table(
+        ["Peer"]
+        + [f"speedup of our `{name}` over it" for name in ours]
+        + [f"same output as our `{BASELINE}`"],
+        rows,
+    )
 
 
 def machine_lines(meta: dict) -> list[str]:
@@ -192,12 +214,18 @@ def machine_lines(meta: dict) -> list[str]:
         return ["(no run.json: machine not recorded)"]
     flags = ", ".join(m.get("cpu_flags") or []) or "flags unknown"
     cpu = f"{m.get('cpu')} ({flags}); {m.get('physical_cores')} cores, {m.get('logical_cpus')} logical CPUs"
-    lines = [f"- CPU: {cpu}; {m.get('threads')} threads",
-             (f"- Model: `{st.get('model', m.get('model'))}`, dtype {st.get('dtype', m.get('dtype'))}, "
-             f"kernels {m.get('backend', 'torch')}"),
-             f"- torch {m.get('torch')}, Python {m.get('python')}, {m.get('os')}, leapdecode {m.get('leapdecode')}",
-             f"- Date: {m.get('date')}" + (f" (resumed {', '.join(meta['resumed'])})" if meta.get("resumed") else ""),
-             f"- Budget: max {st.get('max_new_tokens')} new tokens, temperature {st.get('temperature')}"]
+    lines = [
+        f"- CPU: {cpu}; {m.get('threads')} threads",
+        (
+            f"- Model: `{st.get('model', m.get('model'))}`, dtype {st.get('dtype', m.get('dtype'))}, "
+            f"kernels {m.get('backend', 'torch')}"
+        ),
+        f"- torch {m.get('torch')}, Python {m.get('python')}, {m.get('os')}, "
+        + f"leapdecode {m.get('leapdecode')}",
+        f"- Date: {m.get('date')}"
+        + (f" (resumed {', '.join(meta['resumed'])})" if meta.get("resumed") else ""),
+        f"- Budget: max {st.get('max_new_tokens')} new tokens, temperature {st.get('temperature')}",
+    ]
     if meta.get("command"):
         lines.append(f"- Command: `{meta['command']}`")
     return lines
@@ -208,7 +236,9 @@ def peer_lines(meta: dict, s: Summary) -> list[str]:
     for name in (c for c in s.contenders if s.kinds[c] == "peer"):
         d = meta.get("contenders", {}).get(name, {})
         version = f" {d['version']}" if d.get("version") else ""
-        lines.append(f"- `{name}`: {d.get('engine', name)}{version}; {d.get('compute', 'compute not recorded')}")
+        lines.append(
+            f"- `{name}`: {d.get('engine', name)}{version}; {d.get('compute', 'compute not recorded')}"
+        )
     return lines
 
 

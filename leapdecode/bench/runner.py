@@ -35,11 +35,21 @@ WARMUP_TOKENS = 16
 RESUME_KEYS = ("model", "dtype", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
-def run_bench(engine: Engine, questions: Sequence[Question], methods: Sequence[str | Contender],
-              peers: Sequence[Contender] = (), *, max_new_tokens: int = 256,
-              sampling: SamplingParams | None = None, max_draft: int = 64, out_dir: str | Path | None = None,
-              resume: bool = False, warmup: bool = True, progress: bool = True,
-              meta: dict | None = None) -> list[dict]:
+def run_bench(
+    engine: Engine,
+    questions: Sequence[Question],
+    methods: Sequence[str | Contender],
+    peers: Sequence[Contender] = (),
+    *,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    max_draft: int = 64,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    warmup: bool = True,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> list[dict]:
     """Run the benchmark; returns every record (those of a resumed run included).
 
     `methods` are drafter names or Contender objects; plain decoding (`none`) is added when missing since
@@ -55,11 +65,17 @@ def run_bench(engine: Engine, questions: Sequence[Question], methods: Sequence[s
         _write_meta(Path(out_dir), engine, contenders, max_new_tokens, sampling, meta or {}, resume)
     session = _Session(engine, contenders, log, max_new_tokens, sampling)
     todo = sum(len(q.turns) for q in questions) * len(contenders)
-    left = sum(log.get(c.name, q.question_id, t) is None for q in questions for c in contenders
-               for t in range(1, len(q.turns) + 1))
+    left = sum(
+        log.get(c.name, q.question_id, t) is None
+        for q in questions
+        for c in contenders
+        for t in range(1, len(q.turns) + 1)
+    )
     if warmup and left:
         session.warm_up()
-    with tqdm(total=todo, initial=todo - left, unit="run", desc="bench", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=todo, initial=todo - left, unit="run", desc="bench", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for i, q in enumerate(questions):
             for c in _rotated(contenders, i):
                 session.answer(c, q, bar)
@@ -133,13 +149,26 @@ class _Session:
 def make_record(c: Contender, q: Question, turn: int, prompt: list[int], run: Run, text: str) -> dict:
     n = len(run.token_ids)
     return {
-        "method": c.name, "kind": c.kind, "question_id": q.question_id, "category": q.category,
-        "group": q.group, "turn": turn, "prompt_tokens": len(prompt), "new_tokens": n,
-        "wall_s": run.wall_s, "tokens_per_s": n / run.wall_s if run.wall_s > 0 else 0.0,
-        "prefill_s": run.prefill_s, "steps": run.steps, "accepted": run.accepted,
-        "mean_accepted": run.mean_accepted, "draft_s": run.draft_s, "verify_s": run.verify_s,
-        "accepted_hist": run.accepted_hist, "lossless": None,
-        "output_ids": list(run.token_ids), "text": text,
+        "method": c.name,
+        "kind": c.kind,
+        "question_id": q.question_id,
+        "category": q.category,
+        "group": q.group,
+        "turn": turn,
+        "prompt_tokens": len(prompt),
+        "new_tokens": n,
+        "wall_s": run.wall_s,
+        "tokens_per_s": n / run.wall_s if run.wall_s > 0 else 0.0,
+        "prefill_s": run.prefill_s,
+        "steps": run.steps,
+        "accepted": run.accepted,
+        "mean_accepted": run.mean_accepted,
+        "draft_s": run.draft_s,
+        "verify_s": run.verify_s,
+        "accepted_hist": run.accepted_hist,
+        "lossless": None,
+        "output_ids": list(run.token_ids),
+        "text": text,
     }
 
 
@@ -152,8 +181,9 @@ class RecordLog:
         if path is None:
             return
         if path.exists() and path.stat().st_size and not resume:
-            raise LeapError(f"--out: {path} already holds records; pass --resume to continue it "
-                            f"or choose another --out")
+            raise LeapError(
+                f"--out: {path} already holds records; pass --resume to continue it or choose another --out"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         for rec in read_records(path, repair=True) if path.exists() else []:
             self._add(rec)
@@ -209,10 +239,16 @@ def _parse_records(lines: Iterable[str], source: str) -> Iterable[dict]:
 
 def _write_meta(out: Path, engine, contenders, max_new_tokens, sampling, extra, resume) -> None:
     meta = {
-        "settings": {"model": engine.name, "dtype": str(engine.model.dtype).removeprefix("torch."),
-                     "max_new_tokens": max_new_tokens, "temperature": sampling.temperature,
-                     "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed,
-                     **extra.get("settings", {})},
+        "settings": {
+            "model": engine.name,
+            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "max_new_tokens": max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+            **extra.get("settings", {}),
+        },
         "machine": describe_machine(engine),
         "contenders": {c.name: {"kind": c.kind, **c.describe()} for c in contenders},
         **{k: v for k, v in extra.items() if k != "settings"},

@@ -33,8 +33,10 @@ class Format:
         quant, _, act = text.strip().partition(":")
         fmt = Format(quant, act or "auto")
         if fmt.quant not in QUANTS or fmt.activations not in ACTIVATIONS:
-            raise LeapError(f"--formats: {text!r} is not QUANT[:ACTIVATIONS] with QUANT in {QUANTS} and "
-                            f"ACTIVATIONS in {ACTIVATIONS}")
+            raise LeapError(
+                f"--formats: {text!r} is not QUANT[:ACTIVATIONS] with QUANT in {QUANTS} and "
+                f"ACTIVATIONS in {ACTIVATIONS}"
+            )
         return fmt
 
 
@@ -58,19 +60,36 @@ class Score:
 
     def to_dict(self) -> dict:
         n = max(self.count, 1)
-        return {"perplexity": math.exp(self.nll / n), "mean_kl": self.kl / n, "top1_agreement": self.agree / n,
-                "tokens": self.count, "forward_s": self.seconds, **self.extra}
+        return {
+            "perplexity": math.exp(self.nll / n),
+            "mean_kl": self.kl / n,
+            "top1_agreement": self.agree / n,
+            "tokens": self.count,
+            "forward_s": self.seconds,
+            **self.extra,
+        }
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", required=True, help="Spec-Bench question.jsonl (or any .jsonl with 'turns'), or a .txt file")
-    p.add_argument("--category", default="summarization", help="Spec-Bench category to read (default: summarization)")
+    p.add_argument(
+        "--data", required=True, help="Spec-Bench question.jsonl (or any .jsonl with 'turns'), or a .txt file"
+    )
+    p.add_argument(
+        "--category", default="summarization", help="Spec-Bench category to read (default: summarization)"
+    )
     p.add_argument("--docs", type=int, default=8, help="number of documents (default 8)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per document window (default 512)")
-    p.add_argument("--formats", default=DEFAULT_FORMATS,
-                   help=f"comma-separated QUANT:ACTIVATIONS to compare with float32 torch (default {DEFAULT_FORMATS})")
-    p.add_argument("--backend", default="native", help="backend of the formats: native (default), torch or auto")
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2-135M)")
+    p.add_argument(
+        "--formats",
+        default=DEFAULT_FORMATS,
+        help=f"comma-separated QUANT:ACTIVATIONS to compare with float32 torch (default {DEFAULT_FORMATS})",
+    )
+    p.add_argument(
+        "--backend", default="native", help="backend of the formats: native (default), torch or auto"
+    )
+    p.add_argument(
+        "--model", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2-135M)"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -104,8 +123,9 @@ def log_probs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.double().cpu(), dim=-1)
 
 
-def evaluate(model, gguf_path: Path | None, windows: list[list[int]], formats: list[Format],
-             backend: str) -> dict[str, dict]:
+def evaluate(
+    model, gguf_path: Path | None, windows: list[list[int]], formats: list[Format], backend: str
+) -> dict[str, dict]:
     """Scores of the reference (float32 torch, `model` as loaded) and of every format."""
     variants = {"reference": model}
     for fmt in formats:
@@ -138,11 +158,18 @@ def _linear_bytes(model) -> int:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = [("| format (backend/quant/activations) | linear weights MB | perplexity | mean KL vs float32 | "
-             "top-1 agreement | forward s |"), "|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| format (backend/quant/activations) | linear weights MB | perplexity | mean KL vs float32 | "
+            "top-1 agreement | forward s |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['weight_mb']:.1f} | {r['perplexity']:.4f} | {r['mean_kl']:.5f} | "
-                     f"{100 * r['top1_agreement']:.2f}% | {r['forward_s']:.2f} |")
+        lines.append(
+            f"| {name} | {r['weight_mb']:.1f} | {r['perplexity']:.4f} | {r['mean_kl']:.5f} | "
+            f"{100 * r['top1_agreement']:.2f}% | {r['forward_s']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -159,7 +186,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     texts = load_texts(Path(args.data), args.category, args.docs)
     model, tokenizer, path = load(args.model)
-    windows = [ids[:args.max_tokens] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
+    windows = [ids[: args.max_tokens] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
     gguf_path = gguf_file(path)
     results = evaluate(model, gguf_path, windows, formats, args.backend)
     if args.json:

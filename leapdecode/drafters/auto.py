@@ -4,7 +4,8 @@ Every source drafter proposes; the proposals are merged into one token trie. Eac
 accepted given its parent is estimated from this drafter's own history, per (source, depth, sibling
 rank) and, finer, per the source's evidence (the length of the context match the draft came from and the
 source's own score of the node): a long match is accepted far more often than a one-token match, so
-the evidence decides whether a proposal is worth verifying. A node's path probability is the product along its path, and the expected tokens a tree commits is
+the evidence decides whether a proposal is worth verifying. A node's path probability is the product
+along its path, and the expected tokens a tree commits is
 1 (the bonus) plus the sum of its nodes' path probabilities. Taking nodes by decreasing path probability
 always gives a valid tree, so the tree size N is chosen to maximise
 
@@ -100,7 +101,9 @@ class AcceptanceStats:
         hits, tries = self.counts.get(key, (0.0, 0.0))
         return (hits + prior * self.prior_weight) / (tries + self.prior_weight)
 
-    def update(self, source: str, depth: int, rank: int, accepted: bool, ev: tuple[int, int] | None = None) -> None:
+    def update(
+        self, source: str, depth: int, rank: int, accepted: bool, ev: tuple[int, int] | None = None
+    ) -> None:
         coarse = self.key(source, depth, rank)
         for key in (coarse, (*coarse, *ev)) if ev is not None else (coarse,):
             c = self.counts.setdefault(key, [0.0, 0.0])
@@ -223,12 +226,15 @@ class Auto(Drafter):
         """Path probabilities (parents precede children); 0 for nodes only `exclude` proposed."""
         probs: list[float] = []
         for node in nodes:
-            rates = [self.stats.rate(s, node.depth, r, ev) for s, (r, ev) in node.origins.items() if s != exclude]
+            rates = [
+                self.stats.rate(s, node.depth, r, ev) for s, (r, ev) in node.origins.items() if s != exclude
+            ]
             probs.append(max(rates, default=0.0) * (1.0 if node.parent < 0 else probs[node.parent]))
         return probs
 
-    def _best(self, probs: list[float], depths: list[int], budget: int, context: int,
-              extra: float) -> tuple[list[int], float]:
+    def _best(
+        self, probs: list[float], depths: list[int], budget: int, context: int, extra: float
+    ) -> tuple[list[int], float]:
         """(indices of the best-N nodes by path probability, their expected tokens per second), N
         maximising that rate; `extra` is paid once per step whatever its size."""
         order = sorted(range(len(probs)), key=lambda i: (-probs[i], depths[i], i))[:budget]
@@ -245,12 +251,25 @@ class Auto(Drafter):
 
     def _choose(self, nodes: list[_Node], budget: int, context: int) -> list[_Node]:
         """The best-N nodes by path probability, N maximising expected tokens per second."""
-        best, _ = self._best([n.prob for n in nodes], [n.depth for n in nodes], budget, context,
-                             getattr(self.engine, "step_overhead", 0.0))
+        best, _ = self._best(
+            [n.prob for n in nodes],
+            [n.depth for n in nodes],
+            budget,
+            context,
+            getattr(self.engine, "step_overhead", 0.0),
+        )
         keep = sorted(best)  # original order keeps parents first
         index = {old: new for new, old in enumerate(keep)}
-        return [_Node(nodes[i].token, -1 if nodes[i].parent < 0 else index[nodes[i].parent], nodes[i].depth,
-                      nodes[i].origins, nodes[i].prob) for i in keep]
+        return [
+            _Node(
+                nodes[i].token,
+                -1 if nodes[i].parent < 0 else index[nodes[i].parent],
+                nodes[i].depth,
+                nodes[i].origins,
+                nodes[i].prob,
+            )
+            for i in keep
+        ]
 
     def observe(self, step: StepResult) -> None:
         accepted = set(step.accepted)

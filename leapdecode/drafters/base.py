@@ -44,8 +44,9 @@ class Drafter:
     name = "none"
     #: True when `observe` reads `StepResult.logits`.
     wants_logits = False
-    #: The target's KV cache of the current request, set by the engine after `start`, before the first `propose` (model-based
-    #: drafters may write slots past `cache.length` while drafting, and must leave `length` as found).
+    #: The target's KV cache of the current request, set by the engine after `start`, before the first
+    #: `propose` (model-based drafters may write slots past `cache.length` while drafting, and must leave
+    #: `length` as found).
     cache = None
     #: The current request's SamplingParams, set with `cache`.
     sampling = None

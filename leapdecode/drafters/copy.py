@@ -58,7 +58,7 @@ class CopySpec(Drafter):
             return Draft(source=self.name)
         begin = starts[-1] + gamma
         run = gamma + match_length(seq, starts[-1], len(seq) - gamma, MAX_EVIDENCE - gamma)
-        return Draft.chain(seq[begin:begin + cap], source=self.name, match_len=run)
+        return Draft.chain(seq[begin : begin + cap], source=self.name, match_len=run)
 
     def _sync(self, tokens: Sequence[int], full_check: bool = False) -> None:
         """Make the index describe `tokens`: extend it, after cutting it back where the two diverge.
@@ -69,14 +69,14 @@ class CopySpec(Drafter):
         n = len(self._seq)
         if full_check or len(tokens) < n or (n and tokens[n - 1] != self._seq[-1]):
             self._truncate(_common_prefix(self._seq, tokens))
-        self._seq.extend(tokens[len(self._seq):])
+        self._seq.extend(tokens[len(self._seq) :])
         self._index_new()
 
     def _index_new(self) -> None:
         """Index the grams that gained a continuation: starts up to len - gamma - 1."""
         gamma, seq, index = self.options.gamma, self._seq, self._index
         for s in range(self._starts, len(seq) - gamma):
-            gram = tuple(seq[s:s + gamma])
+            gram = tuple(seq[s : s + gamma])
             starts = index.get(gram)
             if starts is None:
                 index[gram] = [s]
@@ -92,7 +92,7 @@ class CopySpec(Drafter):
             index.clear()
         else:
             for s in range(self._starts - 1, keep - 1, -1):
-                gram = tuple(seq[s:s + gamma])
+                gram = tuple(seq[s : s + gamma])
                 starts = index[gram]
                 starts.pop()  # s is the newest start of its gram: newer ones were popped already
                 if not starts:

@@ -42,11 +42,15 @@ def check_int(name: str, option: str, value, low: int) -> None:
 
 
 def check_fraction(name: str, option: str, value, closed_low: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        0.0 <= value <= 1.0 if closed_low else 0.0 < value <= 1.0)
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (0.0 <= value <= 1.0 if closed_low else 0.0 < value <= 1.0)
+    )
     if not ok:
-        raise LeapError(f"{name} option {option} must be a number in {'[' if closed_low else '('}0, 1], "
-                        f"got {value!r}")
+        raise LeapError(
+            f"{name} option {option} must be a number in {'[' if closed_low else '('}0, 1], got {value!r}"
+        )
 
 
 # ---------------------------------------------------------------- drafting helpers
@@ -90,9 +94,17 @@ class Picker:
 STOP_RULES = ("token", "path")
 
 
-def draft_nodes(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor], picker: Picker,
-                max_nodes: int, max_depth: int, branch: int, threshold: float, source: str,
-                stop: str = "token") -> Draft:
+def draft_nodes(
+    first_logits: torch.Tensor,
+    step: Callable[[int], torch.Tensor],
+    picker: Picker,
+    max_nodes: int,
+    max_depth: int,
+    branch: int,
+    threshold: float,
+    source: str,
+    stop: str = "token",
+) -> Draft:
     """Grow a chain (branch=1) or a chain with `branch` children per depth from draft logits.
 
     `step(token)` feeds the main-chain token to the draft model and returns the logits [V] after it.
@@ -140,19 +152,25 @@ def check_same_vocab(target, draft, target_tok=None, draft_tok=None) -> None:
     text, so it would propose garbage (still lossless, but only slower)."""
     tv, dv = target.cfg.vocab_size, draft.cfg.vocab_size
     if tv != dv:
-        raise LeapError(f"draft-model: the draft model's vocabulary has {dv} tokens, the target's {tv}; "
-                        f"a draft model must use the target's tokenizer")
+        raise LeapError(
+            f"draft-model: the draft model's vocabulary has {dv} tokens, the target's {tv}; "
+            f"a draft model must use the target's tokenizer"
+        )
     if target_tok is None or draft_tok is None:
         return
     if target_tok.vocab_size != draft_tok.vocab_size:
-        raise LeapError(f"draft-model: the draft tokenizer has {draft_tok.vocab_size} tokens, the target's "
-                        f"{target_tok.vocab_size}; a draft model must use the target's tokenizer")
+        raise LeapError(
+            f"draft-model: the draft tokenizer has {draft_tok.vocab_size} tokens, the target's "
+            f"{target_tok.vocab_size}; a draft model must use the target's tokenizer"
+        )
     n = target_tok.vocab_size
     ids = sorted(set(range(0, n, max(1, n // VOCAB_SAMPLE))) | set(range(max(0, n - 64), n)))
     for i in ids:
         if target_tok.token(i) != draft_tok.token(i):
-            raise LeapError(f"draft-model: token {i} is {draft_tok.token(i)!r} for the draft model but "
-                            f"{target_tok.token(i)!r} for the target; a draft model must use the target's tokenizer")
+            raise LeapError(
+                f"draft-model: token {i} is {draft_tok.token(i)!r} for the draft model but "
+                f"{target_tok.token(i)!r} for the target; a draft model must use the target's tokenizer"
+            )
 
 
 # ---------------------------------------------------------------- the drafter
@@ -182,8 +200,10 @@ class DraftModelOptions:
 
     def __post_init__(self):
         if (self.path is None) == (self.model is None):
-            raise LeapError("draft-model needs exactly one of the options path (a GGUF file or Hugging Face "
-                            "folder) or model (a Transformer)")
+            raise LeapError(
+                "draft-model needs exactly one of the options path (a GGUF file or Hugging Face "
+                "folder) or model (a Transformer)"
+            )
         if self.path is not None and not isinstance(self.path, str):
             raise LeapError(f"draft-model option path must be a string, got {self.path!r}")
         check_int("draft-model", "num_draft", self.num_draft, 1)
@@ -191,7 +211,9 @@ class DraftModelOptions:
         check_int("draft-model", "vocab", self.vocab, 0)
         check_fraction("draft-model", "threshold", self.threshold)
         if self.stop not in STOP_RULES:
-            raise LeapError(f"draft-model option stop must be one of {', '.join(STOP_RULES)}, got {self.stop!r}")
+            raise LeapError(
+                f"draft-model option stop must be one of {', '.join(STOP_RULES)}, got {self.stop!r}"
+            )
         LinearSpec(self.backend, self.quant, self.activations)  # unknown names fail here
 
 
@@ -234,12 +256,16 @@ class DraftModel(Drafter):
             spec = draft_spec(self.options, model, path)
             convert_linears(model, spec.backend, spec.quant, gguf_file(path), spec.activations)
         if model.dtype != engine.model.dtype or model.device != engine.model.device:
-            raise LeapError(f"draft-model: the draft model is {model.dtype} on {model.device}, the target "
-                            f"{engine.model.dtype} on {engine.model.device}; they must match")
+            raise LeapError(
+                f"draft-model: the draft model is {model.dtype} on {model.device}, the target "
+                f"{engine.model.dtype} on {engine.model.device}; they must match"
+            )
         check_same_vocab(engine.model, model, engine.tokenizer, tok)
         self.model = model
         size = model.cfg.vocab_size
-        self._vocab = DraftVocab(model.lm_head, size, self.options.vocab) if 0 < self.options.vocab < size else None
+        self._vocab = (
+            DraftVocab(model.lm_head, size, self.options.vocab) if 0 < self.options.vocab < size else None
+        )
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         self._picker = None  # built on the first proposal, once the request's sampling params are set
@@ -252,15 +278,24 @@ class DraftModel(Drafter):
             self._picker = Picker(self.sampling, salt=0x5EED)
         self._ensure_cache()
         if self._vocab is not None:
-            self._vocab.add(tokens[min(self._vocab_seen, len(tokens)):])
+            self._vocab.add(tokens[min(self._vocab_seen, len(tokens)) :])
             self._vocab_seen = len(tokens)
         room = self._cache.max_len - len(tokens) + 1  # the last drafted token is never fed
         depth = min(self.options.num_draft, max_nodes, room)
         if depth <= 0 or not tokens:
             return Draft(source=self.name)
         first = self._feed(list(tokens))
-        return draft_nodes(first, self._feed_one, self._picker, max_nodes, depth, self.options.branch,
-                           self.options.threshold, self.name, self.options.stop)
+        return draft_nodes(
+            first,
+            self._feed_one,
+            self._picker,
+            max_nodes,
+            depth,
+            self.options.branch,
+            self.options.threshold,
+            self.name,
+            self.options.stop,
+        )
 
     def _ensure_cache(self) -> None:
         want = self.cache.max_len if self.cache is not None else self.model.cfg.max_seq_len
@@ -269,7 +304,8 @@ class DraftModel(Drafter):
             self._seen = []
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
-        """Sync the draft cache with `tokens` (keep the common prefix, feed the rest); logits [V] after them."""
+        """Sync the draft cache with `tokens` (keep the common prefix, feed the rest); logits [V] after
+        them."""
         keep = min(common_prefix(self._seen, tokens), len(tokens) - 1)  # feed at least the root
         self._cache.truncate(keep)
         del self._seen[keep:]

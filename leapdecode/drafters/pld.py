@@ -27,7 +27,9 @@ class PLDOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LeapError(f"pld option {name} must be an integer >= 1, got {value!r}")
         if self.min_ngram > self.max_ngram:
-            raise LeapError(f"pld option min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+            raise LeapError(
+                f"pld option min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})"
+            )
 
     @classmethod
     def parse(cls, options: dict) -> PLDOptions:
@@ -59,10 +61,10 @@ class PromptLookup(Drafter):
         if cap <= 0:
             return Draft(source=self.name)
         for n in range(min(self.options.max_ngram, n_tokens - 1), self.options.min_ngram - 1, -1):
-            start = self._index.get(tuple(tokens[n_tokens - n:]))
+            start = self._index.get(tuple(tokens[n_tokens - n :]))
             if start is not None:
                 run = n + match_length(tokens, start, n_tokens - n, MAX_EVIDENCE - n)
-                return Draft.chain(tokens[start + n:start + n + cap], source=self.name, match_len=run)
+                return Draft.chain(tokens[start + n : start + n + cap], source=self.name, match_len=run)
         return Draft(source=self.name)
 
     def _sync(self, tokens: Sequence[int]) -> None:
@@ -77,6 +79,6 @@ class PromptLookup(Drafter):
         index = self._index
         for end in range(max(self._len - 1, 0), n_tokens - 1):  # n-grams ending at `end`
             for n in range(lo, min(hi, end + 1) + 1):
-                index[tuple(tokens[end + 1 - n:end + 1])] = end + 1 - n
+                index[tuple(tokens[end + 1 - n : end + 1])] = end + 1 - n
         self._len = n_tokens
         self._last = tokens[-1] if n_tokens else -1

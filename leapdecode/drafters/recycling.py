@@ -55,10 +55,13 @@ class RecyclingOptions:
         if self.widths is None:
             object.__setattr__(self, "widths", tuple(min(w, self.k) for w in DEFAULT_WIDTHS))
         widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else None
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= self.k
-                             for w in widths):
-            raise LeapError(f"recycling option widths must be a non-empty list of integers in [0, k={self.k}],"
-                            f" got {self.widths!r}")
+        if not widths or any(
+            isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= self.k for w in widths
+        ):
+            raise LeapError(
+                f"recycling option widths must be a non-empty list of integers in [0, k={self.k}],"
+                f" got {self.widths!r}"
+            )
         object.__setattr__(self, "widths", widths)
         if self.template is not None:
             object.__setattr__(self, "template", self._checked_template(self.template))
@@ -70,8 +73,10 @@ class RecyclingOptions:
             raise LeapError("recycling option template must be a list of (parent, rank) pairs") from None
         for i, (parent, rank) in enumerate(pairs):
             if not -1 <= parent < i or not 0 <= rank < self.k:
-                raise LeapError(f"recycling option template[{i}] = ({parent}, {rank}): the parent must be -1"
-                                f" or an earlier node and the rank in [0, k={self.k})")
+                raise LeapError(
+                    f"recycling option template[{i}] = ({parent}, {rank}): the parent must be -1"
+                    f" or an earlier node and the rank in [0, k={self.k})"
+                )
         return pairs
 
     @classmethod
@@ -89,8 +94,9 @@ class TokenRecycling(Drafter):
     def __init__(self, **options):
         self.options = RecyclingOptions.parse(options)
         tmpl = self.options.template
-        self.template: list[tuple[int, int]] = list(tmpl) if tmpl is not None else widths_template(
-            self.options.widths)
+        self.template: list[tuple[int, int]] = (
+            list(tmpl) if tmpl is not None else widths_template(self.options.widths)
+        )
         self.matrix: torch.Tensor | None = None  # [vocab, k] long, made at the first logits seen
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
@@ -122,7 +128,8 @@ class TokenRecycling(Drafter):
         return Draft(token_ids, parents, source=self.name)
 
     def observe(self, step: StepResult) -> None:
-        """Row ``tokens[i]`` := top-k of ``logits[i]`` for every forward input (a repeated token: its last)."""
+        """Row ``tokens[i]`` := top-k of ``logits[i]`` for every forward input (a repeated token: its
+        last)."""
         logits = step.logits
         if logits is None or logits.numel() == 0:
             return
@@ -130,7 +137,7 @@ class TokenRecycling(Drafter):
         if self.matrix is None or self.matrix.shape[0] != vocab:
             self.matrix = torch.full((vocab, self.options.k), -1, dtype=torch.long)
         latest: dict[int, int] = {}  # token -> last input position holding it
-        for i, token in enumerate(step.tokens[:logits.shape[0]]):
+        for i, token in enumerate(step.tokens[: logits.shape[0]]):
             if 0 <= token < vocab:
                 latest[token] = i
         if not latest:

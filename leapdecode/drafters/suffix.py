@@ -29,7 +29,9 @@ from leapdecode.errors import LeapError
 class SuffixOptions:
     max_depth: int = 32  # longest suffix matched; the tries hold max_depth + max_spec tokens per window
     max_spec: int = 32  # most nodes in one draft
-    factor: float = 1.0  # draft nodes per matched token: short matches are weak evidence (ArcticInference's default)
+    factor: float = (
+        1.0  # draft nodes per matched token: short matches are weak evidence (ArcticInference's default)
+    )
     min_prob: float = 0.1  # drop nodes whose estimated path probability is lower
     max_global_nodes: int = 300_000  # global trie budget (~230 B a node, so ~70 MB); oldest outputs go first
 
@@ -40,8 +42,11 @@ class SuffixOptions:
                 raise LeapError(f"suffix option {name} must be an integer >= 1, got {value!r}")
         if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not self.factor > 0:
             raise LeapError(f"suffix option factor must be a number > 0, got {self.factor!r}")
-        if (isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float))
-                or not 0 <= self.min_prob <= 1):
+        if (
+            isinstance(self.min_prob, bool)
+            or not isinstance(self.min_prob, (int, float))
+            or not 0 <= self.min_prob <= 1
+        ):
             raise LeapError(f"suffix option min_prob must be a number in [0, 1], got {self.min_prob!r}")
 
     @classmethod
@@ -128,7 +133,7 @@ class _Trie:
             if node.seq is not None:  # inside a tail: compare the rest with it
                 rest = len(pattern) - i
                 end = node.pos + rest
-                if end <= min(node.lim, len(node.seq)) and node.seq[node.pos:end] == list(pattern[i:]):
+                if end <= min(node.lim, len(node.seq)) and node.seq[node.pos : end] == list(pattern[i:]):
                     return node, rest
                 return None
             node = node.kids.get(token) if node.kids else None
@@ -231,7 +236,7 @@ class SuffixDecoding(Drafter):
 
     def stop(self) -> None:
         """Move this request's output into the global trie, evicting the oldest outputs past the budget."""
-        output = self._live.seq[self._prompt_len:]
+        output = self._live.seq[self._prompt_len :]
         self._live = _LiveIndex(self._live.trie.depth)
         self._prompt_len = 0
         if output:
@@ -255,7 +260,7 @@ class SuffixDecoding(Drafter):
         if not trie.root.kids:
             return None
         for length in range(min(self.options.max_depth, len(seq)), 0, -1):
-            loc = trie.locate(seq[len(seq) - length:])
+            loc = trie.locate(seq[len(seq) - length :])
             if loc is not None and trie.continuations(loc):
                 return length, loc
         return None

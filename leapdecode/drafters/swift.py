@@ -45,9 +45,11 @@ def skip_plan(n_layers: int, skip: SkipSet) -> list[tuple[bool, bool]]:
 
 def _check_blocks(name: str, option: str, blocks, n_layers: int) -> tuple[int, ...]:
     if not isinstance(blocks, (list, tuple)) or not all(
-            isinstance(b, int) and not isinstance(b, bool) and 0 <= b < n_layers for b in blocks):
-        raise LeapError(f"{name} option {option} must be a list of block indices in [0, {n_layers}), "
-                        f"got {blocks!r}")
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b < n_layers for b in blocks
+    ):
+        raise LeapError(
+            f"{name} option {option} must be a list of block indices in [0, {n_layers}), got {blocks!r}"
+        )
     return tuple(sorted(set(blocks)))
 
 
@@ -87,8 +89,16 @@ class SelfDrafter(Drafter):
         plan = self.plan
         try:
             first = self._run(tokens[-1], plan)
-            return draft_nodes(first, lambda t: self._run(t, plan), self._picker, max_nodes, depth, 1,
-                               self.options.threshold, self.name)
+            return draft_nodes(
+                first,
+                lambda t: self._run(t, plan),
+                self._picker,
+                max_nodes,
+                depth,
+                1,
+                self.options.threshold,
+                self.name,
+            )
         finally:
             cache.truncate(start)  # the drafted slots are overwritten by the verification forward
 
@@ -130,8 +140,9 @@ class EarlyExit(SelfDrafter):
     def initial_plan(self, n_layers: int) -> list[tuple[bool, bool]]:
         exit_layer = self.options.exit_layer or max(1, n_layers // 2)
         if exit_layer > n_layers:
-            raise LeapError(f"early-exit option exit_layer must be in [1, {n_layers}] for this model, "
-                            f"got {exit_layer}")
+            raise LeapError(
+                f"early-exit option exit_layer must be in [1, {n_layers}] for this model, got {exit_layer}"
+            )
         return [(b >= exit_layer, b >= exit_layer) for b in range(n_layers)]
 
 
@@ -224,7 +235,7 @@ class LayerSearch:
     def _odd_blocks(self) -> SkipSet:
         """SWIFT's start: attention and MLP of the odd blocks, trimmed or extended to k sub-layers."""
         order = sorted(self.universe, key=lambda s: (s[1] % 2 == 0, s[1], s[0]))
-        return frozenset(order[:self.k])
+        return frozenset(order[: self.k])
 
     @property
     def needs_rescore(self) -> bool:
@@ -333,8 +344,10 @@ class Swift(SelfDrafter):
         n = engine.model.cfg.n_layers
         initial = None
         if self.options.attn_skip is not None:
-            initial = frozenset([(ATTN, b) for b in _check_blocks("swift", "attn_skip", self.options.attn_skip, n)]
-                                + [(MLP, b) for b in _check_blocks("swift", "mlp_skip", self.options.mlp_skip, n)])
+            initial = frozenset(
+                [(ATTN, b) for b in _check_blocks("swift", "attn_skip", self.options.attn_skip, n)]
+                + [(MLP, b) for b in _check_blocks("swift", "mlp_skip", self.options.mlp_skip, n)]
+            )
         self._n_layers = n
         self.search = LayerSearch(n, self.options.skip_ratio, initial, self.options)
         super().bind(engine)
@@ -346,7 +359,10 @@ class Swift(SelfDrafter):
     def skip_layers(self) -> dict[str, list[int]]:
         """The current skip set, as block indices per sub-layer kind."""
         best = self.search.best
-        return {"attn": sorted(b for k, b in best if k == ATTN), "mlp": sorted(b for k, b in best if k == MLP)}
+        return {
+            "attn": sorted(b for k, b in best if k == ATTN),
+            "mlp": sorted(b for k, b in best if k == MLP),
+        }
 
     # -------------------------------------------------- per request
 
@@ -366,15 +382,15 @@ class Swift(SelfDrafter):
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         self._proposals += 1
-        if self._window_ready() and (self._proposals % self.options.opt_interval == 0
-                                     or self.search.needs_rescore):
+        if self._window_ready() and (
+            self._proposals % self.options.opt_interval == 0 or self.search.needs_rescore
+        ):
             self._optimise_once(tokens)
         return super().propose(tokens, max_nodes)
 
     def _window_ready(self) -> bool:
         w = self.options.context_window
-        return (not self.search.done and len(self._ref) >= w
-                and self.cache.length + w <= self.cache.max_len)
+        return not self.search.done and len(self._ref) >= w and self.cache.length + w <= self.cache.max_len
 
     def _optimise_once(self, tokens: Sequence[int]) -> None:
         search = self.search
@@ -394,13 +410,14 @@ class Swift(SelfDrafter):
         """
         cache, p, w = self.cache, self._prompt_len, self.options.context_window
         n, dev = cache.length, self.model.device
-        ids = torch.tensor([list(tokens[p:p + w])], device=dev)  # [1, W]
+        ids = torch.tensor([list(tokens[p : p + w])], device=dev)  # [1, W]
         positions = torch.arange(p, p + w, device=dev)  # [W]
         mask = torch.zeros(w, n + w, dtype=torch.bool, device=dev)  # [W, n + W]
         mask[:, :p] = True
         mask[:, n:] = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
-        logits = self.model(ids, positions, cache, mask, layers=skip_plan(self._n_layers, skip),
-                            advance=False)[0].to(torch.float64)  # [W, V]
+        logits = self.model(
+            ids, positions, cache, mask, layers=skip_plan(self._n_layers, skip), advance=False
+        )[0].to(torch.float64)  # [W, V]
         ref = torch.stack(self._ref[:w]).to(torch.float64)  # [W, V]
         match = (logits.argmax(-1) == ref.argmax(-1)).double().mean().item()
         ref_logp = F.log_softmax(ref, -1)

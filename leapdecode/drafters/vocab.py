@@ -50,7 +50,7 @@ class DraftVocab:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
         out = torch.full(x.shape[:-1] + (self.vocab_size,), float("-inf"), dtype=x.dtype, device=x.device)
-        out[..., :self.core] = self.core_head(x)
+        out[..., : self.core] = self.core_head(x)
         if self.extra_head is not None:
             out[..., self.extra_ids.to(x.device)] = self.extra_head(x)
         return out

@@ -24,8 +24,10 @@ BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-pthr
 # Instruction sets, best last: compiler flags and the /proc/cpuinfo flags they need.
 ISAS = {
     "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
-    "avx512": (("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
-               ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")),
+    "avx512": (
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+        ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+    ),
 }
 
 
@@ -101,12 +103,15 @@ def build(isa: str | None = None) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     except OSError as exc:
-        raise LeapError(f"cannot write the native kernels to {out.parent} ({exc}); set LEAPDECODE_CACHE "
-                        f"to a writable folder") from exc
+        raise LeapError(
+            f"cannot write the native kernels to {out.parent} ({exc}); set LEAPDECODE_CACHE "
+            f"to a writable folder"
+        ) from exc
     os.close(fd)
     try:
-        run = subprocess.run([cxx, *flags(isa), "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                             check=False)
+        run = subprocess.run(
+            [cxx, *flags(isa), "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False
+        )
         if run.returncode != 0:
             raise LeapError(f"building the native kernels failed:\n{run.stderr.strip()[-2000:]}")
         os.replace(tmp, out)  # atomic: concurrent builds never see a half-written library

@@ -19,9 +19,15 @@ from leapdecode.kernels.build import best_isa, build
 
 FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2}
 ACT_CODES = {"float32": 0, "int8": 1}
-ERRORS = {-1: "empty shape", -2: "in_features must be a multiple of 32 for block formats",
-           -3: "float32 weights need float32 activations", -4: "unknown format", -5: "out of memory",
-           -6: "head_dim must be a multiple of 8 and at most 256", -7: "n_heads must be a multiple of n_kv_heads"}
+ERRORS = {
+    -1: "empty shape",
+    -2: "in_features must be a multiple of 32 for block formats",
+    -3: "float32 weights need float32 activations",
+    -4: "unknown format",
+    -5: "out of memory",
+    -6: "head_dim must be a multiple of 8 and at most 256",
+    -7: "n_heads must be a multiple of n_kv_heads",
+}
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _KERNEL_THREADS: ContextVar[int | None] = ContextVar("leapdecode_kernel_threads", default=None)
@@ -60,8 +66,26 @@ def lib(isa: str | None = None) -> ctypes.CDLL:
     dll.ld_linear.restype = _INT
     dll.ld_quantize_act.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]
     dll.ld_quantize_act.restype = None
-    dll.ld_attention.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64,
-                                 ctypes.c_float, _INT]
+    dll.ld_attention.argtypes = [
+        _P,
+        _P,
+        _P,
+        _P,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _I64,
+        ctypes.c_float,
+        _INT,
+    ]
     dll.ld_attention.restype = _INT
     dll.ld_isa.restype = _INT
     return dll
@@ -71,44 +95,93 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def linear_into(y: torch.Tensor, x: torch.Tensor, fmt: str, act: str, n: int, k: int, qs=None, d=None, m=None,
-                f=None, threads: int | None = None, isa: str | None = None) -> None:
+def linear_into(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    fmt: str,
+    act: str,
+    n: int,
+    k: int,
+    qs=None,
+    d=None,
+    m=None,
+    f=None,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> None:
     """y[:, :n] = x @ W^T for a weight in `fmt` (see leapdecode.model.quant). x [M, k] float32 with unit
     column stride; y [M, >= n] float32 with unit column stride (a column slice of a wider output is fine)."""
-    rc = lib(isa).ld_linear(FORMAT_CODES[fmt], ACT_CODES[act], x.shape[0], n, k, x.data_ptr(), x.stride(0),
-                         _ptr(qs), _ptr(d), _ptr(m), _ptr(f), y.data_ptr(), y.stride(0),
-                         threads or kernel_threads())
+    rc = lib(isa).ld_linear(
+        FORMAT_CODES[fmt],
+        ACT_CODES[act],
+        x.shape[0],
+        n,
+        k,
+        x.data_ptr(),
+        x.stride(0),
+        _ptr(qs),
+        _ptr(d),
+        _ptr(m),
+        _ptr(f),
+        y.data_ptr(),
+        y.stride(0),
+        threads or kernel_threads(),
+    )
     if rc:
-        raise LeapError(f"native linear ({fmt}, {act} activations, [{x.shape[0]}, {k}] x [{n}, {k}]^T): "
-                        f"{ERRORS.get(rc, rc)}")
+        raise LeapError(
+            f"native linear ({fmt}, {act} activations, [{x.shape[0]}, {k}] x [{n}, {k}]^T): "
+            f"{ERRORS.get(rc, rc)}"
+        )
 
 
 def kernel_args(qw, act: str, col: int = 0) -> tuple:
     """The constant part of a kernel call for weight `qw` writing output columns [col, col + N)."""
-    return (FORMAT_CODES[qw.fmt], ACT_CODES[act], qw.out_features, qw.in_features, _ptr(qw.qs), _ptr(qw.d),
-            _ptr(qw.m), _ptr(qw.f), col * 4)
+    return (
+        FORMAT_CODES[qw.fmt],
+        ACT_CODES[act],
+        qw.out_features,
+        qw.in_features,
+        _ptr(qw.qs),
+        _ptr(qw.d),
+        _ptr(qw.m),
+        _ptr(qw.f),
+        col * 4,
+    )
 
 
 def run_linear(calls: list[tuple], x: torch.Tensor, y: torch.Tensor) -> None:
     """y = x @ W^T for the parts described by `calls` (from kernel_args): x [M, K], y [M, N_total] float32,
     rows contiguous. The hot path of every native linear layer: a few microseconds of Python."""
-    fn, m, xp, ldx, yp, ldy = lib().ld_linear, x.shape[0], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)
+    fn, m, xp, ldx, yp, ldy = (
+        lib().ld_linear,
+        x.shape[0],
+        x.data_ptr(),
+        x.stride(0),
+        y.data_ptr(),
+        y.stride(0),
+    )
     threads = kernel_threads()
     for fmt, act, n, k, qs, d, mn, f, col_bytes in calls:
         rc = fn(fmt, act, m, n, k, xp, ldx, qs, d, mn, f, yp + col_bytes, ldy, threads)
         if rc:
             names = {v: n for n, v in FORMAT_CODES.items()}, {v: n for n, v in ACT_CODES.items()}
-            raise LeapError(f"native linear ({names[0].get(fmt)}, {names[1].get(act)} activations, "
-                            f"[{m}, {k}] x [{n}, {k}]^T): {ERRORS.get(rc, rc)}")
+            raise LeapError(
+                f"native linear ({names[0].get(fmt)}, {names[1].get(act)} activations, "
+                f"[{m}, {k}] x [{n}, {k}]^T): {ERRORS.get(rc, rc)}"
+            )
 
 
-def quantize_activations(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activations(
+    x: torch.Tensor, isa: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The int8 blocks the kernels use for x [M, K]: (q int8 [M, K], d [M, nbp], s [M, nbp]); for tests."""
     m, k = x.shape
     nbp = (k // 32 + 7) // 8 * 8
     q = torch.empty(m, k, dtype=torch.int8)
     d, s = torch.empty(m, nbp), torch.empty(m, nbp)
-    lib(isa).ld_quantize_act(x.data_ptr(), x.stride(0), m, k, nbp, q.data_ptr(), d.data_ptr(), s.data_ptr(), 1)
+    lib(isa).ld_quantize_act(
+        x.data_ptr(), x.stride(0), m, k, nbp, q.data_ptr(), d.data_ptr(), s.data_ptr(), 1
+    )
     return q, d, s
 
 
@@ -116,8 +189,15 @@ def _strides(t: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              enable_gqa: bool = False, scale: float | None = None, isa: str | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    enable_gqa: bool = False,
+    scale: float | None = None,
+    isa: str | None = None,
+) -> torch.Tensor:
     """Row-invariant replacement for `F.scaled_dot_product_attention` on the model's shapes:
     q [B, H, S, D], k/v [B, Hkv, T, D], attn_mask bool [S, T] (True = attend) or None (causal, the last S
     of T keys being the new rows). Returns [B, H, S, D] (a view of a [B, S, H, D] buffer, so the usual
@@ -132,14 +212,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     mask_ptr, mask_stride = None, 0
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool or attn_mask.shape != (s, t):
-            raise LeapError(f"native attention: the mask must be bool [{s}, {t}], got {attn_mask.dtype} "
-                            f"{tuple(attn_mask.shape)}")
+            raise LeapError(
+                f"native attention: the mask must be bool [{s}, {t}], got {attn_mask.dtype} "
+                f"{tuple(attn_mask.shape)}"
+            )
         attn_mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
         mask_ptr, mask_stride = attn_mask.data_ptr(), attn_mask.stride(0)
     out = torch.empty(b, s, h, d).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
-    rc = lib(isa).ld_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, hkv, s, t, d,
-                            _strides(q), _strides(k), _strides(v), _strides(out), mask_ptr, mask_stride,
-                            d ** -0.5 if scale is None else scale, kernel_threads())
+    rc = lib(isa).ld_attention(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        b,
+        h,
+        hkv,
+        s,
+        t,
+        d,
+        _strides(q),
+        _strides(k),
+        _strides(v),
+        _strides(out),
+        mask_ptr,
+        mask_stride,
+        d**-0.5 if scale is None else scale,
+        kernel_threads(),
+    )
     if rc:
         raise LeapError(f"native attention: {ERRORS.get(rc, rc)}")
     return out

@@ -69,7 +69,7 @@ class HugePageArena:
         size = aligned_size(t)
         if self._next + size > self._end:
             raise ValueError(f"the arena has {self._end - self._next} bytes left, {size} asked")
-        flat = self._raw[self._next:self._next + t.numel() * t.element_size()]
+        flat = self._raw[self._next : self._next + t.numel() * t.element_size()]
         self._next += size
         out = flat.view(t.dtype).view(t.shape)
         out.copy_(t)

@@ -65,7 +65,9 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise LeapError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
-            raise LeapError(f"model config: n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise LeapError(
+                f"model config: n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
 

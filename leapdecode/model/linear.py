@@ -8,9 +8,9 @@ every linear of a loaded model for the chosen backend and weight format:
   backend      torch (F.linear; quantized formats are dequantized, i.e. simulated) | native (compiled
                AVX2 / AVX-512 VNNI kernels, row-invariant, multi-threaded; with a row-invariant attention)
                | auto (native where it runs, else torch)
-  quant        none (float32) | int8 (q8_0) | int4 (q4_1; lm_head q8_0) quantized at load | gguf (the file's own
-               Q4_0/Q4_1/Q8_0 blocks, values unchanged) | auto (gguf on native when the file is a GGUF whose
-               linears are all of those types or float, else none)
+  quant        none (float32) | int8 (q8_0) | int4 (q4_1; lm_head q8_0) quantized at load | gguf (the
+               file's own Q4_0/Q4_1/Q8_0 blocks, values unchanged) | auto (gguf on native when the file
+               is a GGUF whose linears are all of those types or float, else none)
   activations  float32 | int8 (blocks of 32, per row) | auto (int8 for quantized weights on native)
 """
 
@@ -54,7 +54,9 @@ class Linear(nn.Module):
     def select_rows(self, rows: torch.Tensor) -> Linear:
         """A layer computing only the outputs `rows` (int64 [n], in that order), values unchanged."""
         rows = rows.to(device=self.weight.device, dtype=torch.long)
-        return Linear(self.weight[rows].contiguous(), None if self.bias is None else self.bias[rows].contiguous())
+        return Linear(
+            self.weight[rows].contiguous(), None if self.bias is None else self.bias[rows].contiguous()
+        )
 
 
 class NativeLinear(nn.Module):
@@ -118,15 +120,21 @@ class NativeLinear(nn.Module):
     def _kernel_calls(self) -> list[tuple]:
         """Constant arguments of each part's kernel call, rebuilt whenever the weights moved."""
         if getattr(self, "_calls_key", None) != self.weights_at():
-            self._calls = [kernel_args(p, "float32" if p.fmt == "f32" else self.activations, off)
-                           for p, off in zip(self.parts, self.offsets)]
+            self._calls = [
+                kernel_args(p, "float32" if p.fmt == "f32" else self.activations, off)
+                for p, off in zip(self.parts, self.offsets)
+            ]
             self._calls_key = self.weights_at()
         return self._calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if x.dtype is not torch.float32:  # the model is on the CPU: convert_linears checked
             raise LeapError(f"backend 'native' needs float32 activations, got {x.dtype}")
-        x2 = x.view(-1, self.in_features) if x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
+        x2 = (
+            x.view(-1, self.in_features)
+            if x.is_contiguous()
+            else x.reshape(-1, self.in_features).contiguous()
+        )
         y = torch.empty(x.shape[:-1] + (self.out_features,))  # [..., out]
         run_linear(self._kernel_calls(), x2, y.view(-1, self.out_features))
         if self.bias is not None:
@@ -176,8 +184,10 @@ class Backend:
     make: Callable  # (parts, bias, activations, model) -> module
 
 
-BACKENDS = {b.name: b for b in (Backend("torch", _torch_problem, _torch_make),
-                                Backend("native", _native_problem, _native_make))}
+BACKENDS = {
+    b.name: b
+    for b in (Backend("torch", _torch_problem, _torch_make), Backend("native", _native_problem, _native_make))
+}
 
 
 def available_backends(model=None) -> list[str]:
@@ -197,7 +207,9 @@ class LinearSpec:
         if self.quant not in QUANTS:
             raise LeapError(f"unknown quant {self.quant!r}; expected one of: {', '.join(QUANTS)}")
         if self.activations not in ACTIVATIONS:
-            raise LeapError(f"unknown activations {self.activations!r}; expected one of: {', '.join(ACTIVATIONS)}")
+            raise LeapError(
+                f"unknown activations {self.activations!r}; expected one of: {', '.join(ACTIVATIONS)}"
+            )
 
     def resolve(self, model, gguf_path: Path | None) -> LinearSpec:
         """The concrete spec for this model: no 'auto' left, everything checked."""
@@ -209,7 +221,11 @@ class LinearSpec:
             raise LeapError(f"backend {backend!r} cannot run here: {problem}")
         quant = self.quant
         if quant == "auto":  # the file's own blocks when the native kernels run them all, else float32
-            runs = gguf_path is not None and backend == "native" and not Q.gguf_unsupported_types(Path(gguf_path))
+            runs = (
+                gguf_path is not None
+                and backend == "native"
+                and not Q.gguf_unsupported_types(Path(gguf_path))
+            )
             quant = "gguf" if runs else "none"
         if quant == "gguf" and gguf_path is None:
             raise LeapError("--quant gguf needs a GGUF model file")
@@ -230,8 +246,13 @@ def linear_slots(model) -> list[tuple[nn.Module, str]]:
     return slots + [(model, "lm_head")]
 
 
-def convert_linears(model, backend: str = "auto", quant: str = "auto", gguf_path: Path | None = None,
-                    activations: str = "auto") -> LinearSpec:
+def convert_linears(
+    model,
+    backend: str = "auto",
+    quant: str = "auto",
+    gguf_path: Path | None = None,
+    activations: str = "auto",
+) -> LinearSpec:
     """Replace every linear layer of `model` in place; returns the resolved spec (also kept as
     `model.linear_spec`). `gguf_path` is the file the model was loaded from, for quant 'gguf'/'auto'."""
     spec = LinearSpec(backend, quant, activations).resolve(model, gguf_path)
@@ -290,5 +311,7 @@ def _load_format(quant: str, attr: str) -> str:
 def _check_parts(parts: list[Q.QuantWeight], old: nn.Module, attr: str) -> None:
     shape = (sum(p.out_features for p in parts), parts[0].in_features)
     if shape != (old.out_features, old.in_features):
-        raise LeapError(f"{attr}: the GGUF weights have shape {shape}, the model has "
-                        f"{(old.out_features, old.in_features)} (is this the file the model came from?)")
+        raise LeapError(
+            f"{attr}: the GGUF weights have shape {shape}, the model has "
+            f"{(old.out_features, old.in_features)} (is this the file the model came from?)"
+        )

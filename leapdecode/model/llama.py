@@ -39,11 +39,15 @@ class Rope(nn.Module):
     `freq_factors` are per-frequency divisors (llama3-style GGUFs store them instead of parameters).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, freq_factors: torch.Tensor | None = None):
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device, freq_factors: torch.Tensor | None = None
+    ):
         super().__init__()
         work = torch.float64 if dtype == torch.float64 else torch.float32
         hd = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(work) / hd))  # [hd/2]
+        inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(work) / hd)
+        )  # [hd/2]
         inv_freq = cfg.rope_scaling.apply(inv_freq)
         if freq_factors is not None:
             inv_freq = inv_freq / freq_factors.to(work)
@@ -106,8 +110,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm,
-                 lm_head: Linear):
+    def __init__(
+        self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm, lm_head: Linear
+    ):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Parameter(embed, requires_grad=False)  # [V, D]
@@ -126,13 +131,28 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         cfg = self.cfg
-        return KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, min(max_len, cfg.max_seq_len),
-                       batch=batch, dtype=self.dtype, device=self.device)
+        return KVCache(
+            cfg.n_layers,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            min(max_len, cfg.max_seq_len),
+            batch=batch,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                mask: torch.Tensor | None = None, last_only: bool = False, layers=None,
-                advance: bool = True, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        layers=None,
+        advance: bool = True,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """tokens [B, S], positions [S] (rope positions), mask [S, cache.length + S] bool or None
         (None = causal). `layers` (a list of (skip_attn, skip_mlp) per block) runs a reduced model for
         self-drafting; `head` replaces the output layer (a drafter's part of the vocabulary). Returns
@@ -143,8 +163,17 @@ class Transformer(nn.Module):
         out_layer = self.lm_head if head is None else head
         if self.stack is not None and self.stack.accepts(tokens, self.embed, cache):
             if self.stack.runs_head(self.norm, out_layer):  # one kernel call from token ids to logits
-                logits = self.stack(tokens, positions, self.embed, self.rope, cache, mask, layers,
-                                    (self.norm, out_layer), last_only)
+                logits = self.stack(
+                    tokens,
+                    positions,
+                    self.embed,
+                    self.rope,
+                    cache,
+                    mask,
+                    layers,
+                    (self.norm, out_layer),
+                    last_only,
+                )
                 if advance:
                     cache.advance(s)
                 return logits  # [B, S, V] (or [B, 1, V])

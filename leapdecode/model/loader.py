@@ -58,17 +58,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     for n in range(cfg.n_layers):
         p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (cfg.n_heads * hd, d),
-            p + "self_attn.k_proj.weight": (cfg.n_kv_heads * hd, d),
-            p + "self_attn.v_proj.weight": (cfg.n_kv_heads * hd, d),
-            p + "self_attn.o_proj.weight": (d, cfg.n_heads * hd),
-            p + "mlp.gate_proj.weight": (i, d),
-            p + "mlp.up_proj.weight": (i, d),
-            p + "mlp.down_proj.weight": (d, i),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (cfg.n_heads * hd, d),
+                p + "self_attn.k_proj.weight": (cfg.n_kv_heads * hd, d),
+                p + "self_attn.v_proj.weight": (cfg.n_kv_heads * hd, d),
+                p + "self_attn.o_proj.weight": (d, cfg.n_heads * hd),
+                p + "mlp.gate_proj.weight": (i, d),
+                p + "mlp.up_proj.weight": (i, d),
+                p + "mlp.down_proj.weight": (d, i),
+            }
+        )
         if cfg.qkv_bias:
             shapes[p + "self_attn.q_proj.bias"] = (cfg.n_heads * hd,)
             shapes[p + "self_attn.k_proj.bias"] = (cfg.n_kv_heads * hd,)
@@ -81,16 +83,23 @@ def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
     if missing or extra:
-        raise LeapError(f"{source}: tensor names do not match the model config "
-                        f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                        f"unexpected: {extra[:5]}{'...' if len(extra) > 5 else ''})")
+        raise LeapError(
+            f"{source}: tensor names do not match the model config "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {extra[:5]}{'...' if len(extra) > 5 else ''})"
+        )
     for name, shape in want.items():
         if tuple(state[name].shape) != shape:
             raise LeapError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, expected {shape}")
 
 
-def build_model(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", source: str = "weights") -> Transformer:
+def build_model(
+    state: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    source: str = "weights",
+) -> Transformer:
     """Check `state` (HF names) against `cfg`, then assemble the fused model."""
     check_state(state, cfg, source)
 
@@ -108,8 +117,14 @@ def build_model(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.d
         attn = Attention(cfg, Linear(wqkv, bias), Linear(t(a + "o_proj.weight")))
         w13 = torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")])
         mlp = MLP(Linear(w13), Linear(t(p + "mlp.down_proj.weight")))
-        blocks.append(Block(attn, mlp, RMSNorm(t(p + "input_layernorm.weight"), cfg.norm_eps),
-                            RMSNorm(t(p + "post_attention_layernorm.weight"), cfg.norm_eps)))
+        blocks.append(
+            Block(
+                attn,
+                mlp,
+                RMSNorm(t(p + "input_layernorm.weight"), cfg.norm_eps),
+                RMSNorm(t(p + "post_attention_layernorm.weight"), cfg.norm_eps),
+            )
+        )
     embed = t("model.embed_tokens.weight")
     head = embed if cfg.tie_embeddings else t("lm_head.weight")
     return Transformer(cfg, embed, blocks, RMSNorm(t("model.norm.weight"), cfg.norm_eps), Linear(head)).eval()
@@ -126,7 +141,9 @@ def _field(reader, key: str, default=None):
 def gguf_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
-        raise LeapError(f"GGUF architecture {arch!r} is not supported; expected one of {SUPPORTED_GGUF_ARCHS}")
+        raise LeapError(
+            f"GGUF architecture {arch!r} is not supported; expected one of {SUPPORTED_GGUF_ARCHS}"
+        )
     names = {t.name for t in reader.tensors}
     n_heads = int(_field(reader, f"{arch}.attention.head_count"))
     vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -163,15 +180,16 @@ def dequantize_tensor(t) -> np.ndarray:
         try:
             arr = dequantize(t.data, t.tensor_type)
         except NotImplementedError as exc:
-            raise LeapError(f"GGUF tensor {t.name}: quantization {t.tensor_type.name} is not supported") from exc
+            raise LeapError(
+                f"GGUF tensor {t.name}: quantization {t.tensor_type.name} is not supported"
+            ) from exc
     return arr.reshape(shape)
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (interleaved -> half-split rotary layout)."""
     rows = w.shape[0]
-    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-             .transpose(1, 2).reshape(w.shape))
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _gguf_name(name: str) -> str | None:

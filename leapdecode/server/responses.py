@@ -1,4 +1,5 @@
-"""OpenAI response objects: completions, streamed chunks (server-sent events) and the `leap_stats` extension."""
+"""OpenAI response objects: completions, streamed chunks (server-sent events) and the `leap_stats`
+extension."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import time
 from leapdecode.engine import Result
 
 DONE = b"data: [DONE]\n\n"
-_OBJECTS = {"chat": ("chat.completion", "chat.completion.chunk", "chatcmpl-"),
-            "completion": ("text_completion", "text_completion", "cmpl-")}
+_OBJECTS = {
+    "chat": ("chat.completion", "chat.completion.chunk", "chatcmpl-"),
+    "completion": ("text_completion", "text_completion", "cmpl-"),
+}
 
 
 def sse(obj: dict) -> bytes:
@@ -25,11 +28,20 @@ def usage(result: Result) -> dict:
 def leap_stats(result: Result, queue_s: float) -> dict:
     """Per-request speculative statistics (mean_accepted counts the bonus token: 1.0 = no speed-up)."""
     s = result.stats
-    return {"drafter": s.drafter, "steps": s.steps, "drafted": s.drafted, "accepted": s.accepted,
-            "mean_accepted": round(s.mean_accepted, 4), "accepted_by_depth": list(s.accepted_by_depth),
-            "draft_s": round(s.draft_s, 6), "verify_s": round(s.verify_s, 6),
-            "prefill_s": round(s.prefill_s, 6), "decode_s": round(s.decode_s, 6), "queue_s": round(queue_s, 6),
-            "decode_tokens_per_s": round(s.decode_tokens_per_s, 3)}
+    return {
+        "drafter": s.drafter,
+        "steps": s.steps,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "mean_accepted": round(s.mean_accepted, 4),
+        "accepted_by_depth": list(s.accepted_by_depth),
+        "draft_s": round(s.draft_s, 6),
+        "verify_s": round(s.verify_s, 6),
+        "prefill_s": round(s.prefill_s, 6),
+        "decode_s": round(s.decode_s, 6),
+        "queue_s": round(queue_s, 6),
+        "decode_tokens_per_s": round(s.decode_tokens_per_s, 3),
+    }
 
 
 class Formatter:
@@ -50,14 +62,21 @@ class Formatter:
         if delta:
             body = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
             return {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
 
     def completion(self, result: Result, queue_s: float) -> dict:
         """The whole answer of a non-streamed request."""
         choice = self._choice(result.text, result.stats.finish_reason or "stop", delta=False)
-        return self._head(self.object) | {"choices": [choice], "usage": usage(result),
-                                          "leap_stats": leap_stats(result, queue_s)}
+        return self._head(self.object) | {
+            "choices": [choice],
+            "usage": usage(result),
+            "leap_stats": leap_stats(result, queue_s),
+        }
 
     def chunk(self, text: str | None, *, role: bool = False, with_usage: bool = False) -> dict:
         """A streamed piece of text (chat: the first chunk also carries the role)."""
@@ -68,8 +87,12 @@ class Formatter:
         """The chunk with the finish reason, then (if asked) the usage chunk. `leap_stats` rides on the
         last of them, just before `data: [DONE]`."""
         finish = self._head(self.chunk_object) | {
-            "choices": [self._choice(None if self.kind == "chat" else "", result.stats.finish_reason or "stop",
-                                     delta=True)]}
+            "choices": [
+                self._choice(
+                    None if self.kind == "chat" else "", result.stats.finish_reason or "stop", delta=True
+                )
+            ]
+        }
         stats = {"leap_stats": leap_stats(result, queue_s)}
         if not with_usage:
             return [finish | stats]

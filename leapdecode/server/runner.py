@@ -34,8 +34,16 @@ def make_server(app, *, log_level: str = "info", shutdown_timeout: float = 30.0)
     """A uvicorn server for `app`: on shutdown (SIGTERM, SIGINT) it stops accepting connections, lets
     in-flight requests finish for up to `shutdown_timeout` seconds, cancels what is left, then stops the
     generation worker (the app's lifespan)."""
-    config = uvicorn.Config(app, http="h11", ws="none", loop="asyncio", lifespan="on", log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout, timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app,
+        http="h11",
+        ws="none",
+        loop="asyncio",
+        lifespan="on",
+        log_level=log_level,
+        timeout_graceful_shutdown=shutdown_timeout,
+        timeout_keep_alive=5,
+    )
     return uvicorn.Server(config)
 
 
@@ -46,7 +54,9 @@ def serve(server: uvicorn.Server, sock: socket.socket) -> None:
     the process ends by returning (exit status 0) instead of being killed by its own signal.
     """
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, _frame: caught.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, lambda s, _frame: caught.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         server.run(sockets=[sock])
     finally:
@@ -61,13 +71,21 @@ class BackgroundServer:
     ...     requests go to srv.url (e.g. http://127.0.0.1:41234)
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 shutdown_timeout: float = 10.0, start_timeout: float = 60.0):
+    def __init__(
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        shutdown_timeout: float = 10.0,
+        start_timeout: float = 60.0,
+    ):
         self.sock = bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = make_server(app, log_level=log_level, shutdown_timeout=shutdown_timeout)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                        name="leap-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="leap-http", daemon=True
+        )
         self.start_timeout = start_timeout
 
     @property

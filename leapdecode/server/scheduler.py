@@ -126,9 +126,13 @@ class Scheduler:
                 self._waiting.append(job)
             else:
                 self.metrics.rejected.inc(reason="queue_full")
-                raise ApiError(429, f"the server is busy: {len(self._active)} requests generating and "
-                               f"{len(self._waiting)} waiting (--max-queue {self.max_queue}); retry later",
-                               code="queue_full", headers={"Retry-After": "1"})
+                raise ApiError(
+                    429,
+                    f"the server is busy: {len(self._active)} requests generating and "
+                    f"{len(self._waiting)} waiting (--max-queue {self.max_queue}); retry later",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                )
 
     def cancel(self, job: Job) -> None:
         """Stop a job (its client went away). Harmless when the job has already finished."""
@@ -145,7 +149,9 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             for job in self._waiting:
-                job.emit(Event("error", error=ApiError(503, "the server is shutting down", code="shutting_down")))
+                job.emit(
+                    Event("error", error=ApiError(503, "the server is shutting down", code="shutting_down"))
+                )
                 self.metrics.finished.inc(outcome="cancelled")
             self._waiting.clear()
             for job in self._active:
@@ -185,7 +191,9 @@ class Scheduler:
             return self._finish(job, "error", ApiError(400, str(exc)))
         except Exception:  # a bug must cost one request, not the server
             log.exception("generation %s failed", job.id)
-            return self._finish(job, "error", ApiError(500, "internal error during generation", code="internal"))
+            return self._finish(
+                job, "error", ApiError(500, "internal error during generation", code="internal")
+            )
         if job.first_text is None:
             job.first_text = time.perf_counter()
             self.metrics.ttft.observe(job.first_text - job.arrived, drafter=job.config.drafter)

@@ -58,6 +58,7 @@ def _integer(lo: int, hi: int) -> Validator:
         if not _is_int(v) or not lo <= v <= hi:
             raise invalid(f"{param} must be an integer in [{lo}, {hi}], got {v!r}", param)
         return v
+
     return check
 
 
@@ -66,6 +67,7 @@ def _number(lo: float, hi: float) -> Validator:
         if not (_is_int(v) or isinstance(v, float)) or not lo <= v <= hi:
             raise invalid(f"{param} must be a number in [{lo}, {hi}], got {v!r}", param)
         return float(v)
+
     return check
 
 
@@ -98,9 +100,11 @@ _NEUTRAL = (False, 0, 0.0, "", [], {})
 
 def _unsupported(what: str) -> Validator:
     """Accepts only the field's neutral value (null, false, 0, empty); anything else is refused."""
+
     def check(v, param):
         if not any(type(v) is type(n) and v == n for n in _NEUTRAL):
             raise invalid(f"{param}: {what} is not supported by this server", param)
+
     return check
 
 
@@ -123,7 +127,7 @@ def _stream_options(v, param) -> bool:
 def _leap(v, param) -> dict:
     """The extension object: {"drafter": NAME or "none", "max_draft": INT}."""
     if not isinstance(v, dict):
-        raise invalid(f"{param} must be an object like {{\"drafter\": \"pld\"}}", param)
+        raise invalid(f'{param} must be an object like {{"drafter": "pld"}}', param)
     unknown = set(v) - {"drafter", "max_draft"}
     if unknown:
         raise invalid(f"{param}: unknown key {min(unknown)!r}; expected drafter, max_draft", param)
@@ -131,8 +135,11 @@ def _leap(v, param) -> dict:
     if v.get("drafter") is not None:
         name = _text(v["drafter"], f"{param}.drafter")
         if name not in available():
-            raise invalid(f"unknown drafter {name!r}; expected one of: {', '.join(available())}",
-                          f"{param}.drafter", code="unknown_drafter")
+            raise invalid(
+                f"unknown drafter {name!r}; expected one of: {', '.join(available())}",
+                f"{param}.drafter",
+                code="unknown_drafter",
+            )
         out["drafter"] = name
     if v.get("max_draft") is not None:
         out["max_draft"] = _integer(0, 512)(v["max_draft"], f"{param}.max_draft")
@@ -148,8 +155,10 @@ def _content(v, param) -> str:
     texts = []
     for i, part in enumerate(v):
         if not isinstance(part, dict) or part.get("type") != "text" or set(part) - {"type", "text"}:
-            raise invalid(f"{param}[{i}] must be {{\"type\": \"text\", \"text\": ...}} (only text is supported)",
-                          f"{param}[{i}]")
+            raise invalid(
+                f'{param}[{i}] must be {{"type": "text", "text": ...}} (only text is supported)',
+                f"{param}[{i}]",
+            )
         texts.append(_text(part.get("text"), f"{param}[{i}].text"))
     return "".join(texts)
 
@@ -216,7 +225,8 @@ _CHAT: dict[str, Validator] = {
     "tools": _unsupported("tool calling"),
     "tool_choice": _unsupported("tool calling"),
     "response_format": lambda v, p: _unsupported("a response_format other than text")(
-        None if v == {"type": "text"} else v, p),
+        None if v == {"type": "text"} else v, p
+    ),
 }
 _COMPLETION: dict[str, Validator] = {
     **_COMMON,
@@ -254,13 +264,21 @@ def _build(kind: str, v: dict, prompt_field: str) -> GenerationRequest:
     if top_p == 0.0:  # only the most likely token survives: greedy
         temperature, top_p = 0.0, 1.0
     try:
-        sampling = SamplingParams(temperature=temperature, top_k=v.get("top_k", 0), top_p=top_p,
-                                  seed=v.get("seed"))
+        sampling = SamplingParams(
+            temperature=temperature, top_k=v.get("top_k", 0), top_p=top_p, seed=v.get("seed")
+        )
     except LeapError as exc:
         raise invalid(str(exc)) from None
     leap = v.get("leap", {})
-    return GenerationRequest(kind=kind, model=v["model"], prompt=v[prompt_field],
-                             max_tokens=max_tokens if max_tokens is not None else other, sampling=sampling,
-                             stop=v.get("stop", ()), stream=v.get("stream", False),
-                             include_usage=v.get("stream_options", False), drafter=leap.get("drafter"),
-                             max_draft=leap.get("max_draft"))
+    return GenerationRequest(
+        kind=kind,
+        model=v["model"],
+        prompt=v[prompt_field],
+        max_tokens=max_tokens if max_tokens is not None else other,
+        sampling=sampling,
+        stop=v.get("stop", ()),
+        stream=v.get("stream", False),
+        include_usage=v.get("stream_options", False),
+        drafter=leap.get("drafter"),
+        max_draft=leap.get("max_draft"),
+    )

@@ -372,10 +372,10 @@ void attn_finish_task(void* ctx, int64_t task, int) {
     finish_row(j, task / j.a.H, 0, task % j.a.H, j.blocks[task / j.a.H]);
 }
 
-int check_attention(int64_t H, int64_t Hkv, int64_t D) {
-    if (D % 8 != 0 || D > 256) return -6;
-    if (Hkv <= 0 || H % Hkv != 0) return -7;
-    return 0;
+LdStatus check_attention(int64_t H, int64_t Hkv, int64_t D) {
+    if (D % 8 != 0 || D > 256) return LD_ERR_HEAD_DIM;
+    if (Hkv <= 0 || H % Hkv != 0) return LD_ERR_KV_HEADS;
+    return LD_OK;
 }
 
 // Threads attention uses for these sizes.
@@ -390,12 +390,12 @@ inline size_t attention_scratch_bytes(int64_t T, int64_t G, int threads) {
     return (size_t)attention_room(T) * (sizeof(int32_t) + G * sizeof(float)) * threads;
 }
 
-// Runs attention with `scratch` of attention_scratch_bytes(a.T, a.H / a.Hkv, nt); returns 0 or -5 (no
-// memory for the blocks' parts).
-int attention(const AttnArgs& a, int nt, void* scratch) {
+// Runs attention with `scratch` of attention_scratch_bytes(a.T, a.H / a.Hkv, nt); returns LD_OK or
+// LD_ERR_NO_MEMORY (for the blocks' parts).
+LdStatus attention(const AttnArgs& a, int nt, void* scratch) {
     const int64_t G = a.H / a.Hkv, room = attention_room(a.T), rows = a.B * a.S;
     float* parts = (float*)malloc(sizeof(float) * rows * a.H * kMaxBlocks * (2 + a.D) + sizeof(int64_t) * rows);
-    if (!parts) return -5;
+    if (!parts) return LD_ERR_NO_MEMORY;
     int32_t* idx = (int32_t*)scratch;
     AttnJob j{a, room, idx, (float*)(idx + room * nt), parts,
               (int64_t*)(parts + rows * a.H * kMaxBlocks * (2 + a.D))};
@@ -406,7 +406,7 @@ int attention(const AttnArgs& a, int nt, void* scratch) {
         ld::Pool::get().run(rows * a.Hkv, attn_row_task, &j, nt);
     }
     free(parts);
-    return 0;
+    return LD_OK;
 }
 
 }  // namespace

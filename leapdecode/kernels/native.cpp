@@ -24,6 +24,7 @@
 
 #include <algorithm>
 
+#include "abi.h"
 #include "pool.h"
 
 // Tile loops over rows and columns must be fully unrolled so accumulator arrays live in registers.
@@ -539,11 +540,11 @@ inline size_t act_scratch_bytes(int64_t M, int64_t K) {
     return (size_t)(M * K + 2 * M * padded_blocks(K) * (int64_t)sizeof(float));
 }
 
-int check_linear(int fmt, int act, int64_t K) {
-    if (fmt < F32 || fmt > Q4_1 || act < ACT_F32 || act > ACT_INT8) return -4;
-    if (fmt != F32 && (K % QK != 0)) return -2;
-    if (fmt == F32 && act != ACT_F32) return -3;
-    return 0;
+LdStatus check_linear(int fmt, int act, int64_t K) {
+    if (fmt < F32 || fmt > Q4_1 || act < ACT_F32 || act > ACT_INT8) return LD_ERR_FORMAT;
+    if (fmt != F32 && (K % QK != 0)) return LD_ERR_BLOCK_K;
+    if (fmt == F32 && act != ACT_F32) return LD_ERR_F32_ACT;
+    return LD_OK;
 }
 
 // y = x @ W^T for checked arguments; `scratch` holds act_scratch_bytes(M, K) for int8 activations.
@@ -574,8 +575,6 @@ void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, i
 
 extern "C" {
 
-int ld_abi_version() { return 3; }
-
 int ld_isa() { return LD_VNNI512 ? 512 : 256; }  // which build this is
 
 // Quantize rows of x to int8 blocks in element order: q [M, K], d and s [M, nbp] (padding set to zero).
@@ -584,28 +583,29 @@ void ld_quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t 
     quantize_act(x, ldx, M, K, nbp, q, d, s, threads, false);
 }
 
-// y[i, n] (row stride ldy) = sum_k x[i, k] W[n, k].  Returns 0, or a negative code for bad arguments.
-int ld_linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
+// y[i, n] (row stride ldy) = sum_k x[i, k] W[n, k].  Returns LD_OK, or the LdStatus of bad arguments.
+LdStatus ld_linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
               const void* qs, const uint16_t* d, const uint16_t* m, const float* f, float* y, int64_t ldy,
               int threads) {
-    if (M <= 0 || N <= 0 || K <= 0) return M == 0 ? 0 : -1;
-    if (const int rc = check_linear(fmt, act, K)) return rc;
+    if (M <= 0 || N <= 0 || K <= 0) return M == 0 ? LD_OK : LD_ERR_EMPTY;
+    if (const LdStatus rc = check_linear(fmt, act, K)) return rc;
     void* scratch = act == ACT_INT8 ? malloc(act_scratch_bytes(M, K)) : nullptr;
-    if (act == ACT_INT8 && !scratch) return -5;
+    if (act == ACT_INT8 && !scratch) return LD_ERR_NO_MEMORY;
     linear(fmt, act, M, N, K, x, ldx, qs, d, m, f, y, ldy, threads, scratch);
     free(scratch);
-    return 0;
+    return LD_OK;
 }
 
-int ld_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H, int64_t Hkv,
+// Returns LD_OK, or the LdStatus of bad arguments.
+LdStatus ld_attention(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H, int64_t Hkv,
                  int64_t S, int64_t T, int64_t D, const int64_t* qst, const int64_t* kst, const int64_t* vst,
                  const int64_t* ost, const uint8_t* mask, int64_t mask_stride, float scale, int threads) {
-    if (const int rc = check_attention(H, Hkv, D)) return rc;
-    if (B * H * S == 0) return 0;
+    if (const LdStatus rc = check_attention(H, Hkv, D)) return rc;
+    if (B * H * S == 0) return LD_OK;
     const AttnArgs a{q, k, v, out, B, H, Hkv, S, T, D, qst, kst, vst, ost, mask, mask_stride, scale};
     const int nt = attention_threads(a, threads);
     void* scratch = malloc(attention_scratch_bytes(T, H / Hkv, nt));
-    const int rc = scratch ? attention(a, nt, scratch) : -5;
+    const LdStatus rc = scratch ? attention(a, nt, scratch) : LD_ERR_NO_MEMORY;
     free(scratch);
     return rc;
 }

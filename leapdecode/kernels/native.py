@@ -15,19 +15,11 @@ from contextvars import ContextVar
 import torch
 
 from leapdecode.errors import LeapError
+from leapdecode.kernels import abi
 from leapdecode.kernels.build import best_isa, build
 
 FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2}
 ACT_CODES = {"float32": 0, "int8": 1}
-ERRORS = {
-    -1: "empty shape",
-    -2: "in_features must be a multiple of 32 for block formats",
-    -3: "float32 weights need float32 activations",
-    -4: "unknown format",
-    -5: "out of memory",
-    -6: "head_dim must be a multiple of 8 and at most 256",
-    -7: "n_heads must be a multiple of n_kv_heads",
-}
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _KERNEL_THREADS: ContextVar[int | None] = ContextVar("leapdecode_kernel_threads", default=None)
@@ -58,10 +50,12 @@ def kernel_scope(threads: int | None = None) -> Iterator[None]:
 
 @functools.cache
 def lib(isa: str | None = None) -> ctypes.CDLL:
-    """The loaded library for `isa` (default: the best this CPU runs), built on first use."""
+    """The loaded library for `isa` (default: the best this CPU runs), built on first use; its ABI is
+    checked against this package's (abi.py) before anything calls it."""
     if isa is None:
         return lib(best_isa())
     dll = ctypes.CDLL(str(build(isa)))
+    abi.check(dll)
     dll.ld_linear.argtypes = [_INT, _INT, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _I64, _INT]
     dll.ld_linear.restype = _INT
     dll.ld_quantize_act.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]
@@ -88,7 +82,18 @@ def lib(isa: str | None = None) -> ctypes.CDLL:
     ]
     dll.ld_attention.restype = _INT
     dll.ld_isa.restype = _INT
+    dll.ld_stack_forward.argtypes = [
+        ctypes.POINTER(abi.LdStack),
+        ctypes.POINTER(abi.LdInputs),
+        ctypes.POINTER(abi.LdForwardArgs),
+    ]
+    dll.ld_stack_forward.restype = _INT
     return dll
+
+
+def status_message(code: int, isa: str | None = None) -> str:
+    """What a kernel's status code means (the library's own message, see abi.h)."""
+    return abi.status_message(lib(isa), code)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -130,7 +135,7 @@ def linear_into(
     if rc:
         raise LeapError(
             f"native linear ({fmt}, {act} activations, [{x.shape[0]}, {k}] x [{n}, {k}]^T): "
-            f"{ERRORS.get(rc, rc)}"
+            f"{status_message(rc, isa)}"
         )
 
 
@@ -167,7 +172,7 @@ def run_linear(calls: list[tuple], x: torch.Tensor, y: torch.Tensor) -> None:
             names = {v: n for n, v in FORMAT_CODES.items()}, {v: n for n, v in ACT_CODES.items()}
             raise LeapError(
                 f"native linear ({names[0].get(fmt)}, {names[1].get(act)} activations, "
-                f"[{m}, {k}] x [{n}, {k}]^T): {ERRORS.get(rc, rc)}"
+                f"[{m}, {k}] x [{n}, {k}]^T): {status_message(rc)}"
             )
 
 
@@ -240,5 +245,5 @@ def attention(
         kernel_threads(),
     )
     if rc:
-        raise LeapError(f"native attention: {ERRORS.get(rc, rc)}")
+        raise LeapError(f"native attention: {status_message(rc, isa)}")
     return out

@@ -11,44 +11,7 @@
 
 namespace {
 
-constexpr int kMaxParts = 4;
-
-struct LdPart {  // one weight of a linear layer, writing output columns [col, col + N)
-    int32_t fmt, act;
-    int64_t N, K, col;
-    const void* qs;
-    const uint16_t* d;
-    const uint16_t* m;
-    const float* f;
-};
-
-struct LdLinear {
-    int64_t nparts, N, K;  // N: all parts' outputs together
-    LdPart parts[kMaxParts];
-    const float* bias;  // [N] or null
-};
-
-struct LdBlock {
-    LdLinear qkv, o, w13, w2;
-    const float* attn_norm;  // [D]
-    const float* mlp_norm;   // [D]
-};
-
-struct LdStack {
-    int64_t L, D, H, Hkv, hd, I;
-    float eps;
-    const LdBlock* blocks;  // [L]
-};
-
-struct LdInputs {  // the new rows as token ids and rope positions, looked up here
-    const int64_t* tokens;     // [S]
-    const float* embed;        // [vocab, D]
-    int64_t vocab;
-    const int64_t* positions;  // [S]
-    const float* cos_table;    // [max_pos, hd]
-    const float* sin_table;
-    int64_t max_pos;
-};
+// The structs passed in (LdStack, LdInputs, LdForwardArgs, ...) are declared in abi.h.
 
 struct StepArgs {  // one call: S new rows after n cached ones
     float* x;                        // [S, D] residual stream, updated in place
@@ -119,21 +82,26 @@ void silu_mul_row(const float* g, const float* u, float* out, int64_t I) {
     }
 }
 
-int check_stack(const LdStack& st) {
-    if (st.L <= 0 || st.D <= 0 || st.I <= 0) return -1;
-    if (const int rc = check_attention(st.H, st.Hkv, st.hd)) return rc;
+LdStatus check_parts(const LdLinear& lin) {
+    if (lin.nparts < 1 || lin.nparts > LD_MAX_PARTS) return LD_ERR_PARTS;
+    for (int64_t p = 0; p < lin.nparts; ++p)
+        if (const LdStatus rc = check_linear(lin.parts[p].fmt, lin.parts[p].act, lin.parts[p].K)) return rc;
+    return LD_OK;
+}
+
+LdStatus check_stack(const LdStack& st) {
+    if (st.L <= 0 || st.D <= 0 || st.I <= 0) return LD_ERR_EMPTY;
+    if (!st.blocks) return LD_ERR_NULL;
+    if (const LdStatus rc = check_attention(st.H, st.Hkv, st.hd)) return rc;
     for (int64_t l = 0; l < st.L; ++l) {
         const LdBlock& b = st.blocks[l];
-        for (const LdLinear* lin : {&b.qkv, &b.o, &b.w13, &b.w2}) {
-            if (lin->nparts < 1 || lin->nparts > kMaxParts) return -8;
-            for (int64_t p = 0; p < lin->nparts; ++p)
-                if (const int rc = check_linear(lin->parts[p].fmt, lin->parts[p].act, lin->parts[p].K)) return rc;
-        }
+        for (const LdLinear* lin : {&b.qkv, &b.o, &b.w13, &b.w2})
+            if (const LdStatus rc = check_parts(*lin)) return rc;
         if (b.qkv.N != (st.H + 2 * st.Hkv) * st.hd || b.qkv.K != st.D || b.o.N != st.D || b.o.K != st.H * st.hd ||
             b.w13.N != 2 * st.I || b.w13.K != st.D || b.w2.N != st.D || b.w2.K != st.I)
-            return -9;
+            return LD_ERR_LINEAR_SHAPE;
     }
-    return 0;
+    return LD_OK;
 }
 
 void run_linear_parts(const LdLinear& lin, int64_t M, const float* x, float* y, int threads, void* scratch) {
@@ -152,7 +120,7 @@ struct Buffers {  // per call, sized for S rows
     void* scratch;  // int8 activations
 };
 
-int attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
+LdStatus attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
     const int64_t S = a.S, hd = st.hd, Nq = st.H * hd, Nkv = st.Hkv * hd, Nqkv = Nq + 2 * Nkv;
     const LdBlock& blk = st.blocks[l];
     auto norm = [&](int64_t i) { rmsnorm_row(a.x + i * st.D, blk.attn_norm, b.h + i * st.D, st.D, st.eps); };
@@ -173,13 +141,13 @@ int attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) 
     const int64_t qst[3] = {0, hd, Nqkv}, kst[3] = {0, a.Tmax * hd, hd}, ost[3] = {0, hd, Nq};
     const AttnArgs at{b.qkv, kc, vc, b.att, 1, st.H, st.Hkv, S, a.n + S, hd, qst, kst, kst, ost,
                       a.mask, a.mask_stride, (float)pow((double)hd, -0.5)};  // as d ** -0.5
-    if (const int rc = attention(at, attention_threads(at, a.threads), b.attn)) return rc;
+    if (const LdStatus rc = attention(at, attention_threads(at, a.threads), b.attn)) return rc;
     run_linear_parts(blk.o, S, b.att, b.tmp, a.threads, b.scratch);
     auto residual = [&](int64_t i) {
         for (int64_t c = 0; c < st.D; ++c) a.x[i * st.D + c] += b.tmp[i * st.D + c];
     };
     for_rows(S, a.threads, residual);
-    return 0;
+    return LD_OK;
 }
 
 void mlp_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
@@ -197,11 +165,9 @@ void mlp_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
     for_rows(S, a.threads, residual);
 }
 
-int check_head(const LdStack& st, const LdLinear& head) {
-    if (head.nparts < 1 || head.nparts > kMaxParts) return -8;
-    for (int64_t p = 0; p < head.nparts; ++p)
-        if (const int rc = check_linear(head.parts[p].fmt, head.parts[p].act, head.parts[p].K)) return rc;
-    return head.K == st.D && head.N > 0 ? 0 : -9;
+LdStatus check_head(const LdStack& st, const LdLinear& head) {
+    if (const LdStatus rc = check_parts(head)) return rc;
+    return head.K == st.D && head.N > 0 ? LD_OK : LD_ERR_LINEAR_SHAPE;
 }
 
 // The final RMSNorm and the output layer over rows [from, S) of the residual stream.
@@ -212,12 +178,36 @@ void head_part(const LdStack& st, const StepArgs& a, const float* norm_w, float 
     run_linear_parts(head, a.S - from, b.h, logits, a.threads, b.scratch);
 }
 
-int check_inputs(const LdInputs& in, int64_t S) {
+LdStatus check_inputs(const LdInputs& in, int64_t S) {
+    if (!in.tokens || !in.embed || !in.positions || !in.cos_table || !in.sin_table) return LD_ERR_NULL;
     for (int64_t i = 0; i < S; ++i) {
-        if (in.tokens[i] < 0 || in.tokens[i] >= in.vocab) return -12;
-        if (in.positions[i] < 0 || in.positions[i] >= in.max_pos) return -13;
+        if (in.tokens[i] < 0 || in.tokens[i] >= in.vocab) return LD_ERR_TOKEN;
+        if (in.positions[i] < 0 || in.positions[i] >= in.max_pos) return LD_ERR_POSITION;
     }
-    return 0;
+    return LD_OK;
+}
+
+// Everything of one call that is not the model or its inputs.
+LdStatus check_args(const LdStack& st, const LdForwardArgs& f) {
+    if (f.S < 0 || f.nfeat < 0) return LD_ERR_EMPTY;
+    if (f.head) {
+        if (const LdStatus rc = check_head(st, *f.head)) return rc;
+        if (f.head_from < 0 || f.head_from >= f.S) return LD_ERR_HEAD_ROWS;
+        if (!f.norm_w || !f.logits) return LD_ERR_NULL;
+    }
+    if (f.nfeat > 0 && !f.feat_layers) return LD_ERR_NULL;
+    for (int64_t j = 0; j < f.nfeat; ++j)
+        if (f.feat_layers[j] < 0 || f.feat_layers[j] >= st.L) return LD_ERR_FEATURE_LAYER;
+    if (f.n < 0 || f.n + f.S > f.Tmax) return LD_ERR_CACHE_FULL;
+    // (no rows: nothing is written, and empty tensors may have null pointers)
+    if (f.S > 0 && (!f.x || !f.kc || !f.vc || (f.nfeat > 0 && !f.feats))) return LD_ERR_NULL;
+    return LD_OK;
+}
+
+// The residual stream after block l into every feature output asking for it (a copy: x is unchanged).
+void copy_features(const LdForwardArgs& f, int64_t l, int64_t D) {
+    for (int64_t j = 0; j < f.nfeat; ++j)
+        if (f.feat_layers[j] == l) memcpy(f.feats + j * f.S * D, f.x, sizeof(float) * f.S * D);
 }
 
 // The embedded rows into x [S, D], and each row's rope cos/sin into [S, hd] each.
@@ -233,27 +223,25 @@ void gather_inputs(const LdInputs& in, int64_t S, int64_t D, int64_t hd, float* 
 
 extern "C" {
 
-// Runs every block of `st` over S new rows given as token ids and positions (`in`), leaving the residual
-// stream in x [S, D] (see StepArgs). With a `head`, then also the final RMSNorm (weight `norm_w`) and the
-// output layer over rows [head_from, S), into logits [S - head_from, head->N]. Returns 0, or a negative code.
-int ld_stack_forward(const LdStack* st, const LdInputs* in, float* x, int64_t S, int64_t n, float* kc, float* vc,
-                     int64_t Tmax, const uint8_t* mask, int64_t mask_stride, const uint8_t* skip,
-                     const float* norm_w, float norm_eps, const LdLinear* head, int64_t head_from, float* logits,
-                     int threads) {
-    if (const int rc = check_stack(*st)) return rc;
-    if (head) {
-        if (const int rc = check_head(*st, *head)) return rc;
-        if (head_from < 0 || head_from >= S) return -11;
-    }
-    if (S <= 0) return S == 0 ? 0 : -1;
-    if (n + S > Tmax) return -10;
-    if (const int rc = check_inputs(*in, S)) return rc;
+// Runs every block of `st` over the S new rows given as token ids and positions (`in`), leaving the
+// residual stream in args->x [S, D]; with args->head, then also the final RMSNorm and the output layer over
+// rows [head_from, S) into args->logits; with feature layers, a copy of x after each of those blocks.
+// Returns LD_OK, or the LdStatus of the first check that failed (nothing written then).
+LdStatus ld_stack_forward(const LdStack* st, const LdInputs* in, const LdForwardArgs* args) {
+    if (!st || !in || !args) return LD_ERR_NULL;
+    const LdForwardArgs& f = *args;
+    const int64_t S = f.S, n = f.n;
+    if (const LdStatus rc = check_stack(*st)) return rc;
+    if (const LdStatus rc = check_args(*st, f)) return rc;
+    if (S == 0) return LD_OK;
+    if (const LdStatus rc = check_inputs(*in, S)) return rc;
+    const int threads = f.threads;
     const int64_t D = st->D, I = st->I, Nqkv = (st->H + 2 * st->Hkv) * st->hd;
     const int64_t floats = S * (D + Nqkv + st->H * st->hd + 2 * I + I + D + 2 * st->hd);
     const int64_t k_max = std::max({D, I, st->H * st->hd});  // widest input of a linear layer
     const size_t attn_bytes = attention_scratch_bytes(n + S, st->H / st->Hkv, threads);
     float* mem = (float*)malloc(sizeof(float) * floats + attn_bytes + act_scratch_bytes(S, k_max));
-    if (!mem) return -5;
+    if (!mem) return LD_ERR_NO_MEMORY;
     Buffers b;
     b.h = mem;
     b.qkv = b.h + S * D;
@@ -265,14 +253,15 @@ int ld_stack_forward(const LdStack* st, const LdInputs* in, float* x, int64_t S,
     float* sin = cos + S * st->hd;
     b.attn = (void*)(sin + S * st->hd);
     b.scratch = (void*)((char*)b.attn + attn_bytes);
-    gather_inputs(*in, S, D, st->hd, x, cos, sin);
-    const StepArgs a{x, S, n, Tmax, cos, sin, kc, vc, mask, mask_stride, skip, threads};
-    int rc = 0;
-    for (int64_t l = 0; l < st->L && rc == 0; ++l) {
-        if (!(skip && skip[2 * l])) rc = attention_part(*st, a, l, b);
-        if (rc == 0 && !(skip && skip[2 * l + 1])) mlp_part(*st, a, l, b);
+    gather_inputs(*in, S, D, st->hd, f.x, cos, sin);
+    const StepArgs a{f.x, S, n, f.Tmax, cos, sin, f.kc, f.vc, f.mask, f.mask_stride, f.skip, threads};
+    LdStatus rc = LD_OK;
+    for (int64_t l = 0; l < st->L && rc == LD_OK; ++l) {
+        if (!(f.skip && f.skip[2 * l])) rc = attention_part(*st, a, l, b);
+        if (rc == LD_OK && !(f.skip && f.skip[2 * l + 1])) mlp_part(*st, a, l, b);
+        if (rc == LD_OK) copy_features(f, l, D);
     }
-    if (head && rc == 0) head_part(*st, a, norm_w, norm_eps, *head, head_from, logits, b);
+    if (f.head && rc == LD_OK) head_part(*st, a, f.norm_w, f.norm_eps, *f.head, f.head_from, f.logits, b);
     free(mem);
     return rc;
 }

@@ -18,79 +18,8 @@ import weakref
 import torch
 
 from leapdecode.errors import LeapError
-from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, kernel_threads, lib
-from leapdecode.kernels.native import ERRORS as KERNEL_ERRORS
-
-MAX_PARTS = 4
-_I32, _I64, _P = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-
-
-class _Part(ctypes.Structure):
-    _fields_ = [
-        ("fmt", _I32),
-        ("act", _I32),
-        ("N", _I64),
-        ("K", _I64),
-        ("col", _I64),
-        ("qs", _P),
-        ("d", _P),
-        ("m", _P),
-        ("f", _P),
-    ]
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [("nparts", _I64), ("N", _I64), ("K", _I64), ("parts", _Part * MAX_PARTS), ("bias", _P)]
-
-
-class _Block(ctypes.Structure):
-    _fields_ = [
-        ("qkv", _Linear),
-        ("o", _Linear),
-        ("w13", _Linear),
-        ("w2", _Linear),
-        ("attn_norm", _P),
-        ("mlp_norm", _P),
-    ]
-
-
-class _Inputs(ctypes.Structure):
-    _fields_ = [
-        ("tokens", _P),
-        ("embed", _P),
-        ("vocab", _I64),
-        ("positions", _P),
-        ("cos_table", _P),
-        ("sin_table", _P),
-        ("max_pos", _I64),
-    ]
-
-
-class _Stack(ctypes.Structure):
-    _fields_ = [
-        ("L", _I64),
-        ("D", _I64),
-        ("H", _I64),
-        ("Hkv", _I64),
-        ("hd", _I64),
-        ("I", _I64),
-        ("eps", ctypes.c_float),
-        ("blocks", ctypes.POINTER(_Block)),
-    ]
-
-
-# the kernels' codes, plus the stack's own
-_ERRORS = {
-    **KERNEL_ERRORS,
-    -1: "empty model",
-    -8: "a fused linear layer has too many parts",
-    -9: "a linear layer's shape does not fit the model",
-    -10: "the new rows do not fit in the cache",
-    -11: "the output layer's first row is out of range",
-    -12: "a token id is outside the vocabulary",
-    -13: "a position is beyond the rope tables (the model's context)",
-}
-
+from leapdecode.kernels.abi import MAX_PARTS, LdBlock, LdForwardArgs, LdInputs, LdLinear, LdPart, LdStack
+from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, kernel_threads, lib, status_message
 
 _ASSIGNMENTS = [0]  # module assignments anywhere in the process, counted by torch's registration hook
 
@@ -111,13 +40,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _linear(layer) -> _Linear:
+def _linear(layer) -> LdLinear:
     if getattr(layer, "backend", None) != "native" or len(layer.parts) > MAX_PARTS:
         raise LeapError("the native block stack needs native linear layers of at most 4 parts")
-    lin = _Linear(nparts=len(layer.parts), N=layer.out_features, K=layer.in_features, bias=_ptr(layer.bias))
+    lin = LdLinear(nparts=len(layer.parts), N=layer.out_features, K=layer.in_features, bias=_ptr(layer.bias))
     for i, (p, col) in enumerate(zip(layer.parts, layer.offsets)):
         act = "float32" if p.fmt == "f32" else layer.activations
-        lin.parts[i] = _Part(
+        lin.parts[i] = LdPart(
             FORMAT_CODES[p.fmt],
             ACT_CODES[act],
             p.out_features,
@@ -164,9 +93,9 @@ class NativeStack:
             raise LeapError("the native block stack needs one RMSNorm epsilon for every block")
         if len(model.blocks) > cfg.n_layers:  # the cache holds cfg.n_layers layers
             raise LeapError(f"the model has {len(model.blocks)} blocks, its config {cfg.n_layers}")
-        arr = (_Block * len(model.blocks))(
+        arr = (LdBlock * len(model.blocks))(
             *[
-                _Block(
+                LdBlock(
                     _linear(b.attn.wqkv),
                     _linear(b.attn.wo),
                     _linear(b.mlp.w13),
@@ -178,7 +107,7 @@ class NativeStack:
             ]
         )
         self._arr = arr
-        self._stack = _Stack(
+        self._stack = LdStack(
             len(model.blocks),
             cfg.dim,
             cfg.n_heads,
@@ -188,27 +117,7 @@ class NativeStack:
             eps.pop(),
             arr,
         )
-        self._fn = lib().ld_stack_forward
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [
-            ctypes.POINTER(_Stack),
-            ctypes.POINTER(_Inputs),
-            _P,
-            _I64,
-            _I64,
-            _P,
-            _P,
-            _I64,
-            _P,
-            _I64,
-            _P,
-            _P,
-            ctypes.c_float,
-            ctypes.POINTER(_Linear),
-            _I64,
-            _P,
-            ctypes.c_int,
-        ]
+        self._fn = lib().ld_stack_forward  # its signature is declared when the library loads
         self._head_key, self._head = None, None  # the output layer last run, as the kernel takes it
 
     def __deepcopy__(self, memo):  # a copied model rebuilds its own stack on its first forward
@@ -248,7 +157,7 @@ class NativeStack:
             and norm.weight.dtype == torch.float32
         )
 
-    def _head_struct(self, head) -> _Linear:
+    def _head_struct(self, head) -> LdLinear:
         """The kernel's description of `head`, rebuilt when the layer or its weights changed."""
         if (
             self._head_key is None
@@ -268,12 +177,12 @@ class NativeStack:
         )
 
     @staticmethod
-    def _inputs(tokens, positions, embed, rope) -> tuple[_Inputs, tuple]:
+    def _inputs(tokens, positions, embed, rope) -> tuple[LdInputs, tuple]:
         """The kernel's view of the new rows, and the tensors it points into (kept alive for the call)."""
         tokens = tokens.reshape(-1).to(torch.int64).contiguous()  # [S]
         positions = positions.to(torch.int64).contiguous()  # [S]
         keep = (tokens, positions, embed, rope.cos, rope.sin)
-        return _Inputs(
+        return LdInputs(
             tokens.data_ptr(),
             embed.data_ptr(),
             embed.shape[0],
@@ -283,55 +192,65 @@ class NativeStack:
             rope.cos.shape[0],
         ), keep
 
+    def _features(self, features: tuple[int, ...], s: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The block indices and the [F, S, D] output of the residual stream after those blocks."""
+        if not features:
+            return None
+        blocks = self._stack.L
+        bad = [f for f in features if not 0 <= f < blocks]
+        if bad:
+            raise LeapError(f"features: block {bad[0]} is outside the model's {blocks} blocks")
+        return torch.tensor(features, dtype=torch.int64), torch.empty(len(features), s, self._stack.D)
+
     def __call__(
-        self, tokens, positions, embed, rope, cache, mask, layers=None, head=None, last_only=False
-    ) -> torch.Tensor:
+        self,
+        tokens,
+        positions,
+        embed,
+        rope,
+        cache,
+        mask,
+        layers=None,
+        head=None,
+        last_only=False,
+        features: tuple[int, ...] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [1, S], positions [S] (rope positions; looked up with `embed` [V, D] and the `rope`
         module's float32 tables inside the call), mask bool [S, n + S] or None (causal), layers:
         (skip_attn, skip_mlp) per block or None. Returns the residual stream [1, S, D]; with head = (final
         norm, output layer) (see `runs_head`), that layer's logits [1, S, V] instead (of the last row:
-        [1, 1, V] with last_only)."""
+        [1, 1, V] with last_only). With `features` (block indices), returns (that, feats [F, S, D]):
+        feats[j] is the residual stream after block features[j]."""
         s, n = tokens.shape[1], cache.length
         if n + s > cache.max_len:
             raise LeapError(f"context full: {n + s} tokens exceed the cache size {cache.max_len}")
         if positions.shape != (s,):
             raise LeapError(f"positions must have shape [{s}], got {tuple(positions.shape)}")
+        feats = self._features(tuple(features), s)
         inputs, _alive = self._inputs(tokens, positions, embed, rope)  # the tensors stay alive for the call
         x = torch.empty(1, s, self._stack.D)  # [1, S, D]
-        mask_ptr, mask_stride = None, 0
+        args = LdForwardArgs(x=x.data_ptr(), S=s, n=n, Tmax=cache.max_len, threads=kernel_threads())
+        args.kc, args.vc = cache.k.data_ptr(), cache.v.data_ptr()
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape != (s, n + s):
                 raise LeapError(
                     f"attention mask must be bool [{s}, {n + s}], got {mask.dtype} {tuple(mask.shape)}"
                 )
             mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-            mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0)
+            args.mask, args.mask_stride = mask.data_ptr(), mask.stride(0)
         skip = None if layers is None else torch.tensor(layers, dtype=torch.uint8).contiguous()
-        norm_w, eps, head_arg, first, out = None, 0.0, None, 0, None
+        args.skip = _ptr(skip)
+        out = None
         if head is not None:
             norm, layer = head
-            first = s - 1 if last_only else 0
-            out = torch.empty(1, s - first, layer.out_features)  # [1, S or 1, V]
-            norm_w, eps, head_arg = norm.weight.data_ptr(), norm.eps, ctypes.byref(self._head_struct(layer))
-        rc = self._fn(
-            ctypes.byref(self._stack),
-            ctypes.byref(inputs),
-            x.data_ptr(),
-            s,
-            n,
-            cache.k.data_ptr(),
-            cache.v.data_ptr(),
-            cache.max_len,
-            mask_ptr,
-            mask_stride,
-            _ptr(skip),
-            norm_w,
-            eps,
-            head_arg,
-            first,
-            _ptr(out),
-            kernel_threads(),
-        )
+            args.head_from = s - 1 if last_only else 0
+            out = torch.empty(1, s - args.head_from, layer.out_features)  # [1, S or 1, V]
+            args.norm_w, args.norm_eps, args.logits = norm.weight.data_ptr(), norm.eps, out.data_ptr()
+            args.head = ctypes.pointer(self._head_struct(layer))
+        if feats is not None:
+            args.nfeat, args.feat_layers, args.feats = len(features), feats[0].data_ptr(), feats[1].data_ptr()
+        rc = self._fn(ctypes.byref(self._stack), ctypes.byref(inputs), ctypes.byref(args))
         if rc:
-            raise LeapError(f"native block stack: {_ERRORS.get(rc, rc)}")
-        return x if out is None else out
+            raise LeapError(f"native block stack: {status_message(rc)}")
+        result = x if out is None else out
+        return result if feats is None else (result, feats[1])

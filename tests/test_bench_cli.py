@@ -9,10 +9,10 @@ from conftest import SPEC_BENCH, tiny_engine_for
 
 from leapdecode.bench import peers as peers_module
 from leapdecode.bench.data import GROUPS, group_of, load_questions, parse_questions
-from leapdecode.bench.machine import cpu_model, physical_cores
 from leapdecode.bench.methods import hist_from_depths
 from leapdecode.bench.runner import RECORDS, run_bench
 from leapdecode.cli import main
+from leapdecode.cpu import cpu_flags, cpu_model, flag_set, physical_cores
 from leapdecode.errors import LeapError
 
 GOOD = {"question_id": 1, "category": "qa", "turns": ["ABC"]}
@@ -98,6 +98,13 @@ def test_cpuinfo_parsing():
         "processor : 1\nphysical id : 0\ncore id : 0\n\nprocessor : 2\nphysical id : 0\ncore id : 1\n"
     )
     assert cpu_model(info) == "Test CPU 9000" and physical_cores(info) == 2
+
+
+def test_cpu_flags_parsing():
+    info = "processor : 0\nflags : fpu sse2 avx2 fma avx512f\n\nprocessor : 1\nflags : fpu sse2\n"
+    assert flag_set(info) == {"fpu", "sse2", "avx2", "fma", "avx512f"}  # the first CPU's
+    assert cpu_flags(info) == ["avx2", "fma", "avx512f"]
+    assert flag_set("processor : 0\n") == frozenset() and cpu_flags("") == []
 
 
 # ------------------------------------------------------------------ command line

@@ -6,44 +6,12 @@ import datetime
 import os
 import platform
 from importlib import metadata
-from pathlib import Path
 
 import torch
 
+from leapdecode.cpu import cpu_flags, cpu_model, physical_cores
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    text = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def physical_cores(cpuinfo: str | None = None) -> int | None:
-    """Distinct (physical id, core id) pairs; None when the file does not say."""
-    text = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
-    cores, phys = set(), "0"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            phys = value.strip()
-        elif key == "core id":
-            cores.add((phys, value.strip()))
-    return len(cores) or None
-
-
-def cpu_flags(cpuinfo: str | None = None) -> list[str]:
-    """The vector extensions that decide kernel speed (AVX2, FMA, AVX-512, AMX)."""
-    text = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-            return [f for f in wanted if f in flags]
-    return []
+__all__ = ["cpu_flags", "cpu_model", "describe_machine", "package_version", "physical_cores"]
 
 
 def package_version(name: str) -> str | None:
@@ -69,10 +37,3 @@ def describe_machine(engine) -> dict:
         "leapdecode": package_version("leapdecode"),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from leapdecode.cpu import flag_set
 from leapdecode.errors import LeapError
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -48,19 +49,11 @@ def compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> list[str] | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-
-
 def cpu_problem(isa: str = "avx2") -> str | None:
     """Why this CPU cannot run the `isa` build of the kernels, or None when it can."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"needs an x86-64 CPU (this is {platform.machine()})"
-    flags = _cpu_flags()
+    flags = flag_set()
     if flags is None:
         return "cannot read /proc/cpuinfo to check the CPU's instruction sets"
     missing = [f for f in ISAS[isa][1] if f not in flags]

@@ -3,11 +3,17 @@
 The GGUF path follows the file's own pre-tokenizer (`tokenizer.ggml.pre`): SmolLM2 splits digits one by
 one, Llama 3 and Qwen2 use their own split regexes. Building a plain byte-level tokenizer instead (as
 some loaders do) tokenizes numbers and newlines differently from the model's training.
+
+Chat messages are data, never markup: `encode_chat` gives special tokens (``<|im_start|>``, ``<s>``, ...)
+only where the chat template writes them; the same text typed inside a message is tokenized as plain
+text, so no message can forge a turn. Whoever needs special tokens of their own passes token ids.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
 from pathlib import Path
 
 import jinja2
@@ -105,6 +111,10 @@ class Tokenizer:
         )
         env.globals["raise_exception"] = _raise_template_error
         self._template = env.from_string(self.chat_template)
+        self._specials = _special_tokens(backend)
+        self._special_re = _alternation(self._specials)
+        self._plain: tokenizers.Tokenizer | None = None  # built on first need: see `_plain_backend`
+        self._plain_lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
@@ -113,11 +123,36 @@ class Tokenizer:
     def token(self, i: int) -> str | None:
         return self.backend.id_to_token(i)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    @property
+    def max_token_chars(self) -> int:
+        """No token stands for more characters of input than this: a text longer than `n` times this
+        has more than `n` tokens, which a caller can tell without tokenizing it."""
+        longest = max(len(t) for t in self.backend.get_vocab(with_added_tokens=True))
+        # a normalizer may compose several characters into one (NFC): allow for it
+        return longest * (1 if self.backend.normalizer is None else 4)
+
+    def encode(self, text: str, add_bos: bool | None = None, *, special: bool = True) -> list[int]:
+        """Token ids of `text`. `special`: text spelling a special token becomes that token (as in a
+        raw prompt written with its own markup); False: it is plain text like any other."""
+        ids = self._encode(text, self.backend if special else self._plain_backend())
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
+
+    @staticmethod
+    def _encode(text: str, backend: tokenizers.Tokenizer) -> list[int]:
+        # encode_batch releases the GIL while it works (encode holds it): a long text tokenized in one
+        # thread does not stall the others, such as a server's event loop
+        return backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that reads special tokens' text as plain text."""
+        with self._plain_lock:
+            if self._plain is None:
+                plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
@@ -136,8 +171,42 @@ class Tokenizer:
             raise LeapError(f"chat template failed: {exc}") from exc
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        # The template writes the BOS token itself when the model wants one.
-        return self.encode(self.render_chat(messages), add_bos=False)
+        """The chat template's token ids for `messages`: special tokens where the template writes them,
+        message text (content, role, name) always plain. The template writes BOS itself if wanted."""
+        found = self._special_re is not None and any(
+            self._special_re.search(v) for m in messages if isinstance(m, dict) for v in _strings(m)
+        )
+        if not found:  # nothing in the messages spells a special token: the rendered text as it is
+            return self.encode(self.render_chat(messages), add_bos=False)
+        return self._encode_marked(messages)
+
+    def _encode_marked(self, messages: list[dict]) -> list[int]:
+        """Special-token text in the messages is swapped for markers that no template or message
+        contains, the template renders, its own special tokens become ids, and the rest (markers back
+        to their text) is encoded as plain text."""
+        spelled: list[str] = []
+        mark = _free_char(self.chat_template, messages)
+
+        def hide(match: re.Match) -> str:
+            spelled.append(match.group(0))
+            return f"{mark}{len(spelled) - 1}{mark}"
+
+        hidden = [
+            {k: self._special_re.sub(hide, v) if isinstance(v, str) else v for k, v in m.items()}
+            if isinstance(m, dict)
+            else m  # render_chat names what is wrong with it
+            for m in messages
+        ]
+        rendered = self.render_chat(hidden)
+        unmark = re.compile(f"{mark}(\\d+){mark}")
+        ids: list[int] = []
+        for i, part in enumerate(self._special_re.split(rendered)):
+            if i % 2:  # a special token the template wrote
+                ids.append(self._specials[part])
+            elif part:
+                text = unmark.sub(lambda m: spelled[int(m.group(1))], part)
+                ids += self._encode(text, self._plain_backend())
+        return ids
 
     @staticmethod
     def from_gguf_metadata(meta: dict) -> Tokenizer:
@@ -178,6 +247,29 @@ class Tokenizer:
             chat_template=template,
             add_bos=bool(cfg.get("add_bos_token", False)),
         )
+
+
+def _special_tokens(backend: tokenizers.Tokenizer) -> dict[str, int]:
+    """The special (control) tokens' text -> id. User-defined added tokens (a GGUF's token type 4,
+    `special: false` in tokenizer.json) are ordinary words of the vocabulary and stay out."""
+    return {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+
+
+def _alternation(words: dict[str, int]) -> re.Pattern | None:
+    """One group matching any of `words`, longest first (leftmost-longest, as the backend matches)."""
+    if not words:
+        return None
+    return re.compile("(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")")
+
+
+def _strings(message: dict) -> list[str]:
+    return [v for v in message.values() if isinstance(v, str)]
+
+
+def _free_char(template: str, messages: list[dict]) -> str:
+    """A private-use character found in neither the template nor any message."""
+    taken = set(template).union(*(set(v) for m in messages for v in _strings(m)))
+    return next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in taken)
 
 
 def _end_of_turn_ids(tokens: list[str], template: str | None) -> set[int]:

@@ -219,3 +219,28 @@ def test_token_ids_and_positions_are_checked_inside_the_call():
     assert cache.length == 0  # nothing was written
     logits = model(torch.tensor([[3, 4]]), torch.arange(2), cache)
     assert logits.shape == (1, 2, 96) and cache.length == 2
+
+
+def test_feature_outputs_are_copies_of_the_residual_stream_after_their_blocks():
+    """Features of the last block equal the returned residual stream; of a middle block, the stream of a
+    run that skips every later block. Asking for them changes no output bit."""
+    model = _native("int4", "int8", layers=4)
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(11))
+
+    def call(layers=None, head=None, features=()):
+        cache = model.new_cache(64)
+        return model.stack(
+            ids, torch.arange(7), model.embed, model.rope, cache, None, layers, head, False, features
+        )
+
+    x = call()  # [1, 7, D]
+    same, feats = call(features=(3, 1, 3))
+    assert feats.shape == (3, 7, model.cfg.dim)
+    assert torch.equal(same, x) and torch.equal(feats[0], x[0]) and torch.equal(feats[2], x[0])
+    assert torch.equal(feats[1], call(layers=[(False, False)] * 2 + [(True, True)] * 2)[0])
+    assert not torch.equal(feats[1], x[0])
+    head = (model.norm, model.lm_head)
+    logits, last = call(head=head, features=(3,))
+    assert torch.equal(logits, call(head=head)) and torch.equal(last[0], x[0])
+    with pytest.raises(LeapError, match="features: block 4 is outside the model's 4 blocks"):
+        call(features=(0, 4))

@@ -166,10 +166,12 @@ def layout_problem(dll: ctypes.CDLL, cls: type[ctypes.Structure], name: str | No
             extra = ours[i][0] if i < len(ours) else theirs[i][0]
             side = "here only" if i < len(ours) else "in the library only"
             return f"struct {name} field {extra!r}: {side}"
+        if theirs[i][0] != ours[i][0]:
+            return f"struct {name} field {i}: {theirs[i][0]!r} in the library, {ours[i][0]!r} here"
         if theirs[i] != ours[i]:
             return (
-                f"struct {name} field {i} {ours[i][0]!r}: (name, offset, size, kind) "
-                f"{theirs[i]} in the library, {ours[i]} here"
+                f"struct {name} field {ours[i][0]!r}: (offset, size, kind) {theirs[i][1:]} in the library, "
+                f"{ours[i][1:]} here"
             )
     size = dll.ld_abi_layout(name.encode(), b"sizeof")
     if size != ctypes.sizeof(cls):

@@ -192,10 +192,7 @@ def from_gguf(raw: np.ndarray, type_name: str, rows: int, cols: int) -> QuantWei
         w = torch.from_numpy(np.asarray(raw, dtype=np.float32).reshape(rows, cols))
         return QuantWeight("f32", rows, cols, f=pack_f32(w))
     if type_name not in _GGUF_BLOCK_BYTES:
-        raise LeapError(
-            f"weight format 'gguf' runs {', '.join(GGUF_TYPES)} tensors as stored; this file has "
-            f"{type_name} (use --quant int4 or int8 to requantize, or --quant none)"
-        )
+        raise unsupported_type(f"this file has {type_name}")
     size = _GGUF_BLOCK_BYTES[type_name]
     blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(rows, cols // QK, size)
     return from_gguf_blocks(blocks, type_name)
@@ -215,73 +212,39 @@ def from_gguf_blocks(blocks: torch.Tensor, type_name: str) -> QuantWeight:
     return _pack("q4_1", blocks[..., 2:], d, m)
 
 
-def _linear_tensor(name: str) -> bool:
-    return name in ("output.weight", "token_embd.weight") or (
-        name.startswith("blk.") and name.endswith(".weight") and "norm" not in name
-    )
+# Kept for callers that hold a path rather than a source; each opens the file once.
 
 
 def gguf_unsupported_types(path: Path) -> set[str]:
     """Types of the file's linear-layer tensors that quant 'gguf' cannot run as stored."""
-    from gguf import GGUFReader
+    from leapdecode.model.gguf import open_reader, stored_types
 
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise LeapError(f"{path}: not a readable GGUF file ({exc})") from exc
-    types = {t.tensor_type.name for t in reader.tensors if _linear_tensor(t.name)}
-    return types - set(GGUF_TYPES)
+    return set(stored_types(open_reader(Path(path))).values()) - set(GGUF_TYPES)
 
 
 def gguf_linear_weights(path: Path, cfg) -> list[list[QuantWeight]]:
-    """The raw blocks of every linear layer of a GGUF file, in `linear_slots` order: per block
-    [q, k, v], [o], [gate, up], [down]; then [lm_head] (token_embd when the embeddings are tied).
-    llama.cpp stores q/k rows permuted for the llama architecture; whole rows are permuted back, which
-    moves blocks without touching a value."""
-    from gguf import GGUFReader
+    """The file's own blocks of every linear layer, in `linear_groups` order: per block [q, k, v], [o],
+    [gate, up], [down]; then [lm_head] (the embeddings when they are tied)."""
+    from leapdecode.model.gguf import GGUFSource, open_reader, stored_types
+    from leapdecode.model.weights import linear_groups
 
-    from leapdecode.model.loader import unpermute_qk
+    reader = open_reader(Path(path))
+    for name, type_name in stored_types(reader).items():  # a type the kernels cannot run, before the rest
+        if type_name not in GGUF_TYPES:
+            raise unsupported_type(f"{Path(path).name} stores {name} as {type_name}")
+    source = GGUFSource(path, reader)
+    return [[_stored(source, name) for name in group] for group in linear_groups(cfg)]
 
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise LeapError(f"{path}: not a readable GGUF file ({exc})") from exc
-    tensors = {t.name: t for t in reader.tensors}
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
 
-    def get(name: str, rows: int, cols: int, heads: int | None = None) -> QuantWeight:
-        if name not in tensors:
-            raise LeapError(f"{path}: tensor {name!r} not found")
-        t = tensors[name]
-        if t.tensor_type.name not in GGUF_TYPES:
-            return from_gguf(t.data, t.tensor_type.name, rows, cols)  # raises the unsupported-type error
-        shape = tuple(int(x) for x in reversed(t.shape[:2]))  # ggml lists the fastest dimension first
-        if shape != (rows, cols):
-            raise LeapError(f"{path}: tensor {name} has shape {shape}, the model expects {(rows, cols)}")
-        raw = t.data
-        if heads is not None and arch == "llama":
-            raw = unpermute_qk(torch.from_numpy(np.array(raw).reshape(rows, -1)), heads).numpy()
-        return from_gguf(raw, t.tensor_type.name, rows, cols)
+def _stored(source, name: str) -> QuantWeight:
+    qw = source.stored(name)
+    if qw is None:
+        raise unsupported_type(f"{source.name} stores {name} as {source.stored_type(name)}")
+    return qw
 
-    d, q, kv, inter = (
-        cfg.dim,
-        cfg.n_heads * cfg.head_dim,
-        cfg.n_kv_heads * cfg.head_dim,
-        cfg.intermediate_size,
+
+def unsupported_type(what: str) -> LeapError:
+    return LeapError(
+        f"weight format 'gguf' runs {', '.join(GGUF_TYPES)} tensors as stored; {what} "
+        "(use --quant int4 or int8 to requantize, or --quant none)"
     )
-    out = []
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        out += [
-            [
-                get(p + "attn_q.weight", q, d, cfg.n_heads),
-                get(p + "attn_k.weight", kv, d, cfg.n_kv_heads),
-                get(p + "attn_v.weight", kv, d),
-            ],
-            [get(p + "attn_output.weight", d, q)],
-            [get(p + "ffn_gate.weight", inter, d), get(p + "ffn_up.weight", inter, d)],
-            [get(p + "ffn_down.weight", d, inter)],
-        ]
-    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    return out + [[get(head, cfg.vocab_size, d)]]

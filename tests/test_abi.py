@@ -19,6 +19,15 @@ pytestmark = pytest.mark.skipif(
     not ISAS or build.compiler() is None, reason="the native kernels need AVX2+FMA+F16C and a C++ compiler"
 )
 HEADER = Path(abi.__file__).with_name("abi.h")
+_ABI_FUNCTIONS = (
+    "ld_abi_version",
+    "ld_status_count",
+    "ld_status_name",
+    "ld_status_message",
+    "ld_abi_code",
+    "ld_abi_layout",
+    "ld_abi_field",
+)
 
 
 def _struct(name: str, fields: list[tuple]) -> type[ctypes.Structure]:
@@ -80,9 +89,21 @@ def test_a_struct_that_differs_from_the_library_is_refused_naming_the_field(bad,
         abi.check(dll, [bad])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_format_and_activation_codes_agree_with_the_library(isa):
+    dll = native.lib(isa)
+    for kind, codes in (("format", abi.FORMAT_CODES), ("act", abi.ACT_CODES)):
+        assert {n: dll.ld_abi_code(kind.encode(), n.encode()) for n in codes} == codes
+    assert dll.ld_abi_code(b"format", b"q4_k") == -1
+    wrong = types.SimpleNamespace(**{n: getattr(dll, n) for n in _ABI_FUNCTIONS})
+    wrong.ld_abi_code = lambda kind, name: 7 if name == b"int8" else dll.ld_abi_code(kind, name)
+    with pytest.raises(LeapError, match="act 'int8' has code 7 in the library, 1 here"):
+        abi.check(wrong)
+
+
 def test_a_library_of_another_version_or_without_the_abi_functions_is_refused():
     dll = native.lib()
-    names = ("ld_status_count", "ld_status_name", "ld_status_message", "ld_abi_layout", "ld_abi_field")
+    names = [n for n in _ABI_FUNCTIONS if n != "ld_abi_version"]
     other = types.SimpleNamespace(**{n: getattr(dll, n) for n in names}, ld_abi_version=lambda: 3)
     with pytest.raises(LeapError, match=f"ABI version 3, this package {abi.ABI_VERSION}"):
         abi.check(other)
@@ -93,7 +114,9 @@ def test_a_library_of_another_version_or_without_the_abi_functions_is_refused():
 def test_every_status_has_its_name_and_a_message_and_matches_the_header():
     dll = native.lib()
     table = abi.statuses(dll)
-    in_header = re.findall(r"X\((LD_\w+), (-?\d+), \"([^\"]+)\"\)", HEADER.read_text())
+    text = HEADER.read_text()
+    block = text[text.index("#define LD_STATUSES(X)") : text.index("enum LdStatus")]
+    in_header = re.findall(r"X\((LD_\w+), (-?\d+), \"([^\"]+)\"\)", block)
     assert [(int(c), (n, m)) for n, c, m in in_header] == sorted(table.items(), reverse=True)
     assert table[0] == ("LD_OK", "ok") and len(table) >= 16
     messages = [m for _, m in table.values()]

@@ -8,6 +8,7 @@
 // layout table are made, so a field cannot be added to one and not the other.
 //
 // Included by native.cpp (the library is one translation unit, so the tables below are defined here).
+// The ABI functions are plain C types only, so they can be trusted before the layouts are checked.
 // Bump LD_ABI_VERSION, and ABI_VERSION in abi.py, when a function's signature changes.
 
 #pragma once
@@ -42,14 +43,28 @@
 #define LD_STATUS_ENUM(name, code, message) name = code,
 enum LdStatus { LD_STATUSES(LD_STATUS_ENUM) };
 
+// Codes of the weight formats and activation types a linear layer's part takes (LdPart.fmt and .act):
+// X(name, code, the name Python uses).
+#define LD_FORMATS(X) \
+    X(LD_FMT_F32, 0, "f32") \
+    X(LD_FMT_Q8_0, 1, "q8_0") \
+    X(LD_FMT_Q4_1, 2, "q4_1")
+#define LD_ACTS(X) \
+    X(LD_ACT_F32, 0, "float32") \
+    X(LD_ACT_INT8, 1, "int8")
+
+#define LD_CODE_ENUM(name, code, python_name) name = code,
+enum LdFormat { LD_FORMATS(LD_CODE_ENUM) };
+enum LdAct { LD_ACTS(LD_CODE_ENUM) };
+
 // ------------------------------------------------------------------ structs
 
 #define LD_DECLARE_FIELD(type, name, extent) type name extent;
 
 // One weight of a linear layer, writing output columns [col, col + N) (formats: see native.cpp).
 #define LD_PART_FIELDS(F)                                    \
-    F(int32_t, fmt, )      /* Format: 0 f32, 1 q8_0, 2 q4_1 */ \
-    F(int32_t, act, )      /* activations: 0 float32, 1 int8 */ \
+    F(int32_t, fmt, )      /* LdFormat */ \
+    F(int32_t, act, )      /* LdAct */    \
     F(int64_t, N, )                                          \
     F(int64_t, K, )                                          \
     F(int64_t, col, )                                        \
@@ -217,6 +232,17 @@ const char* ld_status_name(int status) {
 const char* ld_status_message(int status) {
     switch (status) { LD_STATUSES(LD_STATUS_CASE_MESSAGE) }
     return "unknown status code";
+}
+
+#define LD_CODE_CASE(name, code, python_name) \
+    if (strcmp(value, python_name) == 0) return code;
+
+// The code of weight format `value` (kind "format") or activation type `value` (kind "act"), or -1.
+int ld_abi_code(const char* kind, const char* value) {
+    if (!kind || !value) return -1;
+    if (strcmp(kind, "format") == 0) { LD_FORMATS(LD_CODE_CASE) }
+    if (strcmp(kind, "act") == 0) { LD_ACTS(LD_CODE_CASE) }
+    return -1;
 }
 
 // offsetof(struct_name, field_name), or sizeof(struct_name) for field "sizeof"; -1 for an unknown name.

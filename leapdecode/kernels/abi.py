@@ -2,8 +2,9 @@
 the library loads, that they agree with the library's own layout.
 
 abi.h is the one description of the interface. The library reports its version (`ld_abi_version`), the
-layout of every struct it takes (`ld_abi_field`: each field's name, offset, size and kind, in order) and
-the message of every status it returns (`ld_status_message`). `check` compares the structs below with
+layout of every struct it takes (`ld_abi_field`: each field's name, offset, size and kind, in order), the
+codes of the weight formats and activation types (`ld_abi_code`) and the message of every status it
+returns (`ld_status_message`). `check` compares the structs below with
 that report, so a struct edited on one side only is an error naming the struct and the field when the
 library is loaded, never a kernel reading the wrong bytes.
 """
@@ -17,6 +18,8 @@ from leapdecode.errors import LeapError
 
 ABI_VERSION = 4  # LD_ABI_VERSION in abi.h
 MAX_PARTS = 4  # LD_MAX_PARTS
+FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2}  # LD_FORMATS: LdPart.fmt
+ACT_CODES = {"float32": 0, "int8": 1}  # LD_ACTS: LdPart.act
 
 _I32, _I64, _F32, _P = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -109,6 +112,8 @@ def bind(dll: ctypes.CDLL) -> None:
     dll.ld_status_name.restype = ctypes.c_char_p
     dll.ld_status_message.argtypes = [ctypes.c_int]
     dll.ld_status_message.restype = ctypes.c_char_p
+    dll.ld_abi_code.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    dll.ld_abi_code.restype = ctypes.c_int
     dll.ld_abi_layout.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     dll.ld_abi_layout.restype = _I64
     dll.ld_abi_field.argtypes = [ctypes.c_char_p, _I64, _P, _P, _P]  # byref of c_int64, c_int64, c_char
@@ -180,7 +185,8 @@ def layout_problem(dll: ctypes.CDLL, cls: type[ctypes.Structure], name: str | No
 
 
 def check(dll: ctypes.CDLL, structs: Iterable[type[ctypes.Structure]] = STRUCTS) -> None:
-    """Raises LeapError unless the library speaks this ABI: its version and every struct's layout."""
+    """Raises LeapError unless the library speaks this ABI: its version, the weight format and activation
+    codes, and every struct's layout."""
     try:
         bind(dll)
         version = dll.ld_abi_version()
@@ -188,6 +194,14 @@ def check(dll: ctypes.CDLL, structs: Iterable[type[ctypes.Structure]] = STRUCTS)
         raise LeapError(f"the native kernels' library lacks its ABI description ({exc})") from exc
     if version != ABI_VERSION:
         raise LeapError(f"the native kernels' library has ABI version {version}, this package {ABI_VERSION}")
+    for kind, codes in (("format", FORMAT_CODES), ("act", ACT_CODES)):
+        for name, code in codes.items():
+            theirs = dll.ld_abi_code(kind.encode(), name.encode())
+            if theirs != code:
+                raise LeapError(
+                    f"the native kernels' library does not match this package: {kind} {name!r} has code "
+                    f"{theirs} in the library, {code} here"
+                )
     for cls in structs:
         problem = layout_problem(dll, cls)
         if problem:

@@ -40,8 +40,8 @@ namespace {
 
 constexpr int QK = 32;
 
-enum Format { F32 = 0, Q8_0 = 1, Q4_1 = 2 };
-enum Act { ACT_F32 = 0, ACT_INT8 = 1 };
+enum Format { F32 = LD_FMT_F32, Q8_0 = LD_FMT_Q8_0, Q4_1 = LD_FMT_Q4_1 };  // (abi.h)
+enum Act { ACT_F32 = LD_ACT_F32, ACT_INT8 = LD_ACT_INT8 };
 
 inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

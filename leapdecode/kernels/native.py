@@ -18,8 +18,7 @@ from leapdecode.errors import LeapError
 from leapdecode.kernels import abi
 from leapdecode.kernels.build import best_isa, build
 
-FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2}
-ACT_CODES = {"float32": 0, "int8": 1}
+FORMAT_CODES, ACT_CODES = abi.FORMAT_CODES, abi.ACT_CODES  # checked against the library when it loads
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _KERNEL_THREADS: ContextVar[int | None] = ContextVar("leapdecode_kernel_threads", default=None)

@@ -135,7 +135,7 @@ def statuses(dll: ctypes.CDLL) -> dict[int, tuple[str, str]]:
 def _kind(t: type) -> str:
     """abi.h's kind of a ctypes field type: 'i', 'f', 'p' or 's' (a struct or an array of them)."""
     while issubclass(t, ctypes.Array):
-        t = t._type_
+        t = t._type_  # type: ignore[assignment]  # an array's element type
     if issubclass(t, ctypes.Structure):
         return "s"
     if issubclass(t, (ctypes._Pointer, ctypes.c_void_p, ctypes.c_char_p)):
@@ -147,7 +147,8 @@ def library_fields(dll: ctypes.CDLL, name: str) -> list[tuple[str, int, int, str
     """The fields of struct `name` as the library lays it out: (name, offset, size, kind), in order."""
     fields, i = [], 0
     offset, size, kind = _I64(), _I64(), ctypes.c_char()
-    while (field := dll.ld_abi_field(name.encode(), i, *map(ctypes.byref, (offset, size, kind)))) is not None:
+    out = (ctypes.byref(offset), ctypes.byref(size), ctypes.byref(kind))
+    while (field := dll.ld_abi_field(name.encode(), i, *out)) is not None:
         fields.append((field.decode(), offset.value, size.value, kind.value.decode()))
         i += 1
     return fields

@@ -40,7 +40,7 @@ def _without(cls: type[ctypes.Structure], field: str) -> type[ctypes.Structure]:
 
 
 def _retyped(cls: type[ctypes.Structure], field: str, t) -> type[ctypes.Structure]:
-    return _struct(cls.__name__, [(n, t if n == field else ft) for n, ft in cls._fields_])
+    return _struct(cls.__name__, [(n, t if n == field else ft) for n, ft, *_ in cls._fields_])
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -343,7 +343,7 @@ def test_health_metrics_and_models_after_the_abuse(server):
     assert (status, json.loads(payload)) == (200, {"status": "ok"})
     status, payload = request(server, "GET", "/v1/models", headers=AUTH)
     assert status == 200 and [m["id"] for m in json.loads(payload)["data"]] == ["tiny-0"]
-    status, payload = request(server, "GET", "/metrics")
+    status, payload = request(server, "GET", "/metrics", headers=AUTH)
     assert status == 200 and b'leap_requests_total{route="/v1/chat/completions",status="400"}' in payload
 
 

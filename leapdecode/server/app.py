@@ -3,16 +3,15 @@
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{model}], GET /health,
 GET /metrics. See `leapdecode.server` for the request extension (`leap`) and the response's `leap_stats`.
 The bodies of POST routes must be JSON (`Content-Type: application/json`, UTF-8, at most
-`max_body_bytes`); with an API key set, /v1/ routes need `Authorization: Bearer KEY` (/health and /metrics
-stay open for probes and scrapers).
+`max_body_bytes`, all of it within `body_timeout` seconds); with an API key set, /v1/ routes need
+`Authorization: Bearer KEY`, and so does /metrics unless `metrics_public` (/health stays open for
+probes). Every request must name an allowed host (`leapdecode.server.intake`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,18 +20,19 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from leapdecode.drafters import available
+from leapdecode.drafters import available, make_drafter
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
 from leapdecode.server.errors import ApiError, from_status, invalid
+from leapdecode.server.intake import LOOPBACK_HOSTS, CheckHost, authorize, host_name, read_json
 from leapdecode.server.metrics import CONTENT_TYPE
 from leapdecode.server.responses import DONE, Formatter, sse
 from leapdecode.server.scheduler import Event, Job, Scheduler
-from leapdecode.server.schemas import GenerationRequest, parse_request
+from leapdecode.server.schemas import GenerationRequest, Limits, parse_request
 
 log = logging.getLogger("leapdecode.server")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
@@ -50,6 +50,13 @@ class ServerConfig:
     # max_tokens of requests that give none (None: up to the end of the context). Each request preallocates
     # a KV cache for prompt + max_tokens, so an uncapped default costs the whole context's memory per slot.
     default_max_tokens: int | None = 2048
+    max_messages: int = 2048  # messages of a chat request (and text parts of one message)
+    # host names requests may carry in their Host header besides loopback's ("*": any)
+    allowed_hosts: tuple[str, ...] = ()
+    metrics_public: bool = False  # with an API key: /metrics without the key too
+    header_timeout: float = 10.0  # seconds a client may take to send a request's headers
+    body_timeout: float = 30.0  # seconds a client may take to send a request's body
+    max_connections: int = 256  # open connections; more are answered 503 and closed
 
     def __post_init__(self):
         if self.drafter not in available():
@@ -59,6 +66,8 @@ class ServerConfig:
             "max_concurrency": (self.max_concurrency, 1, 4096),
             "max_queue": (self.max_queue, 0, 1_000_000),
             "max_body_bytes": (self.max_body_bytes, 1024, 2**31),
+            "max_messages": (self.max_messages, 1, 1_000_000),
+            "max_connections": (self.max_connections, 1, 1_000_000),
             "default_max_tokens": (
                 1 if self.default_max_tokens is None else self.default_max_tokens,
                 1,
@@ -68,6 +77,14 @@ class ServerConfig:
         for name, (value, lo, hi) in checks.items():
             if not isinstance(value, int) or not lo <= value <= hi:
                 raise LeapError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise LeapError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
+        for name in self.allowed_hosts:
+            if not isinstance(name, str) or not name.strip() or "/" in name:
+                raise LeapError(f"allowed host names must be host names (or *), got {name!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise LeapError("the API key must not be empty")
         if self.model_name is not None and not self.model_name.strip():
@@ -81,6 +98,29 @@ class ServerState:
         self.model_name = config.model_name or engine.name
         self.model_names = {self.model_name, engine.name}
         self.created = int(time.time())
+        context = engine.model.cfg.max_seq_len
+        self.limits = Limits(
+            max_messages=config.max_messages,
+            max_prompt_tokens=context - 1,
+            max_prompt_chars=context * engine.tokenizer.max_token_chars,
+            context=context,
+        )
+        self.allowed_hosts = frozenset(LOOPBACK_HOSTS) | {host_name(h) for h in config.allowed_hosts}
+        self.unavailable = _unavailable_drafters(engine)
+        if config.drafter in self.unavailable:
+            raise LeapError(f"--drafter {config.drafter}: {self.unavailable[config.drafter]}")
+
+
+def _unavailable_drafters(engine: Engine) -> dict[str, str]:
+    """Drafters this server cannot build (e.g. draft-model without a draft model), with the reason: a
+    request naming one is refused before its response starts."""
+    out = {}
+    for name in available():
+        try:
+            make_drafter(name, **engine.drafter_options.get(name, {}))
+        except LeapError as exc:
+            out[name] = str(exc)
+    return out
 
 
 def _state(request: Request) -> ServerState:
@@ -90,64 +130,14 @@ def _state(request: Request) -> ServerState:
 # ------------------------------------------------------------------ request checks
 
 
-def _authorize(request: Request) -> None:
-    key = _state(request).config.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if not token:
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise ApiError(
-            413 if length.isdigit() else 400,
-            f"the request body must be at most {limit} bytes",
-            code="request_too_large" if length.isdigit() else "invalid_content_length",
-        )
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(
-                    413, f"the request body must be at most {limit} bytes", code="request_too_large"
-                )
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(499, "the client closed the request", code="client_closed_request") from None
-    return b"".join(chunks)
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def _read_json(request: Request) -> object:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise ApiError(
-            415,
-            f"Content-Type must be application/json, got {media_type or 'none'!r}",
-            code="unsupported_media_type",
-        )
-    body = await _read_body(request, _state(request).config.max_body_bytes)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
+def _check_drafter(state: ServerState, req: GenerationRequest) -> None:
+    name = req.drafter or state.config.drafter
+    if name in state.unavailable:
         raise invalid(
-            f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
-        ) from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:  # JSONDecodeError is a ValueError
-        raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise invalid("the request body's JSON is nested too deeply", code="invalid_json") from None
+            f"the drafter {name!r} is not available on this server: {state.unavailable[name]}",
+            "leap.drafter",
+            code="drafter_unavailable",
+        )
 
 
 def _encode(engine: Engine, req: GenerationRequest) -> list[int]:
@@ -263,8 +253,10 @@ async def _complete(request: Request, job: Job, fmt: Formatter) -> Response:
 
 async def _generate(request: Request, kind: str):
     state = _state(request)
-    _authorize(request)
-    req = parse_request(kind, await _read_json(request))
+    config = state.config
+    authorize(request, config.api_key)
+    body = await read_json(request, config.max_body_bytes, config.body_timeout)
+    req = parse_request(kind, body, state.limits)
     if req.model not in state.model_names:
         raise ApiError(
             404,
@@ -272,6 +264,7 @@ async def _generate(request: Request, kind: str):
             param="model",
             code="model_not_found",
         )
+    _check_drafter(state, req)
     prompt_ids = await run_in_threadpool(_encode, state.engine, req)
     job = Job(prompt_ids, _generation_config(state, req, len(prompt_ids)), stream=req.stream)
     fmt = Formatter(kind, state.model_name, job.id)
@@ -300,13 +293,13 @@ def _model_card(state: ServerState) -> dict:
 
 
 async def list_models(request: Request):
-    _authorize(request)
+    authorize(request, _state(request).config.api_key)
     return JSONResponse({"object": "list", "data": [_model_card(_state(request))]})
 
 
 async def get_model(request: Request):
-    _authorize(request)
     state = _state(request)
+    authorize(request, state.config.api_key)
     if request.path_params["model"] not in state.model_names:
         raise ApiError(
             404,
@@ -324,6 +317,9 @@ async def health(request: Request):
 
 
 async def metrics(request: Request):
+    config = _state(request).config
+    if not config.metrics_public:
+        authorize(request, config.api_key)
     return Response(_state(request).scheduler.metrics.render(), media_type=CONTENT_TYPE)
 
 
@@ -392,7 +388,10 @@ def build_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         routes=routes,
         exception_handlers=handlers,
         lifespan=lifespan,
-        middleware=[Middleware(CountRequests, state=state)],
+        middleware=[
+            Middleware(CountRequests, state=state),
+            Middleware(CheckHost, allowed=state.allowed_hosts),
+        ],
     )
     app.state.leap = state
     return app

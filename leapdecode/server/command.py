@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from leapdecode.commands.common import add_model_arguments, load_engine
 from leapdecode.errors import LeapError
@@ -24,6 +25,20 @@ def _int_at_least(lo: int):
 
 
 _non_negative_int, _positive_int = _int_at_least(0), _int_at_least(1)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds in (0, 3600], got {text}")
+    return value
+
+
+def _host_list(text: str) -> list[str]:
+    return [h.strip() for h in text.split(",") if h.strip()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,8 +65,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--api-key",
-        default=os.environ.get("LEAP_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $LEAP_API_KEY, else none)",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/ routes and /metrics; prefer $LEAP_API_KEY or "
+        "--api-key-file: a command line is visible to every local user (default: $LEAP_API_KEY, else none)",
+    )
+    g.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    g.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="with an API key, serve /metrics without it too (default: /metrics needs the key)",
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        type=_host_list,
+        action="extend",
+        default=[],
+        help="host names accepted in the Host header besides loopback's and --host's, comma-separated "
+        "or repeated; * accepts any (default: none)",
     )
     g.add_argument("--served-model-name", default=None, help="model id clients use (default: the file name)")
     g.add_argument(
@@ -59,6 +89,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=4 * 1024 * 1024,
         help="largest request body accepted (default: 4 MiB)",
+    )
+    g.add_argument(
+        "--max-messages",
+        type=_positive_int,
+        default=2048,
+        help="most messages in a chat request (default: 2048)",
+    )
+    g.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=10.0,
+        help="seconds a client may take to send a request's headers; then 408 (default: 10)",
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds a client may take to send a request's body; then 408 (default: 30)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=256,
+        help="open connections at most; one more is answered 503 and closed (default: 256)",
     )
     g.add_argument(
         "--default-max-tokens",
@@ -77,6 +131,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
+def api_key(args) -> str | None:
+    """The key from --api-key (with a warning: other local users can read it), --api-key-file or
+    $LEAP_API_KEY, in that order."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise LeapError("give the API key once: --api-key or --api-key-file")
+    if args.api_key is not None:
+        print(
+            "leap serve: warning: --api-key is visible to every local user (ps, /proc); "
+            "set LEAP_API_KEY or use --api-key-file instead",
+            file=sys.stderr,
+            flush=True,
+        )
+        return args.api_key
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LeapError(f"--api-key-file: cannot read {args.api_key_file}: {exc}") from None
+        if not lines or not lines[0].strip():
+            raise LeapError(f"--api-key-file: {args.api_key_file} holds no key on its first line")
+        return lines[0].strip()
+    return os.environ.get("LEAP_API_KEY") or None
+
+
+def _bound_name(host: str) -> tuple[str, ...]:
+    """The address the server listens on answers to its own name too (not a wildcard address)."""
+    return () if host in ("", "0.0.0.0", "::") else (host,)
+
+
 def run(args) -> int:
     try:  # the HTTP stack is imported here so that the other subcommands never need it
         from leapdecode.server.app import ServerConfig, build_app
@@ -88,10 +171,16 @@ def run(args) -> int:
         max_draft=args.max_draft,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
-        api_key=args.api_key,
+        api_key=api_key(args),
         model_name=args.served_model_name,
         max_body_bytes=args.max_body_bytes,
         default_max_tokens=args.default_max_tokens or None,
+        max_messages=args.max_messages,
+        allowed_hosts=tuple(args.allowed_hosts) + _bound_name(args.host),
+        metrics_public=args.metrics_public,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
     )  # validated before the model loads
     sock = bind(args.host, args.port)
     engine = load_engine(args)

@@ -2,19 +2,32 @@
 
 The listening socket is bound here, before uvicorn starts, so that a port in use is a one-line error
 rather than uvicorn's exit, and so that port 0 (a free port picked by the system) can be read back.
+
+Shutdown (SIGTERM, SIGINT, `BackgroundServer.stop`) drains the generations before uvicorn's own
+shutdown, which cancels the request tasks still running when its timeout passes and only then runs the
+app's lifespan shutdown: by then no stream could be told anything. `LeapServer.shutdown` first stops
+accepting connections and admitting requests (waiting ones get 503), lets the active generations finish
+for up to `shutdown_timeout` seconds, ends the rest with a 503 error event, waits for every response to
+be written, and closes the connections still reading a request; uvicorn then finds nothing to cancel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
 import time
 from typing import Self
 
+import h11
 import uvicorn
 
 from leapdecode.errors import LeapError
+from leapdecode.server.protocol import ConnectionLimits, protocol_class
+
+#: Once the generations are ended, how long responses may take to be written before connections close.
+WRITE_GRACE_S = 5.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -30,21 +43,61 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class LeapServer(uvicorn.Server):
+    """uvicorn's server, draining the app's generations before uvicorn's shutdown (module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, scheduler, shutdown_timeout: float):
+        super().__init__(config)
+        self.scheduler, self.shutdown_timeout = scheduler, shutdown_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in getattr(self, "servers", []):
+            server.close()  # no new connections while the streams finish
+        self.scheduler.stop_admitting()
+        if not await self._wait(lambda: not self.scheduler.busy, self.shutdown_timeout):
+            self.scheduler.abort_active()
+            await self._wait(lambda: not self.scheduler.busy, WRITE_GRACE_S)
+        await self._wait(lambda: not any(_answering(c) for c in self.server_state.connections), WRITE_GRACE_S)
+        for connection in list(self.server_state.connections):
+            connection.transport.close()  # idle, or still sending a request nobody will serve
+        await super().shutdown(sockets)
+
+    async def _wait(self, done, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self.force_exit or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+def _answering(connection) -> bool:
+    """Whether the connection's request has been read in full and its response is not yet complete."""
+    cycle = getattr(connection, "cycle", None)
+    if cycle is None or cycle.response_complete or cycle.disconnected:
+        return False
+    return connection.conn.their_state is not h11.SEND_BODY and not connection.transport.is_closing()
+
+
 def make_server(app, *, log_level: str = "info", shutdown_timeout: float = 30.0) -> uvicorn.Server:
-    """A uvicorn server for `app`: on shutdown (SIGTERM, SIGINT) it stops accepting connections, lets
-    in-flight requests finish for up to `shutdown_timeout` seconds, cancels what is left, then stops the
-    generation worker (the app's lifespan)."""
+    """A uvicorn server for `app` (from `build_app`), with its connection limits, draining on shutdown."""
+    state = app.state.leap
+    limits = ConnectionLimits(
+        header_timeout=state.config.header_timeout,
+        body_timeout=state.config.body_timeout,
+        max_connections=state.config.max_connections,
+    )
     config = uvicorn.Config(
         app,
-        http="h11",
+        http=protocol_class(limits),
         ws="none",
         loop="asyncio",
         lifespan="on",
         log_level=log_level,
-        timeout_graceful_shutdown=shutdown_timeout,
+        timeout_graceful_shutdown=WRITE_GRACE_S,  # what is left after `LeapServer.shutdown` drained
         timeout_keep_alive=5,
     )
-    return uvicorn.Server(config)
+    return LeapServer(config, state.scheduler, shutdown_timeout)
 
 
 def serve(server: uvicorn.Server, sock: socket.socket) -> None:

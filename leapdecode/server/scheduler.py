@@ -16,6 +16,10 @@ locks around the model, no two threads contending for the same cores.
   `max_concurrency`), each keeping what it learned for the next request that takes it.
 - Cancellation (client gone, shutdown) only sets a flag; the worker closes the generation between steps
   (`Generation.close()`, which runs the drafter's `stop`) and frees the slot.
+- Shutdown comes in two steps, both before the HTTP server cancels any request: `stop_admitting` refuses
+  new requests and answers the waiting ones 503 (an error event for streams); active ones run on until
+  they finish or the shutdown timeout passes, then `abort_active` ends them with a 503 error event, so
+  every stream ends with its last token or an error, then ``[DONE]``.
 
 Events go from the worker to the request's asyncio queue with `call_soon_threadsafe`.
 """
@@ -61,6 +65,7 @@ class Job:
         self.started: float | None = None  # when it got a slot
         self.first_text: float | None = None
         self.cancelled = False
+        self.cancel_error: ApiError | None = None  # the error a cancelled job reports (None: cancelled)
         self.generation: Generation | None = None
         self.drafter: Drafter | None = None
 
@@ -94,6 +99,10 @@ class DrafterPool:
         self._idle.setdefault(name, []).append(drafter)
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", code="shutting_down")
+
+
 class Scheduler:
     def __init__(self, engine: Engine, max_concurrency: int, max_queue: int):
         self.engine, self.max_concurrency, self.max_queue = engine, max_concurrency, max_queue
@@ -119,7 +128,7 @@ class Scheduler:
         """Admit a job (a slot now, or the queue), or refuse it: 429 when the queue is full."""
         with self._cond:
             if self._stopping:
-                raise ApiError(503, "the server is shutting down", code="shutting_down")
+                raise _shutting_down()
             if len(self._active) < self.max_concurrency:
                 self._activate(job)
             elif len(self._waiting) < self.max_queue:
@@ -144,19 +153,34 @@ class Scheduler:
                 job.cancelled = True
                 self._cond.notify()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, cancel waiting and active ones, and wait for the worker to close them."""
+    @property
+    def busy(self) -> bool:
+        """Whether any job is waiting or generating."""
+        with self._cond:
+            return bool(self._active or self._waiting)
+
+    def stop_admitting(self) -> None:
+        """Refuse new jobs and answer the waiting ones 503; active jobs go on."""
         with self._cond:
             self._stopping = True
             for job in self._waiting:
-                job.emit(
-                    Event("error", error=ApiError(503, "the server is shutting down", code="shutting_down"))
-                )
+                job.emit(Event("error", error=_shutting_down()))
                 self.metrics.finished.inc(outcome="cancelled")
             self._waiting.clear()
+            self._cond.notify_all()
+
+    def abort_active(self) -> None:
+        """End the active jobs after their current step, each with a 503 error event."""
+        with self._cond:
             for job in self._active:
+                job.cancel_error = job.cancel_error or _shutting_down()
                 job.cancelled = True
             self._cond.notify_all()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Refuse new jobs, cancel waiting and active ones, and wait for the worker to close them."""
+        self.stop_admitting()
+        self.abort_active()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -211,7 +235,7 @@ class Scheduler:
         else:
             self.metrics.finished.inc(outcome=outcome)
         if error is None and outcome == "cancelled":
-            error = ApiError(503, "the generation was cancelled", code="cancelled")
+            error = job.cancel_error or ApiError(503, "the generation was cancelled", code="cancelled")
         job.emit(Event("error", error=error) if error else Event("done", result=result))
         with self._cond:
             self._active.remove(job)

@@ -4,6 +4,11 @@ Each accepted field has a validator in a table; a field that is not in the table
 does), and so is a field we know but cannot honour (logprobs, penalties, tools, n > 1): a client must never
 get an answer that silently ignored part of its request. Every refusal is an `ApiError` 400 naming the
 field (`param`) and what was expected.
+
+Sizes are checked before the work they would cost: the number of messages (and of content parts) and
+of prompt token ids before any of them is validated, the prompt's characters before it is tokenized
+(`Limits`, from the server's model: a text longer than the context times the longest token can only
+have too many tokens).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 from leapdecode.drafters import available
 from leapdecode.errors import LeapError
 from leapdecode.sampling import SamplingParams
-from leapdecode.server.errors import invalid
+from leapdecode.server.errors import ApiError, invalid
 
 Validator = Callable[[Any, str], Any]
 Prompt = str | list[dict] | list[int]
@@ -23,6 +28,22 @@ Prompt = str | list[dict] | list[int]
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_INT = 2**31 - 1
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How large a request's prompt may be, checked before it is tokenized."""
+
+    max_messages: int = 2048  # messages of a chat request, and text parts of one message
+    max_prompt_tokens: int = MAX_INT  # token ids of a completion prompt
+    max_prompt_chars: int = MAX_INT  # characters of all messages' texts, or of a text prompt
+    context: int = MAX_INT  # the model's context, for the messages
+
+    def __post_init__(self):
+        for name in ("max_messages", "max_prompt_tokens", "max_prompt_chars", "context"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -239,9 +260,10 @@ _COMPLETION: dict[str, Validator] = {
 _TABLES = {"chat": (_CHAT, "messages"), "completion": (_COMPLETION, "prompt")}
 
 
-def parse_request(kind: str, body: Any) -> GenerationRequest:
+def parse_request(kind: str, body: Any, limits: Limits | None = None) -> GenerationRequest:
     """Validate a parsed JSON body for `kind` ("chat" or "completion")."""
     table, prompt_field = _TABLES[kind]
+    limits = limits or Limits()
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     for name in body:
@@ -250,8 +272,57 @@ def parse_request(kind: str, body: Any) -> GenerationRequest:
     for name in ("model", prompt_field):
         if body.get(name) is None:
             raise invalid(f"missing required parameter: {name}", name)
+    _check_counts(body.get(prompt_field), prompt_field, limits)
     v = {name: table[name](value, name) for name, value in body.items() if value is not None}
+    _check_chars(v[prompt_field], prompt_field, limits)
     return _build(kind, v, prompt_field)
+
+
+def _too_long(message: str, param: str) -> ApiError:
+    return invalid(message, param, code="context_length_exceeded")
+
+
+def _check_counts(prompt: Any, param: str, limits: Limits) -> None:
+    """Lists too long to be worth validating item by item: messages, content parts, token ids."""
+    if not isinstance(prompt, list):
+        return
+    if param == "messages":
+        if len(prompt) > limits.max_messages:
+            raise invalid(
+                f"messages: at most {limits.max_messages} messages, got {len(prompt)}",
+                "messages",
+                code="too_many_messages",
+            )
+        for i, m in enumerate(prompt):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list) and len(content) > limits.max_messages:
+                raise invalid(
+                    f"messages[{i}].content: at most {limits.max_messages} parts, got {len(content)}",
+                    f"messages[{i}].content",
+                    code="too_many_messages",
+                )
+        return
+    ids = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
+    if len(ids) > limits.max_prompt_tokens:
+        raise _too_long(
+            f"the prompt has {len(ids)} tokens; this model's context holds {limits.context}", param
+        )
+
+
+def _check_chars(prompt: Prompt, param: str, limits: Limits) -> None:
+    """A text longer than this can only tokenize to more tokens than the context holds."""
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    elif prompt and isinstance(prompt[0], dict):
+        chars = sum(len(m["content"]) + len(m.get("name", "")) for m in prompt)
+    else:
+        return
+    if chars > limits.max_prompt_chars:
+        raise _too_long(
+            f"the prompt has {chars} characters, more than any prompt that fits this model's context of "
+            f"{limits.context} tokens (at most {limits.max_prompt_chars} characters)",
+            param,
+        )
 
 
 def _build(kind: str, v: dict, prompt_field: str) -> GenerationRequest:
@@ -269,6 +340,8 @@ def _build(kind: str, v: dict, prompt_field: str) -> GenerationRequest:
         )
     except LeapError as exc:
         raise invalid(str(exc)) from None
+    if "stream_options" in v and not v.get("stream", False):
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
     leap = v.get("leap", {})
     return GenerationRequest(
         kind=kind,

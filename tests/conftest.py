@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import tokenizers
 import torch
 from tokenizers import decoders, models
 
+from leapdecode.bench.data import SPEC_BENCH
 from leapdecode.engine import Engine
 from leapdecode.model.config import ModelConfig
 from leapdecode.model.loader import build_model, expected_shapes
@@ -17,8 +16,6 @@ from leapdecode.model.tokenizer import Tokenizer
 # Tests run mostly tiny models, for which a second OpenMP thread costs more in synchronisation than it
 # saves (and suffers badly when the machine is shared); one thread keeps them fast and steady.
 torch.set_num_threads(1)
-
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def tiny_config(

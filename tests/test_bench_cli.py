@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import SPEC_BENCH, tiny_engine_for
 
+import leapdecode
 from leapdecode.bench import peers as peers_module
-from leapdecode.bench.data import GROUPS, group_of, load_questions, parse_questions
+from leapdecode.bench.data import GROUPS, group_of, load_questions, parse_questions, spec_bench_path
 from leapdecode.bench.methods import hist_from_depths
 from leapdecode.bench.runner import RECORDS, run_bench
 from leapdecode.cli import main
@@ -120,8 +122,14 @@ def test_cli_missing_data_file(capsys, tmp_path):
     assert "--data: question file not found" in err
 
 
-def test_cli_needs_data_or_report(capsys):
-    assert "--data PATH is required" in cli_error(capsys, ["bench"])
+def test_cli_reads_the_bundled_questions_without_data(capsys):
+    err = cli_error(capsys, ["bench", "--categories", "nope"])  # fails before any model loads
+    assert "unknown category 'nope'" in err and "math_reasoning" in err and "summarization" in err
+
+
+def test_bundled_questions_are_spec_bench():
+    assert SPEC_BENCH == spec_bench_path() and SPEC_BENCH.is_relative_to(Path(leapdecode.__file__).parent)
+    assert (SPEC_BENCH.parent / "LICENSE").read_text().startswith("Apache License")
 
 
 def test_cli_malformed_line(capsys, tmp_path):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
+from leapdecode.checks import check_int, int_at_least
 from leapdecode.engine import GenerationConfig
+from leapdecode.errors import LeapError
 
 LEAP = [sys.executable, "-m", "leapdecode.cli"]
 
@@ -64,7 +67,9 @@ def test_chat_keeps_the_conversation():
         (["generate", "hi", "--dtype", "float17"], "unknown dtype"),
         (["generate", "hi", "--model", "pyproject.toml"], "not a GGUF file"),
         (["generate", "hi", "--drafter", "telepathy"], "unknown drafter"),
-        (["generate", "hi", "--max-new-tokens", "-3"], "positive integer"),
+        (["generate", "hi", "--max-new-tokens", "-3"], "--max-new-tokens: expected an integer >= 1, got -3"),
+        (["generate", "hi", "--top-k", "x"], "--top-k: expected an integer >= 0, got 'x'"),
+        (["generate", "hi", "--max-draft", "-1"], "--max-draft: expected an integer >= 0"),
         (["generate", "hi", "--top-p", "0"], "top_p"),
         (["generate", "hi", "--drafter", "draft-model"], "--draft-model"),
         (["generate"], "prompt"),
@@ -83,3 +88,15 @@ def test_prompt_longer_than_context_is_a_clean_error():
     proc = leap("generate", "word " * 9000, "--raw")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "context" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_integer_checks_name_the_value_and_the_bound():
+    assert check_int("k", 3) == 3 and check_int("k", 0, low=0) == 0 and check_int("k", 512, 0, 512) == 512
+    for value, low, high in ((0, 1, None), (True, 0, None), (2.0, 1, None), ("3", 1, None), (513, 0, 512)):
+        with pytest.raises(LeapError, match=r"^k must be an integer (>= \d+|in \[0, 512\]), got "):
+            check_int("k", value, low, high)
+    parse = int_at_least(2, 4)
+    assert parse("3") == 3
+    for text in ("1", "5", "x", "2.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"expected an integer in \[2, 4\]"):
+            parse(text)

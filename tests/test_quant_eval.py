@@ -71,6 +71,9 @@ def test_formats_and_data_errors(tmp_path):
         load_texts(bad, "summarization", 2)
     assert main(["eval", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["eval", "--data", str(bad), "--formats", "int3"]) == 2
+    for flag, value in (("--docs", "0"), ("--max-tokens", "1"), ("--threads", "0")):
+        with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error, before anything loads
+            main(["eval", flag, value])
 
 
 def test_spec_bench_summaries_are_read():
@@ -80,11 +83,9 @@ def test_spec_bench_summaries_are_read():
 
 @native_only
 def test_leap_eval_on_the_bundled_model(capsys):
-    rc = main(
+    rc = main(  # no --data: the bundled Spec-Bench summaries
         [
             "eval",
-            "--data",
-            str(SPEC_BENCH),
             "--docs",
             "1",
             "--max-tokens",

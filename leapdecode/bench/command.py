@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from leapdecode.bench.data import load_questions
+from leapdecode.bench.data import load_questions, spec_bench_path
 from leapdecode.bench.peers import PEERS, PeerContext, check_peers, make_peers
 from leapdecode.bench.report import main_table, render_dir, render_report, summarize
 from leapdecode.bench.runner import BASELINE, RECORDS, read_meta, run_bench
-from leapdecode.commands.common import add_model_arguments, positive_int
+from leapdecode.checks import non_negative_int, positive_int
+from leapdecode.commands.common import add_model_arguments, load_engine
 from leapdecode.drafters import available
 from leapdecode.engine import Engine
 from leapdecode.errors import LeapError
@@ -29,7 +30,11 @@ MAX_PEER_CTX = 8192
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", default=None, help="Spec-Bench question.jsonl (question_id, category, turns)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="question.jsonl (question_id, category, turns; default: Spec-Bench's, bundled)",
+    )
     p.add_argument(
         "--categories",
         nargs="+",
@@ -48,7 +53,9 @@ def add_arguments(p) -> None:
         "--temperature", type=float, default=0.0, help="0 = greedy (default; outputs are compared)"
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
-    p.add_argument("--max-draft", type=int, default=64, help="most draft tokens verified per step")
+    p.add_argument(
+        "--max-draft", type=non_negative_int, default=64, help="most draft tokens verified per step"
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true", help="continue the records in --out, skipping done runs")
     p.add_argument("--report", default=None, metavar="DIR", help="only re-render the report of a saved run")
@@ -78,16 +85,16 @@ def run(args) -> int:
     if args.report:
         print(render_dir(args.report))
         return 0
-    if not args.data:
-        raise LeapError("--data PATH is required (a Spec-Bench question.jsonl), or --report DIR")
     methods = choose_methods(args.methods, args.draft_model)
     peers = split_list(args.peers)
     check_peers(peers)
     sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
-    questions = load_questions(args.data, split_list(args.categories) or None, args.per_category)
+    questions = load_questions(
+        args.data or spec_bench_path(), split_list(args.categories) or None, args.per_category
+    )
     if (Path(args.out) / RECORDS).is_file() and not args.resume:
         raise LeapError(f"--out: {Path(args.out) / RECORDS} already exists; pass --resume or another --out")
-    engine = _load_engine(args)
+    engine = load_engine(args)
     contenders = make_peers(peers, _peer_context(args, engine))
     records = run_bench(
         engine,
@@ -109,20 +116,6 @@ def run(args) -> int:
     return 0
 
 
-def _load_engine(args) -> Engine:
-    options = {"draft-model": {"path": args.draft_model}} if args.draft_model else {}
-    return Engine.load(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        threads=args.threads,
-        drafter_options=options,
-        backend=args.backend,
-        quant=args.quant,
-        activations=args.activations,
-    )
-
-
 def _peer_context(args, engine: Engine) -> PeerContext:
     path = Path(args.model).expanduser() if args.model else default_model_path()
     return PeerContext(
@@ -135,7 +128,7 @@ def _peer_context(args, engine: Engine) -> PeerContext:
 
 
 def _meta(args, methods: list[str], peers: list[str]) -> dict:
-    cmd = ["leap", "bench", "--data", args.data]
+    cmd = ["leap", "bench"] + (["--data", args.data] if args.data else [])
     if args.categories:
         cmd += ["--categories", ",".join(split_list(args.categories))]
     if args.per_category:
@@ -155,7 +148,7 @@ def _meta(args, methods: list[str], peers: list[str]) -> dict:
         cmd += [f"--{flag}", getattr(args, flag)] if getattr(args, flag) != "auto" else []
     return {
         "command": shlex.join(cmd),
-        "data": args.data,
+        "data": args.data or "Spec-Bench (bundled)",
         "settings": {
             "categories": split_list(args.categories) or None,
             "per_category": args.per_category,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from leapdecode.checks import check_int
 from leapdecode.errors import LeapError
 
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -27,6 +28,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 # Names accepted by --categories besides the categories themselves.
 ALIASES: dict[str, tuple[str, ...]] = {"mt_bench": MT_BENCH}
+# Spec-Bench's own question set ships with the package (Apache-2.0; see SOURCE.md beside it).
+SPEC_BENCH = Path(__file__).resolve().parents[1] / "data" / "spec_bench" / "question.jsonl"
+
+
+def spec_bench_path() -> Path:
+    """The bundled Spec-Bench question file: the default of every `--data`."""
+    if not SPEC_BENCH.is_file():
+        raise LeapError(
+            f"the bundled Spec-Bench questions are missing ({SPEC_BENCH}); reinstall or pass --data"
+        )
+    return SPEC_BENCH
 
 
 def group_of(category: str) -> str:
@@ -108,8 +120,8 @@ def load_questions(
 def select(
     questions: list[Question], categories: Sequence[str] | None = None, per_category: int | None = None
 ) -> list[Question]:
-    if per_category is not None and per_category < 1:
-        raise LeapError(f"--per-category must be a positive integer, got {per_category}")
+    if per_category is not None:
+        check_int("--per-category", per_category)
     wanted = expand_categories(categories, questions) if categories else None
     counts: dict[str, int] = {}
     chosen = []

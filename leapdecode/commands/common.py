@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from leapdecode.checks import non_negative_int, positive_int
 from leapdecode.drafters import available
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
 from leapdecode.sampling import SamplingParams
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,19 +40,22 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=positive_int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument(
         "--drafter", default="auto", help="speculative drafter: auto (default), none, pld, suffix, ..."
     )
-    g.add_argument("--max-draft", type=int, default=64, help="most draft tokens verified per step")
+    g.add_argument(
+        "--max-draft", type=non_negative_int, default=64, help="most draft tokens verified per step"
+    )
     g.add_argument("--stats", action="store_true", help="print speculative statistics to stderr")
 
 
-def load_engine(args) -> Engine:
+def load_engine(args: argparse.Namespace) -> Engine:
+    """The engine that the model options (`add_model_arguments`) describe."""
     options = {"draft-model": {"path": args.draft_model}} if args.draft_model else {}
-    if args.drafter == "draft-model" and not args.draft_model:
+    if getattr(args, "drafter", None) == "draft-model" and not args.draft_model:
         raise LeapError("--drafter draft-model needs --draft-model PATH")
     return Engine.load(
         args.model,

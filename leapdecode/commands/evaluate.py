@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from leapdecode.bench.data import spec_bench_path
+from leapdecode.checks import int_at_least, positive_int
 from leapdecode.errors import LeapError
 from leapdecode.model.linear import ACTIVATIONS, QUANTS, convert_linears
 
@@ -72,13 +74,17 @@ class Score:
 
 def add_arguments(p) -> None:
     p.add_argument(
-        "--data", required=True, help="Spec-Bench question.jsonl (or any .jsonl with 'turns'), or a .txt file"
+        "--data",
+        default=None,
+        help="question.jsonl with 'turns' (default: Spec-Bench's, bundled) or a .txt file",
     )
     p.add_argument(
         "--category", default="summarization", help="Spec-Bench category to read (default: summarization)"
     )
-    p.add_argument("--docs", type=int, default=8, help="number of documents (default 8)")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per document window (default 512)")
+    p.add_argument("--docs", type=positive_int, default=8, help="number of documents (default 8)")
+    p.add_argument(
+        "--max-tokens", type=int_at_least(2), default=512, help="tokens per document window (default 512)"
+    )
     p.add_argument(
         "--formats",
         default=DEFAULT_FORMATS,
@@ -90,7 +96,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--model", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2-135M)"
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -178,13 +184,9 @@ def run(args) -> int:
     from leapdecode.model.source import load
 
     formats = [Format.parse(f) for f in args.formats.split(",") if f.strip()]
-    if args.docs < 1 or args.max_tokens < 2:
-        raise LeapError("--docs must be >= 1 and --max-tokens >= 2")
     if args.threads is not None:
-        if args.threads < 1:
-            raise LeapError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    texts = load_texts(Path(args.data), args.category, args.docs)
+    texts = load_texts(Path(args.data) if args.data else spec_bench_path(), args.category, args.docs)
     model, tokenizer, path = load(args.model)
     windows = [ids[: args.max_tokens] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
     gguf_path = gguf_file(path)

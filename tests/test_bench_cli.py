@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,11 @@ def test_cli_missing_data_file(capsys, tmp_path):
 def test_cli_reads_the_bundled_questions_without_data(capsys):
     err = cli_error(capsys, ["bench", "--categories", "nope"])  # fails before any model loads
     assert "unknown category 'nope'" in err and "math_reasoning" in err and "summarization" in err
+
+
+def test_missing_matplotlib_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert "pip install 'leapdecode[report]'" in cli_error(capsys, ["bench", "--per-category", "1"])
 
 
 def test_bundled_questions_are_spec_bench():

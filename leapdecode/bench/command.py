@@ -14,7 +14,7 @@ import torch
 
 from leapdecode.bench.data import load_questions, spec_bench_path
 from leapdecode.bench.peers import PEERS, PeerContext, check_peers, make_peers
-from leapdecode.bench.report import main_table, render_dir, render_report, summarize
+from leapdecode.bench.report import main_table, pyplot, render_dir, render_report, summarize
 from leapdecode.bench.runner import BASELINE, RECORDS, read_meta, run_bench
 from leapdecode.checks import non_negative_int, positive_int
 from leapdecode.commands.common import add_model_arguments, load_engine
@@ -82,6 +82,7 @@ def choose_methods(text: str | None, draft_model: str | None) -> list[str]:
 
 
 def run(args) -> int:
+    pyplot()  # the report draws plots: a missing matplotlib fails now, not after the run
     if args.report:
         print(render_dir(args.report))
         return 0

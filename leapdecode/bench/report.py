@@ -263,11 +263,14 @@ def render_markdown(s: Summary, meta: dict, plots: Sequence[str] = ()) -> str:
 # ------------------------------------------------------------------ plots
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, drawing to files; an optional extra, so its absence is a user's error."""
     try:
         import matplotlib
-    except ModuleNotFoundError:
-        raise LeapError("the report's plots need matplotlib: pip install matplotlib") from None
+    except ImportError:
+        raise LeapError(
+            "the report's plots need matplotlib, an optional extra: pip install 'leapdecode[report]'"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -275,7 +278,7 @@ def _pyplot():
 
 
 def plot_speedups(s: Summary, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     shown = [c for c in s.contenders if c != BASELINE]
     cols = [g for g in s.groups if s.speedup[BASELINE][g] is not None] + [OVERALL]  # groups that ran
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cols)) + 1.8, 4.0))
@@ -300,7 +303,7 @@ def capped(hist: list[int], cap: int = HIST_CAP) -> list[int]:
 
 
 def plot_accepted(s: Summary, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     shown = [c for c in s.contenders if s.accepted_hist.get(c) and c != BASELINE] or [BASELINE]
     hists = {c: capped(s.accepted_hist.get(c) or [0]) for c in shown}
     n = max(len(h) for h in hists.values())

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from leapdecode.bench.data import load_questions
+from leapdecode.bench.data import SPEC_BENCH, load_questions
 from leapdecode.bench.machine import describe_machine
 from leapdecode.bench.peers import PeerContext, make_peers
 from leapdecode.bench.runner import run_bench
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.model.linear import linear_slots
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 CATEGORIES = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
 
 
@@ -69,7 +68,9 @@ def weight_bytes_per_token(engine: Engine) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument(
+        "--data", default=str(SPEC_BENCH), help="question.jsonl (default: the bundled Spec-Bench)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(

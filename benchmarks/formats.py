@@ -7,7 +7,7 @@ question, one warm-up each). Prints, per configuration: the verify cost curve, t
 included), `auto` over plain, each over llama.cpp, and whether `auto`'s output equals plain decoding
 *within that configuration* (the lossless check; different formats legitimately differ from each other).
 
-    .venv/bin/python benchmarks/formats.py --data ../shared/data/spec_bench/question.jsonl --per-group 5
+    .venv/bin/python benchmarks/formats.py --per-group 5
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from leapdecode.bench.data import load_questions
+from leapdecode.bench.data import SPEC_BENCH, load_questions
 from leapdecode.bench.methods import DrafterMethod
 from leapdecode.bench.peers import PeerContext, make_peers
 from leapdecode.bench.runner import run_bench
@@ -96,7 +96,9 @@ def summarize(records: list[dict], configs: list[str], ks: list[int], curves: di
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="Spec-Bench question.jsonl")
+    ap.add_argument(
+        "--data", default=str(SPEC_BENCH), help="question.jsonl (default: the bundled Spec-Bench)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--per-group", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)

@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = "../shared/data/spec_bench/question.jsonl"  # relative to the repository
 
 
 def pick_per_group(questions, per_group: int, groups: list[str] | None = None):
@@ -35,7 +34,7 @@ def pick_per_group(questions, per_group: int, groups: list[str] | None = None):
 
 
 def common_arguments(p: argparse.ArgumentParser, methods: str) -> None:
-    p.add_argument("--data", default=DEFAULT_DATA, help="Spec-Bench question.jsonl (default: %(default)s)")
+    p.add_argument("--data", default=None, help="question.jsonl (default: the bundled Spec-Bench)")
     p.add_argument("--per-group", type=int, default=1, help="questions per Spec-Bench group")
     p.add_argument("--groups", default=None, help="comma-separated group titles (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -47,9 +46,9 @@ def common_arguments(p: argparse.ArgumentParser, methods: str) -> None:
 
 
 def load_selected(args, engine):
-    from leapdecode.bench.data import load_questions
+    from leapdecode.bench.data import load_questions, spec_bench_path
 
-    data = Path(args.data)
+    data = Path(args.data) if args.data else spec_bench_path()
     data = data if data.is_absolute() or data.exists() else REPO / data
     groups = args.groups.split(",") if args.groups else None
     questions = pick_per_group(load_questions(data), args.per_group, groups)

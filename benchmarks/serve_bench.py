@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,11 +32,11 @@ from pathlib import Path
 import openai
 import torch
 
+from leapdecode.bench.data import SPEC_BENCH
+from leapdecode.cpu import cpu_model
 from leapdecode.drafters import available
 from leapdecode.engine import Engine
 from leapdecode.server import BackgroundServer, ServerConfig, build_app
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 @dataclass
@@ -138,16 +137,6 @@ def _stat(fn, values: list[float]) -> float:
     return fn(values) if values else float("nan")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(levels: list[Level], engine: Engine, args) -> str:
     plain = {lv.clients: lv for lv in levels if lv.drafter == "none"}
     reference = plain[min(plain)].texts if plain else {}  # plain decoding with the fewest clients
@@ -155,7 +144,7 @@ def table(levels: list[Level], engine: Engine, args) -> str:
         (
             f"Model {engine.name}, dtype {args.dtype}, torch {torch.__version__} with "
             f"{torch.get_num_threads()} "
-            f"threads; {cpu_name()}, {os.cpu_count()} logical CPUs; server slots {args.max_concurrency}; "
+            f"threads; {cpu_model()}, {os.cpu_count()} logical CPUs; server slots {args.max_concurrency}; "
             f"{len(args.questions)} chat requests per row, max_tokens {args.max_tokens}, greedy."
         ),
         "",
@@ -191,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="GGUF file or folder (default: the bundled model)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--data", type=Path, default=DATA, help="Spec-Bench question.jsonl")
+    p.add_argument(
+        "--data", type=Path, default=SPEC_BENCH, help="question.jsonl (default: the bundled Spec-Bench)"
+    )
     p.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per row"
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from leapdecode.draft import MAX_EVIDENCE, Draft, match_length
 from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
+from leapdecode.sequences import common_prefix
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class CopySpec(Drafter):
         """
         n = len(self._seq)
         if full_check or len(tokens) < n or (n and tokens[n - 1] != self._seq[-1]):
-            self._truncate(_common_prefix(self._seq, tokens))
+            self._truncate(common_prefix(self._seq, tokens))
         self._seq.extend(tokens[len(self._seq) :])
         self._index_new()
 
@@ -99,11 +100,3 @@ class CopySpec(Drafter):
                     del index[gram]
         self._starts = keep
         del seq[length:]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix (one C-speed comparison when one extends the other)."""
-    m = min(len(a), len(b))
-    if list(a[:m]) == list(b[:m]):
-        return m
-    return next((i for i in range(m) if a[i] != b[i]), m)

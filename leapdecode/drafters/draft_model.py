@@ -28,6 +28,7 @@ from leapdecode.errors import LeapError
 from leapdecode.model.linear import LinearSpec, convert_linears
 from leapdecode.model.loader import gguf_file
 from leapdecode.sampling import SamplingParams, target_probs
+from leapdecode.sequences import common_prefix
 
 #: Token ids compared between the two tokenizers (evenly spread over the vocabulary, plus its tail).
 VOCAB_SAMPLE = 512
@@ -134,14 +135,6 @@ def draft_nodes(
         logits, parent = step(kids[0]), main
     probs = torch.stack(rows) if rows else None  # [n, V]
     return Draft(token_ids, parents, probs, source)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 # ---------------------------------------------------------------- vocabulary check

@@ -69,6 +69,9 @@ def test_formats_and_data_errors(tmp_path):
     bad.write_text('{"category": "qa", "turns": ["x"]}\n')
     with pytest.raises(LeapError, match="summarization"):
         load_texts(bad, "summarization", 2)
+    bad.write_text('{"category": "qa", "turns": ["x"]}\n{"category": \n')
+    with pytest.raises(LeapError, match=r"q.jsonl line 2: malformed JSON"):
+        load_texts(bad, "qa", 2)
     assert main(["eval", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["eval", "--data", str(bad), "--formats", "int3"]) == 2
     for flag, value in (("--docs", "0"), ("--max-tokens", "1"), ("--threads", "0")):

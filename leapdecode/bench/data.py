@@ -8,7 +8,7 @@ Spec-Bench tasks have one.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,14 +68,27 @@ class Question:
         return group_of(self.category)
 
 
+def json_lines(lines: Iterable[str], source: str) -> Iterator[tuple[int, object]]:
+    """(1-based line number, parsed value) of every non-blank line; a malformed line is a LeapError
+    naming the source and the line."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LeapError(
+                f"{source} line {number}: malformed JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        yield number, value
+
+
 def parse_questions(lines: Sequence[str], source: str = "questions") -> list[Question]:
     """Questions from JSON lines; any error names the source and the 1-based line number."""
     questions: list[Question] = []
     seen: set = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        q = _parse_line(line, f"{source} line {number}")
+    for number, obj in json_lines(lines, source):
+        q = _question(obj, f"{source} line {number}")
         if q.question_id in seen:
             raise LeapError(f"{source} line {number}: duplicate question_id {q.question_id!r}")
         seen.add(q.question_id)
@@ -85,11 +98,7 @@ def parse_questions(lines: Sequence[str], source: str = "questions") -> list[Que
     return questions
 
 
-def _parse_line(line: str, where: str) -> Question:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise LeapError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+def _question(obj: object, where: str) -> Question:
     if not isinstance(obj, dict):
         raise LeapError(f"{where}: expected a JSON object with question_id, category, turns")
     missing = [k for k in ("question_id", "category", "turns") if k not in obj]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from leapdecode.bench.data import Question
+from leapdecode.bench.data import Question, json_lines
 from leapdecode.bench.machine import describe_machine
 from leapdecode.bench.methods import Contender, DrafterMethod, Run
 from leapdecode.engine import Engine
@@ -224,15 +224,9 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
 
 
 def _parse_records(lines: Iterable[str], source: str) -> Iterable[dict]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LeapError(f"{source} line {number}: malformed JSON ({exc.msg})") from None
+    for number, rec in json_lines(lines, source):
         missing = [k for k in REQUIRED if not isinstance(rec, dict) or k not in rec]
-        if missing:
+        if missing or not isinstance(rec, dict):
             raise LeapError(f"{source} line {number}: not a bench record (missing {', '.join(missing)})")
         yield rec
 

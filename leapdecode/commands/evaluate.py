@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from leapdecode.bench.data import spec_bench_path
+from leapdecode.bench.data import json_lines, spec_bench_path
 from leapdecode.checks import int_at_least, positive_int
 from leapdecode.errors import LeapError
 from leapdecode.model.linear import ACTIVATIONS, QUANTS, convert_linears
@@ -107,14 +107,8 @@ def load_texts(path: Path, category: str, docs: int) -> list[str]:
     if path.suffix != ".jsonl":
         return [path.read_text()]
     texts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LeapError(f"--data: line {n} of {path} is not JSON ({exc})") from exc
-        if item.get("category") == category and item.get("turns"):
+    for _, item in json_lines(path.read_text().splitlines(), f"--data: {path}"):
+        if isinstance(item, dict) and item.get("category") == category and item.get("turns"):
             texts.append(item["turns"][0])
     if not texts:
         raise LeapError(f"--data: no questions of category {category!r} in {path}")

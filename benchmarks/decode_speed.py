@@ -23,7 +23,6 @@ from leapdecode.bench.machine import describe_machine
 from leapdecode.bench.peers import PeerContext, make_peers
 from leapdecode.bench.runner import run_bench
 from leapdecode.engine import Engine, GenerationConfig
-from leapdecode.model.linear import linear_slots
 
 CATEGORIES = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
 
@@ -56,13 +55,7 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
 
 def weight_bytes_per_token(engine: Engine) -> int:
     """Bytes of every weight matrix a one-token forward reads (embedding lookup excluded: one row)."""
-    total = 0
-    for owner, attr in linear_slots(engine.model):
-        layer = getattr(owner, attr)
-        total += (
-            layer.nbytes if hasattr(layer, "nbytes") else layer.weight.numel() * layer.weight.element_size()
-        )
-    return total
+    return engine.model.nbytes
 
 
 def main() -> int:

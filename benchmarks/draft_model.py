@@ -72,7 +72,7 @@ def our_phase(args, methods: list[str]):
     draft = engine.drafter("draft-model").model if "draft-model" in methods else None
     print(
         f"target kernels {engine.backend}"
-        + (f", draft kernels {draft.linear_spec.describe()}" if draft else "")
+        + (f", draft kernels {draft.spec.describe()}" if draft else "")
     )
     probe = StreamProbe(args.threads)
     records = run_rotating(contenders, prompts, args.max_new_tokens, probe=probe) if contenders else []

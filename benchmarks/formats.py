@@ -13,7 +13,6 @@ included), `auto` over plain, each over llama.cpp, and whether `auto`'s output e
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections import defaultdict
@@ -27,8 +26,9 @@ from leapdecode.bench.peers import PeerContext, make_peers
 from leapdecode.bench.runner import run_bench
 from leapdecode.costmodel import measure as measure_cost
 from leapdecode.engine import Engine
-from leapdecode.model.linear import convert_linears
-from leapdecode.model.source import default_model_path
+from leapdecode.model.backends import build_runner
+from leapdecode.model.linear import LinearSpec
+from leapdecode.model.source import default_model_path, open_source
 
 DEFAULT_CONFIGS = (
     "torch:none:float32,native:none:float32,native:gguf:float32,native:gguf:int8,native:int8:int8,"
@@ -51,13 +51,12 @@ class FormatMethod(DrafterMethod):
 
 
 def engines_for(configs: list[str]) -> dict[str, Engine]:
-    base = Engine.load(backend="torch", quant="none", activations="float32")
+    source, tokenizer, path = open_source(None)
     out = {}
     for spec in configs:
         backend, quant, act = spec.split(":")
-        model = copy.deepcopy(base.model)
-        convert_linears(model, backend, quant, default_model_path(), act)
-        out[spec] = Engine(model, base.tokenizer, name=f"{base.name}:{spec}")
+        runner, _ = build_runner(source, LinearSpec(backend, quant, act))
+        out[spec] = Engine(runner, tokenizer, name=f"{path.name}:{spec}")
     return out
 
 

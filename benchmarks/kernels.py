@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from leapdecode.kernels.native import kernel_args, run_linear
 from leapdecode.model import quant as Q
 from leapdecode.model.config import ModelConfig
+from leapdecode.model.gguf import GGUFSource
 from leapdecode.model.source import default_model_path
+from leapdecode.model.weights import linear_groups
 
 
 def weights_by_format(cfg: ModelConfig) -> dict[str, list[list[Q.QuantWeight]]]:
-    gguf = Q.gguf_linear_weights(default_model_path(), cfg)
+    source = GGUFSource(default_model_path())
+    gguf = [[source.stored(n) for n in names] for names in linear_groups(cfg)]
     floats = [torch.cat([Q.dequantize(p) for p in parts]) for parts in gguf]
     last = len(floats) - 1
     return {

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +107,13 @@ def measure(
     cache.advance(context)
     times = []
     for k in ks:
-        x = torch.randint(0, model.cfg.vocab_size, (1, k), generator=gen).to(model.device)
+        x = torch.randint(0, model.cfg.vocab_size, (k,), generator=gen).to(model.device)  # [k]
         pos = torch.arange(context, context + k, device=model.device)
         best, spent = float("inf"), 0.0
         for _ in range(repeats):
             cache.truncate(context)
             t0 = time.perf_counter()
-            model(x, pos, cache)
+            model.forward(x, pos, cache)
             _sync(model.device)
             took = time.perf_counter() - t0
             best, spent = min(best, took), spent + took
@@ -145,7 +146,7 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def cached(model, describe: dict, folder: Path) -> CostModel:
+def cached(model, describe: dict, folder: Path, notify: Callable[[], None] | None = None) -> CostModel:
     """The curve measured earlier for the same model, code, kernels, threads and machine (`describe`), or
     a fresh measurement saved for next time: a one-shot `leap generate` should not pay a second of timing."""
     describe = {**describe, "code": code_fingerprint()}
@@ -158,6 +159,8 @@ def cached(model, describe: dict, folder: Path) -> CostModel:
         )
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if notify is not None:
+        notify()
     model_cost = measure_model(model)
     try:
         folder.mkdir(parents=True, exist_ok=True)

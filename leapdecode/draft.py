@@ -89,6 +89,27 @@ class Draft:
         )
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one verification step produced, for drafters that learn from it.
+
+    tokens: the forward's input ids, ``[root] + draft.token_ids``; logits: ``[1 + n, V]`` target logits at
+    those inputs; accepted: accepted node indices (a root-to-node path); bonus: the target's token after
+    it; forward_s: seconds of the verification forward itself."""
+
+    draft: Draft
+    tokens: list[int]
+    logits: torch.Tensor
+    accepted: list[int]
+    bonus: int
+    forward_s: float = 0.0
+
+    @property
+    def committed(self) -> list[int]:
+        """Tokens appended to the sequence by this step (accepted draft tokens, then the bonus)."""
+        return [self.draft.token_ids[i] for i in self.accepted] + [self.bonus]
+
+
 def tree_inputs(draft: Draft, root_token: int, n_cached: int, device=None):
     """Inputs of one verification forward over [root] + draft nodes.
 

@@ -6,6 +6,8 @@ path it accelerates. See `leapdecode.draft` for the terms (root, draft, accepted
 
 from __future__ import annotations
 
+import itertools
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -15,15 +17,14 @@ import torch
 
 from leapdecode.costmodel import CostModel
 from leapdecode.costmodel import cached as cached_cost
-from leapdecode.draft import tree_inputs
-from leapdecode.drafters.base import Drafter, StepResult, make_drafter
+from leapdecode.draft import StepResult, tree_inputs
+from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, make_drafter
 from leapdecode.errors import LeapError
 from leapdecode.kernels.build import cache_dir
 from leapdecode.kernels.native import kernel_scope
-from leapdecode.model.linear import LinearSpec, convert_linears
-from leapdecode.model.llama import Transformer
-from leapdecode.model.loader import gguf_file
-from leapdecode.model.source import load
+from leapdecode.model.backends import load_runner
+from leapdecode.model.linear import LinearSpec
+from leapdecode.model.runner import LAST, Runner
 from leapdecode.model.tokenizer import Tokenizer
 from leapdecode.sampling import SamplingParams, sample, target_probs
 from leapdecode.stats import Stats
@@ -80,9 +81,11 @@ class Generation:
 
 
 class Engine:
+    """Generation with any drafter on one model runner (see `leapdecode.model.runner`)."""
+
     def __init__(
         self,
-        model: Transformer,
+        model: Runner,
         tokenizer: Tokenizer,
         name: str = "model",
         drafter_options: dict[str, dict] | None = None,
@@ -91,7 +94,8 @@ class Engine:
         self.drafter_options = dict(drafter_options or {})
         self._drafters: dict[str, Drafter] = {}
         self._cost_curve: CostModel | None = None
-        self.step_overhead = 0.0  # seconds per step outside the verification forward (moving average)
+        self._seq_ids = itertools.count()
+        self.host = DrafterHost(model, tokenizer, self.drafter_options, self.cost_curve, self.new_drafter)
 
     @classmethod
     def load(
@@ -108,14 +112,13 @@ class Engine:
         """Load a model (None = the bundled default). `drafter_options` maps a drafter name to the
         keyword arguments it is built with (e.g. {"draft-model": {"path": ...}}). `backend`, `quant` and
         `activations` choose the linear kernels and weight format (see `leapdecode.model.linear`)."""
-        LinearSpec(backend, quant, activations)  # bad names fail before the model loads
+        spec = LinearSpec(backend, quant, activations)  # bad names fail before the model loads
         if threads is not None:
             if threads < 1:
                 raise LeapError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
-        m, tok, path = load(model, dtype, device)
-        convert_linears(m, backend, quant, gguf_file(path), activations)
-        return cls(m, tok, name=path.name, drafter_options=drafter_options)
+        loaded = load_runner(model, dtype, device, spec)
+        return cls(loaded.runner, loaded.tokenizer, name=loaded.path.name, drafter_options=drafter_options)
 
     # ------------------------------------------------------------ prompts and drafters
 
@@ -152,7 +155,7 @@ class Engine:
     def new_drafter(self, name: str) -> Drafter:
         """A fresh drafter bound to this engine (e.g. one per server slot for concurrent requests)."""
         d = make_drafter(name, **self.drafter_options.get(name, {}))
-        d.bind(self)
+        d.bind(self.host)
         return d
 
     def cost_curve(self) -> CostModel:
@@ -161,14 +164,13 @@ class Engine:
         if self._cost_curve is None:
             key = self._hardware_key()  # outside the scope, which runs torch itself on one thread
             with self.compute_scope():
-                self._cost_curve = cached_cost(self.model, key, cache_dir())
+                self._cost_curve = cached_cost(self.model, key, cache_dir(), _say_measuring)
         return self._cost_curve
 
     def compute_scope(self) -> AbstractContextManager:
         """Where a step runs: with native kernels, torch stays single-threaded so that its idle OpenMP
         threads never compete with the kernels' threads (see `kernel_scope`)."""
-        native = getattr(self.model, "stack", None) is not None or self.model.lm_head.backend == "native"
-        return kernel_scope() if native else nullcontext()
+        return kernel_scope() if self.model.backend == "native" else nullcontext()
 
     def _hardware_key(self) -> dict:
         """What a verify-cost measurement depends on; random-weight models built in code are not cached."""
@@ -210,16 +212,19 @@ class Engine:
         config = config or GenerationConfig()
         ids = self.encode_prompt(prompt, raw)
         drafter = drafter or self.drafter(config.drafter)  # validates the name before any work
+        if drafter.uses_cost:
+            self.cost_curve()  # measured before the request (once per machine), not inside its timing
         return Generation(lambda g: self._pieces(ids, config, drafter, g))
 
     def _pieces(self, prompt_ids, config, drafter, generation) -> Iterator[str]:
         stats = Stats(prompt_tokens=len(prompt_ids), drafter=drafter.name, backend=self.backend)
         text = TextStream(self.tokenizer, config.stop)
         out: list[int] = []
-        drafter.start(prompt_ids)
+        cache = self.model.new_cache(len(prompt_ids) + config.max_new_tokens + config.max_draft + 1)
+        drafter.start(RequestContext(tuple(prompt_ids), cache, config.sampling, next(self._seq_ids)))
         t0 = time.perf_counter()
         try:
-            for committed in self._token_steps(prompt_ids, config, drafter, stats):
+            for committed in self._token_steps(prompt_ids, cache, config, drafter, stats):
                 fresh, stats.finish_reason = self._take(committed, out, config)
                 piece, stopped = text.push(fresh)
                 stats.finish_reason = "stop" if stopped else stats.finish_reason
@@ -250,18 +255,17 @@ class Engine:
                 return fresh, "length"
         return fresh, ""
 
-    def _token_steps(self, prompt_ids, config, drafter, stats) -> Iterator[list[int]]:
+    def _token_steps(self, prompt_ids, cache, config, drafter, stats) -> Iterator[list[int]]:
         """Yields the tokens each step commits: first the prefill's token, then accepted + bonus."""
         model, params = self.model, config.sampling
         rng = params.generator()
-        cache = model.new_cache(len(prompt_ids) + config.max_new_tokens + config.max_draft + 1)
-        drafter.cache = cache  # model-based drafters draft on top of the target's own cache
-        drafter.sampling = params  # drafters with probabilities draw from their own distribution
         t0 = time.perf_counter()
-        ids = torch.tensor([prompt_ids], device=model.device)  # [1, P]
+        ids = torch.tensor(prompt_ids, device=model.device)  # [P]
         with self.compute_scope():
-            logits = model(ids, torch.arange(len(prompt_ids), device=model.device), cache, last_only=True)
-            root = self._pick(logits[0, -1], params, rng)
+            logits = model.forward(
+                ids, torch.arange(len(prompt_ids), device=model.device), cache, plan=LAST
+            ).logits
+            root = self._pick(logits[-1], params, rng)
         stats.prefill_s = time.perf_counter() - t0
         yield [root]
         tokens = list(prompt_ids) + [root]
@@ -276,8 +280,6 @@ class Engine:
                 drafter.observe(step)  # learning from the step is drafting cost too
                 t4 = time.perf_counter()
             stats.observe_step(len(draft), len(step.accepted), t2 - t1 + t4 - t3, t3 - t2)
-            # what a step costs beyond its forward (drafting, acceptance, bookkeeping), for `auto`
-            self.step_overhead += 0.05 * ((t4 - t1 - step.forward_s) - self.step_overhead)
             tokens += step.committed
             root = step.bonus
             yield step.committed
@@ -287,7 +289,7 @@ class Engine:
         start = cache.length
         tokens, positions, mask = tree_inputs(draft, root, start, self.model.device)
         t0 = time.perf_counter()
-        logits = self.model(tokens[None], positions, cache, mask)[0]  # [1+n, V]
+        logits = self.model.forward(tokens, positions, cache, mask).logits  # [1+n, V]
         forward_s = time.perf_counter() - t0
         accepted, bonus = accept(draft, logits, params, rng)
         cache.keep([start] + [start + 1 + i for i in accepted], start)
@@ -301,5 +303,13 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        spec = getattr(self.model, "linear_spec", None)
-        return spec.describe() if spec is not None else self.model.lm_head.backend
+        spec = self.model.spec
+        return spec.describe() if isinstance(spec, LinearSpec) else self.model.backend
+
+
+def _say_measuring() -> None:
+    """The first request on a machine measures the verification cost; say so once, since it takes a while."""
+    print(
+        "leap: measuring what verifying k tokens costs on this machine (once per model and machine)",
+        file=sys.stderr,
+    )

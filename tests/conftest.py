@@ -9,9 +9,13 @@ from tokenizers import decoders, models
 
 from leapdecode.bench.data import SPEC_BENCH
 from leapdecode.engine import Engine
+from leapdecode.model.backends import build_runner
 from leapdecode.model.config import ModelConfig
-from leapdecode.model.loader import build_model, expected_shapes
+from leapdecode.model.linear import LinearSpec
+from leapdecode.model.loader import build_model
 from leapdecode.model.tokenizer import Tokenizer
+from leapdecode.model.torch_runner import TorchRunner
+from leapdecode.model.weights import StateSource, expected_shapes
 
 # Tests run mostly tiny models, for which a second OpenMP thread costs more in synchronisation than it
 # saves (and suffers badly when the machine is shared); one thread keeps them fast and steady.
@@ -67,10 +71,21 @@ def char_tokenizer(vocab: int) -> Tokenizer:
     return Tokenizer(backend, bos_id=None, eos_ids=set(), chat_template=None, add_bos=False)
 
 
-def tiny_engine_for(cfg: ModelConfig | None = None, seed: int = 0, dtype=torch.float64) -> Engine:
+def tiny_engine_for(
+    cfg: ModelConfig | None = None, seed: int = 0, dtype=torch.float64, spec: LinearSpec | None = None
+) -> Engine:
+    """A random-weight model's engine: torch in `dtype`, or the runner `spec` chooses (float32)."""
     cfg = cfg or tiny_config()
-    model = build_model(random_state(cfg, seed), cfg, dtype)
-    return Engine(model, char_tokenizer(cfg.vocab_size), name=f"tiny-{seed}")
+    runner = tiny_runner(cfg, seed, dtype, spec)
+    return Engine(runner, char_tokenizer(cfg.vocab_size), name=f"tiny-{seed}")
+
+
+def tiny_runner(cfg: ModelConfig, seed: int = 0, dtype=torch.float64, spec: LinearSpec | None = None):
+    """The runner of a random-weight model: torch in `dtype`, or the backend `spec` names."""
+    source = StateSource(random_state(cfg, seed), cfg)
+    if spec is None:
+        return TorchRunner(build_model(source, dtype))
+    return build_runner(source, spec, dtype)[0]
 
 
 @pytest.fixture

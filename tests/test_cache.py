@@ -17,7 +17,9 @@ V = ENGINE.model.cfg.vocab_size
 
 def scratch_logits(tokens: list[int]) -> torch.Tensor:
     model = ENGINE.model
-    return model(torch.tensor([tokens]), torch.arange(len(tokens)), model.new_cache(len(tokens)))[0, -1]
+    return model.forward(
+        torch.tensor(tokens), torch.arange(len(tokens)), model.new_cache(len(tokens))
+    ).logits[-1]
 
 
 @st.composite
@@ -42,14 +44,14 @@ def test_keep_path_then_decode_equals_scratch(prompt, case, root, nxt):
     draft, path = case
     model = ENGINE.model
     cache = model.new_cache(64)
-    model(torch.tensor([prompt]), torch.arange(len(prompt)), cache)
+    model.forward(torch.tensor(prompt), torch.arange(len(prompt)), cache)
     start = cache.length
     tokens, positions, mask = tree_inputs(draft, root, start)
-    model(tokens[None], positions, cache, mask)
+    model.forward(tokens, positions, cache, mask)
     cache.keep([start] + [start + 1 + i for i in path], start)
     kept = prompt + [root] + [draft.token_ids[i] for i in path]
     assert cache.length == len(kept)
-    step = model(torch.tensor([[nxt]]), torch.tensor([cache.length]), cache)[0, -1]
+    step = model.forward(torch.tensor([nxt]), torch.tensor([cache.length]), cache).logits[-1]
     ref = scratch_logits(kept + [nxt])
     assert torch.allclose(step, ref, rtol=0, atol=1e-12)
     assert step.argmax() == ref.argmax()
@@ -63,10 +65,10 @@ def test_truncate_then_decode_equals_scratch(prompt, extra, data):
     model = ENGINE.model
     cut = data.draw(st.integers(1, len(prompt)))
     cache = model.new_cache(64)
-    model(torch.tensor([prompt + [1] * extra]), torch.arange(len(prompt) + extra), cache)
+    model.forward(torch.tensor(prompt + [1] * extra), torch.arange(len(prompt) + extra), cache)
     cache.truncate(cut)
     nxt = prompt[cut - 1]
-    step = model(torch.tensor([[nxt]]), torch.tensor([cut]), cache)[0, -1]
+    step = model.forward(torch.tensor([nxt]), torch.tensor([cut]), cache).logits[-1]
     assert torch.allclose(step, scratch_logits(prompt[:cut] + [nxt]), rtol=0, atol=1e-12)
 
 
@@ -88,7 +90,7 @@ def test_cache_after_verification_equals_plain_decoding():
     engine, model = ENGINE, ENGINE.model
     prompt = [5, 9, 2, 7, 1]
     cache = model.new_cache(64)
-    logits = model(torch.tensor([prompt]), torch.arange(len(prompt)), cache)[0, -1]
+    logits = model.forward(torch.tensor(prompt), torch.arange(len(prompt)), cache).logits[-1]
     root = int(logits.argmax())
     # a chain that follows the model's own greedy choices for 3 tokens, then one wrong branch
     greedy = engine.generate(prompt, _cfg(5)).token_ids
@@ -97,7 +99,7 @@ def test_cache_after_verification_equals_plain_decoding():
     assert step.accepted == [0, 1, 2] and step.bonus == greedy[4]
     plain = model.new_cache(64)
     seq = prompt + greedy[:4]
-    model(torch.tensor([seq]), torch.arange(len(seq)), plain)
+    model.forward(torch.tensor(seq), torch.arange(len(seq)), plain)
     assert cache.length == plain.length == len(seq)
     n = cache.length
     assert torch.allclose(cache.k[:, :, :, :n], plain.k[:, :, :, :n], rtol=0, atol=1e-12)

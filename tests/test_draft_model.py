@@ -7,16 +7,15 @@ import functools
 
 import pytest
 import torch
-from conftest import char_tokenizer, random_state, tiny_config, tiny_engine_for
+from conftest import char_tokenizer, tiny_config, tiny_engine_for, tiny_runner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import leapdecode.drafters.draft_model  # noqa: F401  (registers draft-model)
-from leapdecode.drafters import make_drafter
+from leapdecode.drafters import RequestContext, make_drafter
 from leapdecode.drafters.draft_model import DraftModel, DraftModelOptions, Picker, common_prefix, draft_nodes
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
-from leapdecode.model.loader import build_model
 from leapdecode.model.tokenizer import Tokenizer
 from leapdecode.sampling import SamplingParams
 
@@ -28,16 +27,24 @@ def target(seed: int) -> Engine:
     return tiny_engine_for(tiny_config(vocab=VOCAB, layers=3), seed)
 
 
+def draft_config(layers: int):
+    return tiny_config(vocab=VOCAB, layers=layers, dim=16, heads=2, kv_heads=1, inter=32)
+
+
 @functools.cache
 def draft_model(seed: int, layers: int):
-    cfg = tiny_config(vocab=VOCAB, layers=layers, dim=16, heads=2, kv_heads=1, inter=32)
-    return build_model(random_state(cfg, seed), cfg, torch.float64)
+    return tiny_runner(draft_config(layers), seed, torch.float64)
 
 
 def drafter_for(engine: Engine, model, **options) -> DraftModel:
     d = make_drafter("draft-model", model=model, **options)
-    d.bind(engine)
+    d.bind(engine.host)
     return d
+
+
+def begin(drafter, engine: Engine, prompt=(), size: int = 64, sampling=None) -> None:
+    """Start a request of `prompt` on a fresh target cache of `size`."""
+    drafter.start(RequestContext(prompt, engine.model.new_cache(size), sampling or SamplingParams()))
 
 
 def generate(engine: Engine, drafter, prompt, n: int, sampling=None, max_draft: int = 64):
@@ -93,12 +100,11 @@ def test_the_target_drafting_for_itself_is_always_accepted(branch):
 def test_tree_shape_and_greedy_siblings():
     engine = target(0)
     drafter = drafter_for(engine, draft_model(1, 1), num_draft=3, branch=3, threshold=0.0)
-    drafter.cache, drafter.sampling = engine.model.new_cache(64), SamplingParams()
+    begin(drafter, engine)
     draft = drafter.propose([4, 5, 6], 64)
     assert draft.parents == [-1, -1, -1, 0, 0, 0, 3, 3, 3] and draft.probs is None
-    logits = draft_model(1, 1)(torch.tensor([[4, 5, 6]]), torch.arange(3), draft_model(1, 1).new_cache(8))[
-        0, -1
-    ]
+    small = draft_model(1, 1)
+    logits = small.forward(torch.tensor([4, 5, 6]), torch.arange(3), small.new_cache(8)).logits[-1]
     assert draft.token_ids[:3] == torch.topk(logits, 3).indices.tolist()  # top-3, most likely first
     assert len(drafter.propose([4, 5, 6], 4)) == 4  # max_nodes caps the tree
     assert drafter.propose([4, 5, 6], 4).parents == [-1, -1, -1, 0]
@@ -107,11 +113,7 @@ def test_tree_shape_and_greedy_siblings():
 def test_sampled_drafts_carry_their_distributions():
     engine = target(0)
     drafter = drafter_for(engine, draft_model(1, 1), num_draft=4, branch=2, threshold=0.0)
-    drafter.cache, drafter.sampling = (
-        engine.model.new_cache(64),
-        SamplingParams(temperature=0.9, top_k=10, seed=3),
-    )
-    drafter.start([4, 5, 6])
+    begin(drafter, engine, [4, 5, 6], sampling=SamplingParams(temperature=0.9, top_k=10, seed=3))
     draft = drafter.propose([4, 5, 6], 64)
     assert draft.probs.shape == (8, VOCAB) and draft.probs.dtype == torch.float64
     assert torch.equal(draft.probs[0], draft.probs[1])  # siblings are drawn from one row
@@ -127,13 +129,12 @@ def test_cache_follows_the_sequence_through_rejections_and_new_requests():
     engine = target(1)
     model = draft_model(2, 2)
     drafter = drafter_for(engine, model, num_draft=4, threshold=0.0)
-    drafter.cache, drafter.sampling = engine.model.new_cache(128), SamplingParams()
     sequences = [[1, 2, 3], [1, 2, 3, 9], [1, 2, 3, 9, 9, 4], [1, 2, 7], [5], [5, 6, 7, 8, 9, 10]]
     for tokens in sequences:
-        drafter.start(tokens)
+        begin(drafter, engine, tokens, 128)
         got = drafter.propose(tokens, 64)
         fresh = drafter_for(engine, model, num_draft=4, threshold=0.0)
-        fresh.cache, fresh.sampling = engine.model.new_cache(128), SamplingParams()
+        begin(fresh, engine, (), 128)
         assert got.token_ids == fresh.propose(tokens, 64).token_ids
         assert drafter._seen[: len(tokens)] == tokens and drafter._cache.length == len(drafter._seen)
         assert drafter._seen[len(tokens) :] == got.token_ids[:-1]  # the chain minus its last token is cached
@@ -142,12 +143,12 @@ def test_cache_follows_the_sequence_through_rejections_and_new_requests():
 def test_feed_only_what_the_draft_model_has_not_seen():
     engine = target(1)
     drafter = drafter_for(engine, draft_model(2, 2), num_draft=2, threshold=0.0)
-    drafter.cache, drafter.sampling = engine.model.new_cache(128), SamplingParams()
+    begin(drafter, engine, (), 128)
     calls = []
     original = drafter.model.forward
 
     def counting(tokens, *args, **kwargs):
-        calls.append(tokens.shape[1])
+        calls.append(tokens.shape[0])
         return original(tokens, *args, **kwargs)
 
     drafter.model.forward = counting
@@ -233,7 +234,7 @@ def test_refuses_another_vocabulary_size():
     engine = target(0)
     cfg = tiny_config(vocab=VOCAB + 1, layers=1)
     with pytest.raises(LeapError, match="draft model's vocabulary has 65 tokens, the target's 64"):
-        drafter_for(engine, build_model(random_state(cfg), cfg, torch.float64))
+        drafter_for(engine, tiny_runner(cfg, 0, torch.float64))
 
 
 def test_refuses_other_token_strings():
@@ -260,7 +261,7 @@ def test_refuses_other_token_strings():
 def test_refuses_another_dtype():
     engine = target(0)
     with pytest.raises(LeapError, match="must match"):
-        drafter_for(engine, draft_model(1, 1).to(torch.float32))
+        drafter_for(engine, tiny_runner(draft_config(1), 1, torch.float32))
 
 
 @pytest.mark.parametrize(
@@ -288,7 +289,7 @@ def test_missing_path_is_a_clear_error(tmp_path):
     engine = target(0)
     with pytest.raises(LeapError, match="model not found"):
         drafter_for_path = make_drafter("draft-model", path=str(tmp_path / "missing.gguf"))
-        drafter_for_path.bind(engine)
+        drafter_for_path.bind(engine.host)
 
 
 def test_defaults():
@@ -315,29 +316,29 @@ def test_a_draft_model_from_a_path_runs_on_the_fast_kernels(default_engine):
     if "native" not in available_backends():
         pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
     drafter = make_drafter("draft-model", path=str(default_model_path()), num_draft=3)
-    drafter.bind(default_engine)
-    assert drafter.model.linear_spec.describe() == "native/gguf/int8"
+    drafter.bind(default_engine.host)
+    assert drafter.model.spec.describe() == "native/gguf/int8"
     ids = default_engine.encode_prompt("Name three colors.")
     result = generate(default_engine, drafter, ids, 24)
     assert result.token_ids == generate(default_engine, None, ids, 24).token_ids
     assert result.stats.accepted > 0
 
 
-def test_draft_spec_takes_int4_where_the_files_blocks_cannot_run(monkeypatch, default_engine):
+def test_draft_spec_takes_int4_where_the_files_blocks_cannot_run(default_engine):
     from leapdecode.drafters.draft_model import draft_spec
-    from leapdecode.model import quant as Q
     from leapdecode.model.linear import available_backends
     from leapdecode.model.source import default_model_path
 
     if "native" not in available_backends():
         pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
     path, model = default_model_path(), default_engine.model
-    monkeypatch.setattr(Q, "gguf_unsupported_types", lambda p: {"Q6_K"})  # as for a Q4_K_M file
-    assert draft_spec(DraftModelOptions(path=str(path)), model, path).describe() == "native/int4/int8"
+    runs = False  # a file with blocks the kernels cannot run as stored, as a Q4_K_M file
+    assert draft_spec(DraftModelOptions(path=str(path)), model, runs).describe() == "native/int4/int8"
     asked = DraftModelOptions(path=str(path), quant="none", activations="float32")
-    assert draft_spec(asked, model, path).describe() == "native/none/float32"  # what is asked for stays
+    assert draft_spec(asked, model, runs).describe() == "native/none/float32"  # what is asked for stays
     torch_spec = DraftModelOptions(path=str(path), backend="torch")
-    assert draft_spec(torch_spec, model, path).describe() == "torch/none/float32"
+    assert draft_spec(torch_spec, model, runs).describe() == "torch/none/float32"
+    assert draft_spec(DraftModelOptions(path=str(path)), model, True).describe() == "native/gguf/int8"
 
 
 @pytest.mark.slow
@@ -352,6 +353,6 @@ def test_bundled_model_drafting_for_itself_from_its_path(bundled_engine):
         backend="torch",
         quant="none",
     )  # exactly the target's arithmetic
-    drafter.bind(bundled_engine)  # loads a second copy and compares the tokenizers
+    drafter.bind(bundled_engine.host)  # loads a second copy and compares the tokenizers
     result = generate(bundled_engine, drafter, bundled_engine.encode_prompt("Name three colors."), 20)
     assert result.stats.accepted == result.stats.drafted > 0

@@ -53,7 +53,7 @@ def test_qwen_05b_matches_transformers():
         )[0, len(ids) :].tolist()
         hf_logits = hf(x).logits[0]  # [P, V]
     assert ours == theirs[: len(ours)] and len(ours) >= 16
-    our_logits = engine.model(x, torch.arange(len(ids)), engine.model.new_cache(len(ids)))[0]
+    our_logits = engine.model.forward(x[0], torch.arange(len(ids)), engine.model.new_cache(len(ids))).logits
     assert torch.allclose(our_logits, hf_logits, atol=1e-3, rtol=0)
 
 

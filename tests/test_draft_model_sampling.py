@@ -19,6 +19,8 @@ import leapdecode.drafters.draft_model  # noqa: F401  (registers draft-model)
 from leapdecode.drafters import make_drafter
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.model.loader import build_model
+from leapdecode.model.torch_runner import TorchRunner
+from leapdecode.model.weights import StateSource
 from leapdecode.sampling import SamplingParams, target_probs
 
 P_MIN = 0.01
@@ -35,10 +37,10 @@ def exact_sequence_probs(engine: Engine, prompt: list[int], params: SamplingPara
             if p == 0.0:
                 continue
             ids = prompt + list(seq)
-            logits = model(
-                torch.tensor([ids]), torch.arange(len(ids)), model.new_cache(len(ids)), last_only=True
-            )
-            row = target_probs(logits[0, -1], params)  # [V]
+            logits = model.forward(
+                torch.tensor(ids), torch.arange(len(ids)), model.new_cache(len(ids))
+            ).logits
+            row = target_probs(logits[-1], params)  # [V]
             for t in range(vocab):
                 nxt[seq + (t,)] = p * row[t].item()
         probs = nxt
@@ -83,7 +85,8 @@ def assert_matches_exact(
 def tiny_pair(target_seed: int = 5, draft_seed: int = 6):
     cfg = tiny_config(vocab=8, dim=16, layers=2, heads=2, kv_heads=1, inter=32, max_seq=64)
     engine = tiny_engine_for(cfg, seed=target_seed)
-    return engine, build_model(random_state(cfg, draft_seed, scale=0.8), cfg, torch.float64)
+    source = StateSource(random_state(cfg, draft_seed, scale=0.8), cfg)
+    return engine, TorchRunner(build_model(source, torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -103,7 +106,7 @@ def tiny_pair(target_seed: int = 5, draft_seed: int = 6):
 def test_draft_model_sampling_is_exact(options, sampling):
     engine, draft = tiny_pair()
     drafter = make_drafter("draft-model", model=draft, **options)
-    drafter.bind(engine)
+    drafter.bind(engine.host)
     assert_matches_exact(engine, drafter, [1, 2, 3], sampling, n_new=3, n_samples=3000)
 
 

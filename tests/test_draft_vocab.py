@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_state, tiny_config
+from conftest import tiny_config, tiny_runner
 
 from leapdecode.drafters.vocab import DraftVocab
 from leapdecode.errors import LeapError
 from leapdecode.model import quant as Q
 from leapdecode.model.linear import Linear, NativeLinear, available_backends
-from leapdecode.model.loader import build_model
 
 NATIVE = "native" in available_backends()
 
@@ -56,12 +55,12 @@ def test_native_linear_select_rows_is_bit_exact(fmt, act):
 
 def tiny_head():
     cfg = tiny_config(vocab=64, dim=16, layers=1, heads=2, kv_heads=1, inter=32)
-    return build_model(random_state(cfg, 3), cfg, torch.float64).lm_head
+    return tiny_runner(cfg, 3, torch.float64).model.lm_head
 
 
 def test_logits_are_the_full_layers_on_the_kept_ids_and_minus_infinity_elsewhere():
     head = tiny_head()
-    vocab = DraftVocab(head, 64, core=10)
+    vocab = DraftVocab(head.select_rows, 64, core=10)
     vocab.reset([3, 50, 20, 50, 7])
     x = torch.randn(1, 2, 16, dtype=torch.float64)
     full, out = head(x), vocab(x)  # [1, 2, 64]
@@ -74,7 +73,7 @@ def test_logits_are_the_full_layers_on_the_kept_ids_and_minus_infinity_elsewhere
 
 
 def test_ids_the_request_uses_later_are_added_and_a_new_request_starts_afresh():
-    vocab = DraftVocab(tiny_head(), 64, core=10)
+    vocab = DraftVocab(tiny_head().select_rows, 64, core=10)
     vocab.reset([1, 2])
     assert vocab.extra_ids.tolist() == [] and vocab.extra_head is None
     vocab.add([63, 5, 40, 63])
@@ -88,10 +87,10 @@ def test_ids_the_request_uses_later_are_added_and_a_new_request_starts_afresh():
 @pytest.mark.parametrize("core", [0, 64, 100])
 def test_core_must_leave_part_of_the_vocabulary_out(core):
     with pytest.raises(LeapError, match=r"core must be in \(0, 64\)"):
-        DraftVocab(tiny_head(), 64, core=core)
+        DraftVocab(tiny_head().select_rows, 64, core=core)
 
 
 def test_ids_outside_the_vocabulary_are_refused():
-    vocab = DraftVocab(tiny_head(), 64, core=10)
+    vocab = DraftVocab(tiny_head().select_rows, 64, core=10)
     with pytest.raises(LeapError, match="token id 64 is outside"):
         vocab.add([64])

@@ -9,7 +9,7 @@ import torch
 
 from leapdecode.costmodel import CostCurve, CostModel
 from leapdecode.draft import Draft
-from leapdecode.drafters import StepResult, make_drafter
+from leapdecode.drafters import DrafterHost, StepResult, make_drafter
 from leapdecode.drafters.auto import AcceptanceStats, Auto, AutoOptions, evidence
 from leapdecode.errors import LeapError
 
@@ -27,19 +27,16 @@ class FixedDrafter:
     def observe(self, step):
         self.observed += 1
 
-    def start(self, prompt_ids):
+    def start(self, ctx):
         pass
 
     def stop(self):
         pass
 
 
-class FakeEngine:
-    def __init__(self, curve):
-        self.curve = curve
-
-    def cost_curve(self):
-        return self.curve
+def fake_host(curve, options=None, make=None) -> DrafterHost:
+    """A host whose verification cost is `curve` (no model behind it)."""
+    return DrafterHost(target=None, options=options or {}, cost=lambda: curve, make=make)
 
 
 FLAT = CostCurve((1, 64), (1.0, 1.0))  # verification is free: every proposal pays
@@ -48,7 +45,7 @@ STEEP = CostCurve((1, 2, 64), (1.0, 2.0, 64.0))  # cost linear in tokens: nothin
 
 def auto_with(sources: dict, curve: CostCurve) -> Auto:
     a = Auto(sources=tuple(sources))
-    a.engine, a.sources = FakeEngine(curve), sources
+    a.host, a.sources = fake_host(curve), sources
     return a
 
 
@@ -260,22 +257,17 @@ def test_a_costly_source_that_pays_keeps_proposing():
 
 
 def test_a_configured_draft_model_joins_the_default_sources():
-    class Eng(FakeEngine):
-        def __init__(self, options):
-            super().__init__(FLAT)
-            self.drafter_options = options
-
-        def new_drafter(self, name):
-            return FixedDrafter(Draft())
+    def host(options):
+        return fake_host(FLAT, options, make=lambda name: FixedDrafter(Draft()))
 
     a = Auto()
-    a.bind(Eng({"draft-model": {"path": "d.gguf"}}))
+    a.bind(host({"draft-model": {"path": "d.gguf"}}))
     assert list(a.sources) == ["suffix", "copy", "draft-model"]
     b = Auto(sources=("suffix",))
-    b.bind(Eng({"draft-model": {"path": "d.gguf"}}))
+    b.bind(host({"draft-model": {"path": "d.gguf"}}))
     assert list(b.sources) == ["suffix"]  # sources given explicitly are kept as given
     c = Auto()
-    c.bind(Eng({}))
+    c.bind(host({}))
     assert list(c.sources) == ["suffix", "copy"]
 
 
@@ -284,15 +276,16 @@ def test_a_saved_curve_is_keyed_by_the_kernels_thread_count(monkeypatch):
     from conftest import tiny_engine_for
 
     from leapdecode import engine as engine_module
-    from leapdecode.model.linear import available_backends, convert_linears
+    from leapdecode.model.linear import LinearSpec, available_backends
 
     if "native" not in available_backends():
         pytest.skip("the native backend needs AVX2+FMA+F16C and a C++ compiler")
-    engine = tiny_engine_for(dtype=torch.float32)
-    convert_linears(engine.model, "native", "none", None, "float32")
+    engine = tiny_engine_for(dtype=torch.float32, spec=LinearSpec("native", "none", "float32"))
     keys = []
     flat = CostModel((1, 2), (CostCurve((1,), (1.0,)), CostCurve((1,), (1.0,))))
-    monkeypatch.setattr(engine_module, "cached_cost", lambda model, key, folder: keys.append(key) or flat)
+    monkeypatch.setattr(
+        engine_module, "cached_cost", lambda model, key, folder, notify: keys.append(key) or flat
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -313,10 +306,10 @@ def test_measuring_runs_no_prefill_and_keeps_to_its_budget(tiny_engine):
         def new_cache(self, n):
             return model.new_cache(n)
 
-        def __call__(self, x, pos, cache):
-            calls.append(x.shape[1])
+        def forward(self, x, pos, cache):
+            calls.append(x.shape[0])
             assert cache.length == 100  # the random context is in place, never prefilled
-            return model(x, pos, cache)
+            return model.forward(x, pos, cache)
 
     curve = costmodel.measure(Counting(), ks=(1, 2, 4), context=100, repeats=3, budget_s=0.0)
     assert calls == [1, 2, 4] and len(curve.seconds) == 3  # one timing per k once the budget is spent

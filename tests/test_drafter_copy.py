@@ -5,6 +5,7 @@ import random
 import pytest
 
 from leapdecode.drafters import make_drafter
+from leapdecode.drafters.base import RequestContext
 from leapdecode.drafters.copy import CopyOptions, CopySpec
 from leapdecode.errors import LeapError
 
@@ -55,34 +56,34 @@ def test_invalid_options(options, message):
 def test_next_turn_copies_from_the_previous_one_and_keeps_the_index():
     d = CopySpec()
     turn1 = [50, 51, 52]
-    d.start(turn1)
+    d.start(RequestContext(turn1))
     context = turn1 + [10, 11, 12, 13, 14, 15, 16]  # the first answer
     assert d.propose(context, 64).token_ids == []
     d.stop()
     kept = d._index[(10, 11, 12, 13)]
     turn2 = context + [60, 61, 10, 11, 12]  # the chat template repeats the answer, a new question follows
-    d.start(turn2)
+    d.start(RequestContext(turn2))
     assert d._index[(10, 11, 12, 13)] is kept  # extended, not rebuilt
     assert d.propose(turn2 + [13], 64).token_ids == [14, 15, 16, 60, 61, 10, 11, 12, 13]
 
 
 def test_an_unrelated_request_forgets_the_old_context():
     d = CopySpec()
-    d.start([1, 2, 3, 4, 5, 6])
+    d.start(RequestContext([1, 2, 3, 4, 5, 6]))
     assert d.propose([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], 64).token_ids == [5, 6, 1, 2, 3, 4]
     d.stop()
-    d.start([9, 1, 2, 3, 4])
+    d.start(RequestContext([9, 1, 2, 3, 4]))
     assert d.propose([9, 1, 2, 3, 4], 64).token_ids == []
 
 
 def test_a_new_request_is_compared_in_full():
     d = CopySpec()
-    d.start([1, 2, 3, 4, 5, 6])
+    d.start(RequestContext([1, 2, 3, 4, 5, 6]))
     d.propose([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], 64)
     d.stop()
     # longer than the old context and with the same token (4) at its last index, yet unrelated
     prompt = [8, 8, 8, 8, 8, 8, 8, 8, 8, 4, 1, 2, 3, 4]
-    d.start(prompt)
+    d.start(RequestContext(prompt))
     assert d.propose(prompt, 64).token_ids == []
     assert d._index == reference_index(prompt, 4)
 
@@ -102,7 +103,7 @@ def test_index_follows_extensions_and_divergences(seed):
     for _ in range(40):
         if rng.random() < 0.2:  # cut back (a new turn that differs, or a shorter sequence)
             tokens = tokens[: rng.randrange(len(tokens) + 1)] + [rng.randrange(4)]
-            d.start(tokens)
+            d.start(RequestContext(tokens))
         else:
             tokens = tokens + [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
             d.propose(tokens, 8)

@@ -6,6 +6,7 @@ import pytest
 
 from leapdecode.draft import Draft
 from leapdecode.drafters import make_drafter
+from leapdecode.drafters.base import RequestContext
 from leapdecode.drafters.pld import PLDOptions, PromptLookup
 from leapdecode.errors import LeapError
 
@@ -73,7 +74,7 @@ def test_incremental_index_matches_a_fresh_one(seed):
     rng = random.Random(seed)
     d = PromptLookup(max_ngram=4, min_ngram=2)
     tokens = [rng.randrange(5) for _ in range(5)]
-    d.start(tokens)
+    d.start(RequestContext(tokens))
     for _ in range(60):
         tokens += [rng.randrange(5) for _ in range(rng.randrange(1, 4))]
         assert d.propose(tokens, 16) == fresh_proposal(tokens, max_ngram=4, min_ngram=2)
@@ -97,7 +98,7 @@ def test_start_forgets_the_previous_request():
     d = PromptLookup()
     assert d.propose([1, 2, 3, 9, 1, 2, 3], 16).token_ids == [9, 1, 2, 3]
     d.stop()
-    d.start([2, 3])
+    d.start(RequestContext([2, 3]))
     # the same length and last token as before, so only start() tells this is another sequence
     assert d.propose([2, 3, 5, 6, 7, 2, 3], 16).token_ids == [5, 6, 7, 2, 3]
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from leapdecode.draft import Draft
+from leapdecode.draft import Draft, StepResult
 from leapdecode.drafters import make_drafter
-from leapdecode.drafters.base import StepResult
+from leapdecode.drafters.base import RequestContext
 from leapdecode.drafters.recycling import DEFAULT_WIDTHS, RecyclingOptions, TokenRecycling, widths_template
 from leapdecode.errors import LeapError
 
@@ -168,5 +168,5 @@ def test_respects_max_nodes_and_keeps_a_tree(max_nodes):
 def test_matrix_outlives_requests():
     d = with_rows(ROWS, k=3, template=[(-1, 0)])
     d.stop()
-    d.start([5, 6])
+    d.start(RequestContext([5, 6]))
     assert d.propose([5, 6, 0], 64).token_ids == [1]

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from leapdecode.draft import Draft
+from leapdecode.draft import Draft, StepResult
 from leapdecode.drafters import make_drafter
-from leapdecode.drafters.base import StepResult
+from leapdecode.drafters.base import RequestContext
 from leapdecode.drafters.suffix import SuffixDecoding, SuffixOptions, _Trie
 from leapdecode.errors import LeapError
 
@@ -81,7 +81,7 @@ def test_invalid_options(options, message):
 
 
 def run_request(d: SuffixDecoding, prompt: list[int], output: list[int]) -> None:
-    d.start(prompt)
+    d.start(RequestContext(prompt))
     d.propose(prompt + output, 8)
     d.stop()
 
@@ -92,7 +92,7 @@ def test_global_index_helps_the_next_request():
     assert len(SuffixDecoding().propose(context, 64)) == 0  # on its own, nothing repeats
     d = SuffixDecoding()
     run_request(d, [1], output)
-    d.start([2])
+    d.start(RequestContext([2]))
     draft = d.propose(context, 64)
     assert (draft.token_ids, draft.parents) == ([13, 14, 15], [-1, 0, 1])
 
@@ -100,7 +100,7 @@ def test_global_index_helps_the_next_request():
 def test_global_index_holds_outputs_not_prompts():
     d = SuffixDecoding()
     run_request(d, [20, 21, 22, 23, 24], [30])
-    d.start([5])
+    d.start(RequestContext([5]))
     assert len(d.propose([5, 20, 21, 22], 64)) == 0
 
 
@@ -115,14 +115,14 @@ def test_global_counts_add_up_over_requests():
 def test_the_stronger_of_the_two_indexes_wins():
     d = SuffixDecoding()
     run_request(d, [0], [10, 11, 12, 13, 14, 15, 16])
-    d.start([12, 99])
+    d.start(RequestContext([12, 99]))
     # this request: "12" -> 99 (1 node, 1 expected token); earlier output: "10 11 12" -> 13 14 15 (3)
     assert d.propose([12, 99, 10, 11, 12], 64).token_ids == [13, 14, 15]
 
 
 def test_observe_adds_the_last_committed_tokens_to_the_output():
     d = SuffixDecoding()
-    d.start([0])
+    d.start(RequestContext([0]))
     tokens = [0, 40, 41]
     draft = d.propose(tokens, 8)
     logits = torch.zeros(1 + len(draft), 50)
@@ -138,7 +138,7 @@ def test_old_outputs_are_evicted_past_the_node_budget():
     assert d.global_trie.nodes <= 40 and len(d.outputs) == 1
     run_request(d, [0], list(range(20, 56)))  # 36 fresh windows, 43 nodes: over budget, the oldest goes
     assert [o[0] for o in d.outputs] == [20]
-    d.start([0])
+    d.start(RequestContext([0]))
     assert len(d.propose([0, 10, 11, 12], 64)) == 0
     assert d.propose([0, 21, 22, 23], 64).token_ids == [24, 25, 26]
 
@@ -226,7 +226,7 @@ def test_incremental_index_matches_a_fresh_one(seed):
     options = {"factor": 3.0, "max_depth": 5, "max_spec": 6}  # small tries: tails split and depth caps bite
     d = SuffixDecoding(**options)
     tokens = [rng.randrange(3) for _ in range(4)]
-    d.start(tokens)
+    d.start(RequestContext(tokens))
     for _ in range(50):
         tokens += [rng.randrange(3) for _ in range(rng.randrange(1, 3))]
         assert d.propose(tokens, 16) == fresh(tokens, 16, **options)

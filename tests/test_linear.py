@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_engine_for
+from conftest import random_state, tiny_config, tiny_engine_for, tiny_runner
 
 from leapdecode.costmodel import measure as measure_cost
 from leapdecode.engine import GenerationConfig
 from leapdecode.errors import LeapError
 from leapdecode.kernels import build, native
 from leapdecode.model import quant as Q
-from leapdecode.model.linear import (
-    LinearSpec,
-    NativeLinear,
-    available_backends,
-    convert_linears,
-    linear_slots,
-)
+from leapdecode.model.linear import LinearSpec, NativeLinear, available_backends
+from leapdecode.model.runner import Plan
 
 pytestmark = pytest.mark.skipif(
     "native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler"
@@ -223,45 +216,46 @@ def test_attention_bad_mask_is_a_clear_error():
 # ---------------------------------------------------------------- whole models
 
 
-def _tiny_float32(seed=0, **cfg):
-    eng = tiny_engine_for(tiny_config(**cfg), seed=seed, dtype=torch.float32)
-    return eng
+def _runner(spec: LinearSpec | None, seed=0, **cfg):
+    """A random model's runner: torch float32 (spec None) or as `spec` says."""
+    return tiny_runner(tiny_config(**cfg), seed, torch.float32, spec)
+
+
+def _logits(runner, ids: torch.Tensor) -> torch.Tensor:
+    return runner.forward(ids, torch.arange(len(ids)), runner.new_cache(len(ids))).logits
 
 
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
-def test_converted_model_is_close_to_torch(quant):
-    eng = _tiny_float32(dim=64, inter=128, heads=4, kv_heads=2, vocab=96)
-    ref = copy.deepcopy(eng.model)
-    spec = convert_linears(eng.model, "native", quant, None, "float32")
-    assert spec == LinearSpec("native", quant, "float32") and eng.model.linear_spec == spec
-    assert all(getattr(o, a).backend == "native" for o, a in linear_slots(eng.model))
-    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
-    a = ref(ids, torch.arange(12), ref.new_cache(12))
-    b = eng.model(ids, torch.arange(12), eng.model.new_cache(12))
+def test_native_runner_is_close_to_torch(quant):
+    shape = {"dim": 64, "inter": 128, "heads": 4, "kv_heads": 2, "vocab": 96}
+    ref, native = _runner(None, **shape), _runner(LinearSpec("native", quant, "float32"), **shape)
+    assert native.spec == LinearSpec("native", quant, "float32") and native.backend == "native"
+    ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(0))
     tol = {"none": 1e-4, "int8": 0.05, "int4": 0.5}[quant]
-    assert float((a - b).abs().max()) < tol
+    assert float((_logits(ref, ids) - _logits(native, ids)).abs().max()) < tol
 
 
 @pytest.mark.parametrize(
     "quant,act", [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int4", "float32")]
 )
 def test_forward_of_k_tokens_equals_k_single_steps_bitwise(quant, act):
-    eng = _tiny_float32(dim=64, inter=128, vocab=96, qkv_bias=True)
-    model = eng.model
-    convert_linears(model, "native", quant, None, act)
-    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
+    model = _runner(LinearSpec("native", quant, act), dim=64, inter=128, vocab=96, qkv_bias=True)
+    ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(1))
     cache = model.new_cache(16)
-    model(ids[:, :9], torch.arange(9), cache)
-    together = model(ids[:, 9:], torch.arange(9, 16), cache)[0]  # [7, V]
+    model.forward(ids[:9], torch.arange(9), cache)
+    together = model.forward(ids[9:], torch.arange(9, 16), cache).logits  # [7, V]
     cache.truncate(9)
-    alone = torch.cat([model(ids[:, i : i + 1], torch.arange(i, i + 1), cache)[0] for i in range(9, 16)])
+    alone = torch.cat(
+        [model.forward(ids[i : i + 1], torch.arange(i, i + 1), cache).logits for i in range(9, 16)]
+    )
     assert torch.equal(together, alone)
 
 
 @pytest.mark.parametrize("quant,act", [("none", "float32"), ("int4", "int8"), ("int8", "float32")])
 def test_greedy_tokens_equal_with_and_without_drafting(quant, act):
-    eng = _tiny_float32(seed=3, vocab=32, dim=64, inter=128)
-    convert_linears(eng.model, "native", quant, None, act)
+    eng = tiny_engine_for(
+        tiny_config(vocab=32, dim=64, inter=128), 3, torch.float32, LinearSpec("native", quant, act)
+    )
     prompt = list(range(8)) * 3
     plain = eng.generate(prompt, GenerationConfig(max_new_tokens=80, drafter="none"))
     pld = eng.generate(prompt, GenerationConfig(max_new_tokens=80, drafter="pld"))
@@ -269,15 +263,11 @@ def test_greedy_tokens_equal_with_and_without_drafting(quant, act):
     assert pld.token_ids == plain.token_ids
 
 
-def test_bundled_model_gguf_blocks_lossless_drafting(bundled_engine):
+def test_bundled_model_gguf_blocks_lossless_drafting():
     from leapdecode.engine import Engine
-    from leapdecode.model.source import default_model_path
 
-    eng = Engine(copy.deepcopy(bundled_engine.model), bundled_engine.tokenizer)
-    spec = convert_linears(
-        eng.model, "auto", "auto", default_model_path()
-    )  # from any backend the fixture has
-    assert spec == LinearSpec("native", "gguf", "int8") and eng.model.lm_head.backend == "native"
+    eng = Engine.load()  # the defaults: the file's own blocks on the kernels
+    assert eng.model.spec == LinearSpec("native", "gguf", "int8") and eng.model.lm_head.backend == "native"
     for prompt in [
         "Repeat this list exactly: apples, pears, plums, apples, pears, plums.",
         "Write a Python function that returns the sum of a list.",
@@ -288,66 +278,57 @@ def test_bundled_model_gguf_blocks_lossless_drafting(bundled_engine):
 
 
 def test_spec_resolution_and_errors():
-    eng = _tiny_float32()
-    assert LinearSpec().resolve(eng.model, None) == LinearSpec("native", "none", "float32")
-    assert LinearSpec("torch", "int4").resolve(eng.model, None) == LinearSpec("torch", "int4", "float32")
-    assert LinearSpec("native", "int8").resolve(eng.model, None).activations == "int8"
+    f32 = torch.float32
+    assert LinearSpec().resolve(f32, "cpu", None) == LinearSpec("native", "none", "float32")
+    assert LinearSpec().resolve(f32, "cpu", True) == LinearSpec("native", "gguf", "int8")
+    assert LinearSpec().resolve(f32, "cpu", False) == LinearSpec("native", "none", "float32")
+    assert LinearSpec("torch", "int4").resolve(f32, "cpu", None) == LinearSpec("torch", "int4", "float32")
+    assert LinearSpec("native", "int8").resolve(f32, "cpu", None).activations == "int8"
     with pytest.raises(LeapError, match="backend"):
         LinearSpec("cuda-magic")
     with pytest.raises(LeapError, match="quant"):
         LinearSpec("native", "int3")
     with pytest.raises(LeapError, match="GGUF"):
-        LinearSpec("native", "gguf").resolve(eng.model, None)
+        LinearSpec("native", "gguf").resolve(f32, "cpu", None)
     with pytest.raises(LeapError, match="int8 activations need quantized"):
-        convert_linears(eng.model, "native", "none", None, "int8")
+        LinearSpec("native", "none", "int8").resolve(f32, "cpu", None)
     with pytest.raises(LeapError, match="float activations"):
-        convert_linears(eng.model, "torch", "int4", None, "int8")
-    f64 = tiny_engine_for(tiny_config(), dtype=torch.float64)
-    assert LinearSpec("auto").resolve(f64.model, None).backend == "torch"
+        LinearSpec("torch", "int4", "int8").resolve(f32, "cpu", None)
+    assert LinearSpec("auto").resolve(torch.float64, "cpu", None).backend == "torch"
     with pytest.raises(LeapError, match="float32"):
-        convert_linears(f64.model, "native", "none")
-
-
-def test_a_converted_model_converts_again():
-    eng = _tiny_float32(dim=64, inter=128)
-    w = eng.model.blocks[1].attn.wo.weight.clone()
-    convert_linears(eng.model, "native", "none")
-    assert eng.model.blocks[0].attn.sdpa is native.attention
-    convert_linears(eng.model, "torch", "int8")
-    assert torch.equal(eng.model.blocks[1].attn.wo.weight, Q.dequantize(Q.quantize(w, "q8_0")))
-    assert eng.model.blocks[0].attn.sdpa is F.scaled_dot_product_attention
+        LinearSpec("native", "none").resolve(torch.float64, "cpu", None)
 
 
 def test_torch_backend_simulates_the_quantized_weights():
-    eng = _tiny_float32(dim=64, inter=128)
-    w = eng.model.blocks[0].mlp.w2.weight.clone()
-    convert_linears(eng.model, "torch", "int4", None, "float32")
-    assert torch.equal(eng.model.blocks[0].mlp.w2.weight, Q.dequantize(Q.quantize(w, "q4_1")))
+    cfg = tiny_config(dim=64, inter=128)
+    state = random_state(cfg)
+    runner = _runner(LinearSpec("torch", "int4", "float32"), dim=64, inter=128)
+    w = state["model.layers.0.mlp.down_proj.weight"].float()
+    assert torch.equal(runner.model.blocks[0].mlp.w2.weight, Q.dequantize(Q.quantize(w, "q4_1")))
+    embed = state["model.embed_tokens.weight"].float()  # not tied here: the output layer is its own
+    assert torch.equal(runner.model.embed, embed)
+
+
+def test_torch_backend_rounds_tied_embeddings_only_as_the_output_layer():
+    cfg = tiny_config(dim=64, inter=128, tie=True)
+    embed = random_state(cfg)["model.embed_tokens.weight"].float()
+    runner = _runner(LinearSpec("torch", "int4", "float32"), dim=64, inter=128, tie=True)
+    assert torch.equal(runner.model.embed, embed)
+    assert torch.equal(runner.model.lm_head.weight, Q.dequantize(Q.quantize(embed, "q8_0")))
 
 
 def test_measure_verify_cost_on_native():
-    eng = _tiny_float32()
-    convert_linears(eng.model, "native", "int8")
-    curve = measure_cost(eng.model, (1, 2, 4), context=16, repeats=1)
+    runner = _runner(LinearSpec("native", "int8"))
+    curve = measure_cost(runner, (1, 2, 4), context=16, repeats=1)
     assert curve.ks == (1, 2, 4) and all(c > 0 for c in curve.seconds)
 
 
-def test_a_copied_native_model_gives_the_same_logits():
-    eng = _tiny_float32(dim=64, inter=128)
-    convert_linears(eng.model, "native", "int4")
-    twin = copy.deepcopy(eng.model)  # new weight buffers: kernel arguments must follow them
-    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
-    a = eng.model(ids, torch.arange(10), eng.model.new_cache(10))
-    del eng
-    assert torch.equal(a, twin(ids, torch.arange(10), twin.new_cache(10)))
-
-
-def test_gguf_blocks_of_another_model_are_rejected():
-    from leapdecode.model.source import default_model_path
-
-    eng = _tiny_float32()
-    with pytest.raises(LeapError, match="shape"):
-        convert_linears(eng.model, "native", "gguf", default_model_path())
+def test_runner_output_rows_give_those_logits():
+    runner = _runner(LinearSpec("native", "int4"), dim=64, inter=128, vocab=96)
+    ids = torch.randint(0, 96, (6,), generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([3, 17, 40, 95])
+    part = runner.forward(ids, torch.arange(6), runner.new_cache(6), plan=Plan(head=runner.output_rows(rows)))
+    assert torch.equal(part.logits, _logits(runner, ids)[:, rows])
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -15,15 +15,12 @@ from hypothesis import strategies as st
 from leapdecode.draft import Draft
 from leapdecode.drafters import Drafter, available
 from leapdecode.engine import GenerationConfig
-from leapdecode.model.linear import available_backends, convert_linears
+from leapdecode.model.linear import LinearSpec, available_backends
 
 
 def _native(quant: str, activations: str, seed: int):
-    engine = tiny_engine_for(
-        tiny_config(vocab=48, dim=64, inter=128, qkv_bias=True), seed=seed, dtype=torch.float32
-    )
-    convert_linears(engine.model, "native", quant, None, activations)
-    return engine
+    cfg = tiny_config(vocab=48, dim=64, inter=128, qkv_bias=True)
+    return tiny_engine_for(cfg, seed=seed, dtype=torch.float32, spec=LinearSpec("native", quant, activations))
 
 
 ENGINES = [tiny_engine_for(seed=s) for s in range(2)] + [

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_engine_for
+from conftest import tiny_config, tiny_runner
 
 from leapdecode.kernels.pages import ALIGN, HUGE_PAGE, HugePageArena, move_to_huge_pages
-from leapdecode.model.linear import NativeLinear, convert_linears
+from leapdecode.model.linear import LinearSpec
+from leapdecode.model.native_runner import NativeRunner
+from leapdecode.model.stack import NativeStack
 
 
 def test_arena_copies_values_into_aligned_slices():
@@ -33,19 +35,26 @@ def test_arena_refuses_more_than_its_room():
 
 @pytest.mark.parametrize("quant,act", [("none", "float32"), ("int4", "int8")])
 def test_a_model_computes_the_same_bits_after_its_weights_moved(quant, act):
-    eng = tiny_engine_for(
-        tiny_config(dim=64, inter=128, heads=4, kv_heads=2, vocab=96), seed=3, dtype=torch.float32
-    )
-    model = eng.model
-    convert_linears(model, "native", quant, None, act)  # moves the weights already
-    layers = [m for m in model.modules() if isinstance(m, NativeLinear)]
+    cfg = tiny_config(dim=64, inter=128, heads=4, kv_heads=2, vocab=96)
+    spec = LinearSpec("native", quant, act)
+    model = tiny_runner(cfg, 3, torch.float32, spec)  # built on huge pages already
+    layers = [lin for b in model.stack.blocks for lin in b.linears()] + [model.lm_head]
     ptrs = sorted(t.data_ptr() for layer in layers for t in layer.tensors())
     assert ptrs[-1] - ptrs[0] < sum(
         t.numel() * t.element_size() + ALIGN for layer in layers for t in layer.tensors()
     )
-    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
-    before = model(ids, torch.arange(12), model.new_cache(16))
-    assert move_to_huge_pages(layers)  # and once more, from one arena to another
-    assert all(t.data_ptr() not in ptrs for layer in layers for t in layer.tensors())
-    model.stack = model.stack and type(model.stack)(model)  # the stack holds the old addresses
-    assert torch.equal(model(ids, torch.arange(12), model.new_cache(16)), before)
+    ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(0))
+    before = model.forward(ids, torch.arange(12), model.new_cache(16)).logits
+    again = tiny_runner(cfg, 3, torch.float32, spec)
+    layers = [lin for b in again.stack.blocks for lin in b.linears()] + [again.lm_head]
+    old = {t.data_ptr() for layer in layers for t in layer.tensors()}
+    assert move_to_huge_pages(layers)  # and once more, from one arena to another; a new stack follows
+    assert all(t.data_ptr() not in old for layer in layers for t in layer.tensors())
+    moved = NativeRunner(
+        cfg,
+        NativeStack(cfg, again.stack.blocks, again.stack.embed, again.stack.cos, again.stack.sin),
+        again.norm,
+        again.lm_head,
+        spec,
+    )
+    assert torch.equal(moved.forward(ids, torch.arange(12), moved.new_cache(16)).logits, before)

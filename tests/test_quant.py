@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -130,17 +128,30 @@ def test_f32_interleave_moves_values_only(n, k):
 def test_bundled_gguf_blocks_equal_the_loaded_weights(bundled_engine):
     """Raw blocks (q/k rows un-permuted, q/k/v and gate/up fused) dequantize to exactly the weights the
     loader built from the same file."""
-    from leapdecode.model.linear import convert_linears, linear_slots
+    from leapdecode.model.gguf import GGUFSource
     from leapdecode.model.source import default_model_path
+    from leapdecode.model.torch_runner import TorchRunner
+    from leapdecode.model.weights import linear_groups
 
-    model = copy.deepcopy(bundled_engine.model)
-    convert_linears(model, "torch", "none")  # float32 weights as the loader builds them, whatever the fixture
-    sources = Q.gguf_linear_weights(default_model_path(), model.cfg)
-    slots = linear_slots(model)
-    assert len(sources) == len(slots) == 4 * model.cfg.n_layers + 1
-    for i in (0, 1, 2, 3, len(slots) - 5, len(slots) - 1):  # every kind of linear, first and last layer
-        owner, attr = slots[i]
-        weight = getattr(owner, attr).weight
-        assert torch.equal(torch.cat([Q.dequantize(p) for p in sources[i]]), weight), attr
+    model = bundled_engine.model.model
+    assert isinstance(bundled_engine.model, TorchRunner)  # float32 weights as the loader builds them
+    source = GGUFSource(default_model_path())
+    groups = linear_groups(model.cfg)
+    sources = [[source.stored(n) for n in names] for names in groups]
+    layers = [lin for b in model.blocks for lin in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)]
+    layers.append(model.lm_head)
+    assert len(sources) == len(layers) == 4 * model.cfg.n_layers + 1
+    for i in (0, 1, 2, 3, len(layers) - 5, len(layers) - 1):  # every kind of linear, first and last layer
+        assert torch.equal(torch.cat([Q.dequantize(p) for p in sources[i]]), layers[i].weight), groups[i]
     assert {p.fmt for parts in sources[:-1] for p in parts} == {"q4_1"}
     assert sources[-1][0].fmt == "q8_0"  # token_embd, tied to the output layer
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+def test_quantizing_a_few_rows_at_a_time_gives_the_same_weights(monkeypatch, fmt):
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(5))
+    whole = Q.quantize(w, fmt)
+    monkeypatch.setattr(Q, "_QUANTIZE_ELEMENTS", 5 * 64)  # 8 pieces of 5 rows, the last of 2
+    pieces = Q.quantize(w, fmt)
+    assert whole.tensors().keys() == pieces.tensors().keys()
+    assert all(torch.equal(t, pieces.tensors()[n]) for n, t in whole.tensors().items())

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import SPEC_BENCH, tiny_config, tiny_engine_for
+from conftest import SPEC_BENCH, random_state, tiny_config, tiny_runner
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from leapdecode.cli import main
 from leapdecode.commands.evaluate import Format, Score, evaluate, load_texts, log_probs
 from leapdecode.errors import LeapError
-from leapdecode.model import quant as Q
-from leapdecode.model.linear import LinearSpec, available_backends, convert_linears
+from leapdecode.model.backends import runs_stored
+from leapdecode.model.linear import LinearSpec, available_backends
+from leapdecode.model.native_runner import weight_part
+from leapdecode.model.weights import StateSource
 
 native_only = pytest.mark.skipif("native" not in available_backends(), reason="needs the native backend")
 
@@ -42,12 +43,11 @@ def test_score_kl_of_known_distributions():
 
 @native_only
 def test_evaluate_tiny_model():
-    eng = tiny_engine_for(tiny_config(vocab=64, dim=64, inter=128), dtype=torch.float32)
+    cfg = tiny_config(vocab=64, dim=64, inter=128)
     windows = [list(range(3, 40)), [5, 9, 2, 7] * 6]
-    ref_model = copy.deepcopy(eng.model)
-    res = evaluate(
-        eng.model, None, windows, [Format.parse("none:float32"), Format.parse("int4:int8")], "native"
-    )
+    ref_model = tiny_runner(cfg, 0, torch.float32)
+    source = StateSource(random_state(cfg, 0), cfg)
+    res = evaluate(source, windows, [Format.parse("none:float32"), Format.parse("int4:int8")], "native")
     assert list(res) == ["reference", "native/none/float32", "native/int4/int8"]
     ref, f32, q4 = res.values()
     assert ref["tokens"] == 36 + 23 and ref["mean_kl"] == 0.0
@@ -120,13 +120,28 @@ def _write_gguf(path, qtype: str):
     w.close()
 
 
+class _Typed:
+    """A source of a GGUF file whose every linear weight is stored as `qtype`."""
+
+    def __init__(self, path, qtype: str):
+        self.cfg, self.path, self.qtype = tiny_config(), path, qtype
+
+    def stored_type(self, name: str) -> str:
+        return self.qtype
+
+    def stored(self, name: str):
+        return None
+
+
 @native_only
 def test_auto_quant_runs_the_file_only_when_every_linear_type_is_supported(tmp_path):
-    model = tiny_engine_for(tiny_config(), dtype=torch.float32).model
     for qtype, want in (("Q6_K", "none"), ("Q4_1", "gguf")):
         path = tmp_path / f"{qtype}.gguf"
         _write_gguf(path, qtype)
-        assert Q.gguf_unsupported_types(path) == ({"Q6_K"} if qtype == "Q6_K" else set())
-        assert LinearSpec("native", "auto").resolve(model, path).quant == want
+        assert (
+            LinearSpec("native", "auto").resolve(torch.float32, "cpu", runs_stored(_Typed(path, qtype))).quant
+            == want
+        )
+    q6 = _Typed(tmp_path / "Q6_K.gguf", "Q6_K")
     with pytest.raises(LeapError, match="Q6_K"):
-        convert_linears(model, "native", "gguf", tmp_path / "Q6_K.gguf")
+        weight_part(q6, "model.layers.0.self_attn.q_proj.weight", LinearSpec("native", "gguf", "int8"))

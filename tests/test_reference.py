@@ -8,7 +8,9 @@ import transformers  # a dev dependency: the reference implementation
 from conftest import char_tokenizer
 
 from leapdecode.engine import GenerationConfig
-from leapdecode.model.source import default_model_path, load
+from leapdecode.model.backends import load_runner
+from leapdecode.model.linear import LinearSpec
+from leapdecode.model.source import default_model_path
 
 PROMPTS = [
     "What is the capital of France?",
@@ -35,7 +37,7 @@ def test_bundled_logits_equal_transformers(hf_bundled, bundled_engine):
     with torch.no_grad():
         ref = hf_bundled(x).logits[0]  # [64, V]
     model = bundled_engine.model
-    ours = model(x, torch.arange(64), model.new_cache(64))[0]
+    ours = model.forward(x[0], torch.arange(64), model.new_cache(64)).logits
     assert (ref - ours).abs().max().item() < 1e-4
 
 
@@ -110,10 +112,11 @@ def test_random_config_logits_equal_transformers(tmp_path, case, dtype, tol):
                 torch.nn.init.normal_(proj.bias, std=0.5)
     hf.save_pretrained(tmp_path)
     char_tokenizer(96).backend.save(str(tmp_path / "tokenizer.json"))
-    model, _tok, _ = load(tmp_path, dtype={torch.float32: "float32", torch.float64: "float64"}[dtype])
+    name = {torch.float32: "float32", torch.float64: "float64"}[dtype]
+    model = load_runner(tmp_path, dtype=name, spec=LinearSpec("torch", "none", "float32")).runner
     x = torch.randint(0, 96, (1, 80), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(x).logits[0]
-    ours = model(x, torch.arange(80), model.new_cache(80))[0]
+    ours = model.forward(x[0], torch.arange(80), model.new_cache(80)).logits
     assert (ref - ours).abs().max().item() < tol
     assert model.cfg.qkv_bias == (arch == "qwen2")

@@ -59,8 +59,8 @@ def exact_distribution(params: SamplingParams) -> dict[tuple, float]:
     model = ENGINE.model
 
     def probs(prefix):
-        x = torch.tensor([PROMPT + list(prefix)])
-        return target_probs(model(x, torch.arange(x.shape[1]), model.new_cache(16))[0, -1], params)
+        x = torch.tensor(PROMPT + list(prefix))  # [T]
+        return target_probs(model.forward(x, torch.arange(len(x)), model.new_cache(16)).logits[-1], params)
 
     dist = {}
     for seq in itertools.product(range(V), repeat=NEW):

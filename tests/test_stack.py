@@ -1,17 +1,17 @@
-"""The native block stack (all blocks in one kernel call) against the per-block native path."""
+"""The native runner (all blocks in one kernel call) against its layers called one block at a time."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import tiny_config, tiny_engine_for
+from conftest import tiny_config, tiny_engine_for, tiny_runner
 
 from leapdecode.draft import Draft, tree_inputs
 from leapdecode.errors import LeapError
-from leapdecode.model.linear import Linear, available_backends, convert_linears
-from leapdecode.model.stack import NativeStack
+from leapdecode.model.linear import LinearSpec, available_backends
+from leapdecode.model.llama import MLP, Attention, Block, RMSNorm, Transformer
+from leapdecode.model.runner import Plan
+from leapdecode.model.torch_runner import TorchRunner
 
 pytestmark = pytest.mark.skipif(
     "native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler"
@@ -22,31 +22,32 @@ COMBOS = [("none", "float32"), ("int8", "int8"), ("int4", "int8"), ("int8", "flo
 
 def _native(quant="none", act="float32", seed=0, **cfg):
     defaults = {"dim": 64, "inter": 128, "heads": 4, "kv_heads": 2, "vocab": 96, "layers": 3}
-    eng = tiny_engine_for(tiny_config(**(defaults | cfg)), seed=seed, dtype=torch.float32)
-    convert_linears(eng.model, "native", quant, None, act)
-    return eng.model
+    return tiny_runner(tiny_config(**(defaults | cfg)), seed, torch.float32, LinearSpec("native", quant, act))
 
 
-def _per_block(model):
-    ref = copy.deepcopy(model)
-    ref.stack = None  # the per-block path with the same native linears and attention
-    return ref
+def _per_block(runner) -> TorchRunner:
+    """The same packed layers called one at a time from the torch model's blocks (torch's attention)."""
+    st, cfg = runner.stack, runner.cfg
+    blocks = [
+        Block(
+            Attention(cfg, b.qkv, b.o),
+            MLP(b.w13, b.w2),
+            RMSNorm(b.attn_norm, cfg.norm_eps),
+            RMSNorm(b.mlp_norm, cfg.norm_eps),
+        )
+        for b in st.blocks
+    ]
+    return TorchRunner(Transformer(cfg, st.embed, blocks, runner.norm, runner.lm_head))
 
 
 def _run(model, ids, n_cached=0, mask=None, layers=None):
     cache = model.new_cache(64)
     if n_cached:
-        model(ids[:, :n_cached], torch.arange(n_cached), cache)
-    s = ids.shape[1] - n_cached
-    logits = model(ids[:, n_cached:], torch.arange(n_cached, n_cached + s), cache, mask=mask, layers=layers)
+        model.forward(ids[:n_cached], torch.arange(n_cached), cache)
+    s = len(ids) - n_cached
+    plan = Plan(layers=layers)
+    logits = model.forward(ids[n_cached:], torch.arange(n_cached, n_cached + s), cache, mask, plan).logits
     return logits, cache
-
-
-def test_native_models_get_a_stack_and_torch_models_do_not():
-    model = _native()
-    assert isinstance(model.stack, NativeStack)
-    convert_linears(model, "torch", "none", None, "float32")
-    assert model.stack is None
 
 
 @pytest.mark.parametrize("quant,act", COMBOS)
@@ -56,7 +57,7 @@ def test_native_models_get_a_stack_and_torch_models_do_not():
 def test_stack_agrees_with_the_per_block_path(quant, act, cfg):
     model = _native(quant, act, **cfg)
     ref = _per_block(model)
-    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(5))
     a, ca = _run(model, ids, n_cached=11)
     b, cb = _run(ref, ids, n_cached=11)
     tol = 1e-4 if act == "float32" else 0.05  # int8 activations may round one block differently
@@ -69,7 +70,7 @@ def test_stack_agrees_with_the_per_block_path(quant, act, cfg):
 def test_stack_follows_the_skip_plan():
     model = _native(layers=4)
     ref = _per_block(model)
-    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(6))
     plan = [(False, True), (True, False), (True, True), (False, False)]
     a, _ = _run(model, ids, n_cached=5, layers=plan)
     b, _ = _run(ref, ids, n_cached=5, layers=plan)
@@ -80,18 +81,18 @@ def test_stack_follows_the_skip_plan():
 
 def test_tree_verification_through_the_stack_is_bitwise_equal_to_single_steps():
     model = _native("int4", "int8")
-    prefix = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(7))
+    prefix = torch.randint(0, 96, (7,), generator=torch.Generator().manual_seed(7))
     draft = Draft(token_ids=[3, 4, 5, 6, 7], parents=[-1, 0, 0, 2, 1])
     cache = model.new_cache(64)
-    model(prefix, torch.arange(7), cache)
+    model.forward(prefix, torch.arange(7), cache)
     tokens, positions, mask = tree_inputs(draft, root_token=9, n_cached=7)
-    tree = model(tokens[None], positions, cache, mask=mask, advance=False)[0]  # [6, V]
+    tree = model.forward(tokens, positions, cache, mask, Plan(advance=False)).logits  # [6, V]
     for node in range(len(draft.token_ids)):
         path = draft.path_to(node)
-        ids = torch.tensor([[9] + [draft.token_ids[i] for i in path]])
+        ids = torch.tensor([9] + [draft.token_ids[i] for i in path])
         c = model.new_cache(64)
-        model(prefix, torch.arange(7), c)
-        alone = model(ids, torch.arange(7, 7 + ids.shape[1]), c)[0, -1]
+        model.forward(prefix, torch.arange(7), c)
+        alone = model.forward(ids, torch.arange(7, 7 + len(ids)), c).logits[-1]
         assert torch.equal(tree[node + 1], alone)
 
 
@@ -99,49 +100,26 @@ def test_a_chain_verified_causally_equals_its_explicit_mask_bitwise():
     """Chains reach the model with mask None (see tree_inputs): the causal path must give the bits of
     the explicit mask a tree of one branch would get."""
     model = _native("none", "float32")
-    prefix = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(3))
-    chain = torch.tensor([[9, 3, 4, 5, 6]])
+    prefix = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(3))
+    chain = torch.tensor([9, 3, 4, 5, 6])
     outs = []
     for mask in (None, torch.ones(5, 14, dtype=torch.bool).tril(9)):
         cache = model.new_cache(64)
-        model(prefix, torch.arange(9), cache)
-        outs.append(model(chain, torch.arange(9, 14), cache, mask=mask)[0])
+        model.forward(prefix, torch.arange(9), cache)
+        outs.append(model.forward(chain, torch.arange(9, 14), cache, mask).logits)
     assert torch.equal(outs[0], outs[1])
-
-
-def test_a_copy_gets_its_own_stack():
-    model = _native()
-    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(8))
-    twin = copy.deepcopy(model)
-    before, _ = _run(model, ids)
-    twin.blocks[0].mlp_norm.weight.mul_(3.0)  # must not reach the original's forward
-    changed, _ = _run(twin, ids)
-    after, _ = _run(model, ids)
-    assert twin.stack is not model.stack
-    assert torch.equal(before, after) and not torch.equal(before, changed)
-
-
-def test_a_replaced_layer_falls_back_to_the_per_block_path():
-    model = _native()
-    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(9))
-    expected, _ = _run(_per_block(model), ids)
-    old = model.blocks[1].attn.wo
-    from leapdecode.model import quant as Q
-
-    model.blocks[1].attn.wo = Linear(Q.dequantize(old.parts[0]))  # a torch layer: the stack cannot run it
-    got, _ = _run(model, ids)
-    assert model.stack is None
-    assert float((got - expected).abs().max()) < 1e-4
 
 
 def test_bad_mask_and_full_cache_are_clear_errors():
     model = _native()
     cache = model.new_cache(8)
-    ids = torch.zeros(1, 4, dtype=torch.long)
+    ids = torch.zeros(4, dtype=torch.long)
     with pytest.raises(LeapError, match="mask"):
-        model(ids, torch.arange(4), cache, mask=torch.ones(4, 3, dtype=torch.bool))
+        model.forward(ids, torch.arange(4), cache, torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(LeapError, match="context full"):
-        model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9), cache)
+        model.forward(torch.zeros(9, dtype=torch.long), torch.arange(9), cache)
+    with pytest.raises(LeapError, match="tokens \\[S\\]"):
+        model.forward(torch.zeros(1, 4, dtype=torch.long), torch.arange(4), cache)
 
 
 def test_kernel_scope_keeps_torch_single_threaded_and_restores_it():
@@ -163,8 +141,7 @@ def test_kernel_scope_keeps_torch_single_threaded_and_restores_it():
 def test_generation_on_native_kernels_leaves_torch_threads_as_found():
     from leapdecode.engine import Engine, GenerationConfig
 
-    model = _native("int4", "int8")
-    eng = Engine(model, tiny_engine_for(tiny_config(vocab=96)).tokenizer)
+    eng = Engine(_native("int4", "int8"), tiny_engine_for(tiny_config(vocab=96)).tokenizer)
     before = torch.get_num_threads()
     stream = eng.stream(list(range(10)) * 2, GenerationConfig(max_new_tokens=12, drafter="pld"), raw=True)
     for _ in stream:
@@ -173,74 +150,53 @@ def test_generation_on_native_kernels_leaves_torch_threads_as_found():
 
 
 def test_the_output_layer_runs_inside_the_call_bitwise_as_a_separate_layer():
-    """With a native output layer the final norm and logits come from the same kernel call; last_only and
-    a drafter's part of the vocabulary (`head=`) are the same bits as the full layer's rows and columns."""
+    """With a native output layer the final norm and logits come from the same kernel call; the last row
+    and a drafter's part of the vocabulary (`Plan.head`) are the same bits as the full layer's rows and
+    columns, and the hidden states are the final norm's input."""
     model = _native("int4", "int8")
-    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(4))
-    assert model.stack.runs_head(model.norm, model.lm_head)
-    full, _ = _run(model, ids)  # [1, 8, V]
-    last = model(ids, torch.arange(8), model.new_cache(64), last_only=True)
-    assert last.shape == (1, 1, 96) and torch.equal(last[0, 0], full[0, -1])
+    ids = torch.randint(0, 96, (8,), generator=torch.Generator().manual_seed(4))
+    full, _ = _run(model, ids)  # [8, V]
+    last = model.forward(ids, torch.arange(8), model.new_cache(64), plan=Plan(rows="last", hidden=True))
+    assert last.logits.shape == (1, 96) and torch.equal(last.logits[0], full[-1])
+    assert last.hidden.shape == (8, 64)
     rows = torch.tensor([1, 5, 17, 60])
-    part = model(ids, torch.arange(8), model.new_cache(64), head=model.lm_head.select_rows(rows))
-    assert torch.equal(part, full[..., rows])
+    part = model.forward(ids, torch.arange(8), model.new_cache(64), plan=Plan(head=model.output_rows(rows)))
+    assert torch.equal(part.logits, full[..., rows])
+    none = model.forward(ids, torch.arange(8), model.new_cache(64), plan=Plan(rows="none", hidden=True))
+    assert none.logits is None and torch.equal(none.hidden, last.hidden)
     ref, _ = _run(_per_block(model), ids)
     assert float((full - ref).abs().max()) < 0.05  # the torch norm rounds its own way
-
-
-@pytest.mark.parametrize("edit", ["delete", "delete and insert", "assign"])
-def test_removed_inserted_and_assigned_blocks_are_seen(edit):
-    """The stack skips its full check while no module was assigned (a process-wide count); removing or
-    inserting a block bypasses that count and must still be seen."""
-    model = _native(layers=3)
-    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(2))
-    _run(model, ids)  # a full check passes and is remembered
-    old = model.stack
-    if edit == "delete":
-        del model.blocks[1]
-    elif edit == "delete and insert":  # the same number of blocks, none assigned
-        del model.blocks[1]
-        model.blocks.insert(1, copy.deepcopy(model.blocks[0]))
-    else:
-        model.blocks[1] = copy.deepcopy(model.blocks[0])
-    got, _ = _run(model, ids)
-    expected, _ = _run(_per_block(model), ids)
-    assert model.stack is not old
-    assert float((got - expected).abs().max()) < 1e-4
 
 
 def test_token_ids_and_positions_are_checked_inside_the_call():
     model = _native()
     cache = model.new_cache(8)
     with pytest.raises(LeapError, match="vocabulary"):
-        model(torch.tensor([[3, 96]]), torch.arange(2), cache)
+        model.forward(torch.tensor([3, 96]), torch.arange(2), cache)
     with pytest.raises(LeapError, match="rope"):
-        model(torch.tensor([[3, 4]]), torch.tensor([0, model.cfg.max_seq_len]), cache)
+        model.forward(torch.tensor([3, 4]), torch.tensor([0, model.cfg.max_seq_len]), cache)
     assert cache.length == 0  # nothing was written
-    logits = model(torch.tensor([[3, 4]]), torch.arange(2), cache)
-    assert logits.shape == (1, 2, 96) and cache.length == 2
+    logits = model.forward(torch.tensor([3, 4]), torch.arange(2), cache).logits
+    assert logits.shape == (2, 96) and cache.length == 2
 
 
 def test_feature_outputs_are_copies_of_the_residual_stream_after_their_blocks():
     """Features of the last block equal the returned residual stream; of a middle block, the stream of a
     run that skips every later block. Asking for them changes no output bit."""
     model = _native("int4", "int8", layers=4)
-    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(11))
+    ids = torch.randint(0, 96, (7,), generator=torch.Generator().manual_seed(11))
 
     def call(layers=None, head=None, features=()):
-        cache = model.new_cache(64)
-        return model.stack(
-            ids, torch.arange(7), model.embed, model.rope, cache, None, layers, head, False, features
-        )
+        return model.stack(ids, torch.arange(7), model.new_cache(64), None, layers, head, False, features)
 
-    x = call()  # [1, 7, D]
-    same, feats = call(features=(3, 1, 3))
+    x, _ = call()  # [7, D]
+    same, _, feats = call(features=(3, 1, 3))
     assert feats.shape == (3, 7, model.cfg.dim)
-    assert torch.equal(same, x) and torch.equal(feats[0], x[0]) and torch.equal(feats[2], x[0])
+    assert torch.equal(same, x) and torch.equal(feats[0], x) and torch.equal(feats[2], x)
     assert torch.equal(feats[1], call(layers=[(False, False)] * 2 + [(True, True)] * 2)[0])
-    assert not torch.equal(feats[1], x[0])
+    assert not torch.equal(feats[1], x)
     head = (model.norm, model.lm_head)
-    logits, last = call(head=head, features=(3,))
-    assert torch.equal(logits, call(head=head)) and torch.equal(last[0], x[0])
+    _, logits, last = call(head=head, features=(3,))
+    assert torch.equal(logits, call(head=head)[1]) and torch.equal(last[0], x)
     with pytest.raises(LeapError, match="features: block 4 is outside the model's 4 blocks"):
         call(features=(0, 4))

@@ -7,13 +7,13 @@ import functools
 
 import pytest
 import torch
-from conftest import random_state, tiny_config, tiny_engine_for
+from conftest import char_tokenizer, random_state, tiny_config, tiny_engine_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_draft_model_sampling import assert_matches_exact
 
 import leapdecode.drafters.swift  # noqa: F401  (registers the self-drafters)
-from leapdecode.drafters import make_drafter
+from leapdecode.drafters import RequestContext, make_drafter
 from leapdecode.drafters.swift import (
     ATTN,
     MLP,
@@ -27,6 +27,8 @@ from leapdecode.drafters.swift import (
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
 from leapdecode.model.loader import build_model
+from leapdecode.model.torch_runner import TorchRunner
+from leapdecode.model.weights import StateSource
 from leapdecode.sampling import SamplingParams
 
 N_LAYERS = 6
@@ -41,9 +43,8 @@ def engine_with_identities(seed: int, attn_zero=(), mlp_zero=(), layers=N_LAYERS
         state[f"model.layers.{b}.self_attn.o_proj.weight"].zero_()
     for b in mlp_zero:
         state[f"model.layers.{b}.mlp.down_proj.weight"].zero_()
-    eng = tiny_engine_for(cfg, seed)
-    eng.model = build_model(state, cfg, torch.float64)
-    return eng
+    runner = TorchRunner(build_model(StateSource(state, cfg), torch.float64))
+    return Engine(runner, char_tokenizer(vocab), name=f"tiny-{seed}")
 
 
 @functools.cache
@@ -65,7 +66,7 @@ def run(engine: Engine, drafter, prompt, n: int, sampling: SamplingParams | None
 
 def bound(engine: Engine, name: str, **options):
     d = make_drafter(name, **options)
-    d.bind(engine)
+    d.bind(engine.host)
     return d
 
 
@@ -152,11 +153,9 @@ def test_propose_leaves_the_cache_as_found(name):
     engine = cached_engine(0, ((), ()))
     drafter = bound(engine, name)
     cache = engine.model.new_cache(64)
-    prompt = torch.tensor([[5, 6, 7, 8]])
-    engine.model(prompt, torch.arange(4), cache)
+    engine.model.forward(torch.tensor([5, 6, 7, 8]), torch.arange(4), cache)
     k_before, v_before = cache.k[:, :, :, :4].clone(), cache.v[:, :, :, :4].clone()
-    drafter.cache, drafter.sampling = cache, SamplingParams()
-    drafter.start([5, 6, 7, 8])
+    drafter.start(RequestContext([5, 6, 7, 8], cache))
     draft = drafter.propose([5, 6, 7, 8, 9], 8)
     assert 1 <= len(draft) <= 8 and draft.source == name
     assert cache.length == 4
@@ -167,8 +166,8 @@ def test_max_nodes_and_room_cap_the_chain():
     engine = cached_engine(0, ((), ()))
     drafter = bound(engine, "early-exit", threshold=0.0, num_draft=8)
     cache = engine.model.new_cache(7)
-    engine.model(torch.tensor([[1, 2, 3, 4]]), torch.arange(4), cache)
-    drafter.cache, drafter.sampling = cache, SamplingParams()
+    engine.model.forward(torch.tensor([1, 2, 3, 4]), torch.arange(4), cache)
+    drafter.start(RequestContext([1, 2, 3, 4], cache))
     assert len(drafter.propose([1, 2, 3, 4, 5], 2)) == 2
     assert len(drafter.propose([1, 2, 3, 4, 5], 64)) == 3  # slots 4, 5, 6 are left
     assert len(drafter.propose([1, 2, 3, 4, 5], 0)) == 0
@@ -301,9 +300,8 @@ def test_registered_names():
 def prefilled(engine: Engine, drafter: Swift, tokens: list[int], prompt_len: int):
     """Run the target over `tokens[:-1]` and hand the drafter the state the engine would."""
     cache = engine.model.new_cache(128)
-    logits = engine.model(torch.tensor([tokens[:-1]]), torch.arange(len(tokens) - 1), cache)[0]  # [T-1, V]
-    drafter.cache, drafter.sampling = cache, SamplingParams()
-    drafter.start(tokens[:prompt_len])
+    logits = engine.model.forward(torch.tensor(tokens[:-1]), torch.arange(len(tokens) - 1), cache).logits
+    drafter.start(RequestContext(tokens[:prompt_len], cache))
     drafter._ref = list(logits[prompt_len:])
     return cache
 

@@ -7,7 +7,6 @@ distributions, and how often both pick the same top-1 token (what greedy decodin
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -20,7 +19,7 @@ import torch
 from leapdecode.bench.data import json_lines, spec_bench_path
 from leapdecode.checks import int_at_least, positive_int
 from leapdecode.errors import LeapError
-from leapdecode.model.linear import ACTIVATIONS, QUANTS, convert_linears
+from leapdecode.model.linear import ACTIVATIONS, QUANTS, LinearSpec
 
 DEFAULT_FORMATS = "none:float32,int8:int8,int4:int8,gguf:float32,gguf:int8"
 
@@ -118,23 +117,23 @@ def load_texts(path: Path, category: str, docs: int) -> list[str]:
 def log_probs(model, ids: list[int]) -> torch.Tensor:
     """Next-token log-probabilities [T - 1, V] (float64) for a window of token ids."""
     cache = model.new_cache(len(ids))
-    x = torch.tensor([ids], device=model.device)
-    logits = model(x, torch.arange(len(ids), device=model.device), cache)[0, :-1]  # [T - 1, V]
+    x = torch.tensor(ids, device=model.device)  # [T]
+    logits = model.forward(x, torch.arange(len(ids), device=model.device), cache).logits[:-1]  # [T - 1, V]
     return torch.log_softmax(logits.double().cpu(), dim=-1)
 
 
-def evaluate(
-    model, gguf_path: Path | None, windows: list[list[int]], formats: list[Format], backend: str
-) -> dict[str, dict]:
-    """Scores of the reference (float32 torch, `model` as loaded) and of every format."""
-    variants = {"reference": model}
+def evaluate(source, windows: list[list[int]], formats: list[Format], backend: str) -> dict[str, dict]:
+    """Scores of the reference (float32 torch, the weights as loaded) and of every format, each a runner
+    built from the same opened `source`."""
+    from leapdecode.model.backends import build_runner
+
+    variants = {"reference": build_runner(source, LinearSpec("torch", "none", "float32"))[0]}
     for fmt in formats:
-        m = copy.deepcopy(model)
-        spec = convert_linears(m, backend, fmt.quant, gguf_path, fmt.activations)
-        variants[spec.describe()] = m
+        runner, spec = build_runner(source, LinearSpec(backend, fmt.quant, fmt.activations))
+        variants[spec.describe()] = runner
     scores = {name: Score() for name in variants}
     for name, m in variants.items():
-        scores[name].extra["weight_mb"] = _linear_bytes(m) / 1e6
+        scores[name].extra["weight_mb"] = m.nbytes / 1e6
     for ids in windows:
         targets = torch.tensor(ids[1:])
         ref = None
@@ -145,16 +144,6 @@ def evaluate(
             ref = logp if ref is None else ref
             scores[name].add(ref, logp, targets)
     return {name: s.to_dict() for name, s in scores.items()}
-
-
-def _linear_bytes(model) -> int:
-    from leapdecode.model.linear import linear_slots
-
-    total = 0
-    for owner, attr in linear_slots(model):
-        lin = getattr(owner, attr)
-        total += lin.nbytes if hasattr(lin, "nbytes") else lin.weight.numel() * lin.weight.element_size()
-    return total
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -174,17 +163,15 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def run(args) -> int:
-    from leapdecode.model.loader import gguf_file
-    from leapdecode.model.source import load
+    from leapdecode.model.source import open_source
 
     formats = [Format.parse(f) for f in args.formats.split(",") if f.strip()]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     texts = load_texts(Path(args.data) if args.data else spec_bench_path(), args.category, args.docs)
-    model, tokenizer, path = load(args.model)
+    source, tokenizer, path = open_source(args.model)
     windows = [ids[: args.max_tokens] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
-    gguf_path = gguf_file(path)
-    results = evaluate(model, gguf_path, windows, formats, args.backend)
+    results = evaluate(source, windows, formats, args.backend)
     if args.json:
         print(json.dumps({"model": path.name, "tokens": results["reference"]["tokens"], "results": results}))
     else:

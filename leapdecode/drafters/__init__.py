@@ -2,10 +2,11 @@
 
 import importlib
 
-from leapdecode.drafters.base import Drafter, StepResult, available, make_drafter, register
+from leapdecode.draft import StepResult
+from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, available, make_drafter, register
 
 _BUILTIN = ("pld", "suffix", "recycling", "copy", "swift", "draft_model", "auto")
 for _name in _BUILTIN:
     importlib.import_module(f"leapdecode.drafters.{_name}")
 
-__all__ = ["Drafter", "StepResult", "available", "make_drafter", "register"]
+__all__ = ["Drafter", "DrafterHost", "RequestContext", "StepResult", "available", "make_drafter", "register"]

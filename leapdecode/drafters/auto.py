@@ -12,7 +12,7 @@ always gives a valid tree, so the tree size N is chosen to maximise
     (1 + sum of the N best path probabilities) / (cost(1 + N) + overhead)
 
 with `cost` the measured time of a forward of 1 + N tokens after the current context on this machine
-(`leapdecode.costmodel`) and `overhead` the engine's measured time per step outside the forward
+(`leapdecode.costmodel`) and `overhead` this drafter's measured time per step outside the forward
 (drafting, acceptance, bookkeeping), which fewer, larger steps pay less often.
 When no proposal is worth its cost, N = 0: the step is plain decoding, and speculation cost only the
 drafters' lookups. The merged draft carries no probabilities, so verification treats it as a
@@ -21,7 +21,7 @@ deterministic proposal, which is exact under sampling too.
 A source whose proposing is itself costly (a draft model: one forward per drafted token) is called only
 while it pays: on each step that calls it, the best tree's expected rate is compared with the best tree
 without its nodes and without its drafting time; when the average gain turns negative the source rests,
-and is tried again every `probe_every` steps. With a draft model configured on the engine, `auto`
+and is tried again every `probe_every` steps. With a draft model configured on the host, `auto`
 includes it among its default sources.
 """
 
@@ -31,8 +31,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, StepResult, parse_options, register
+from leapdecode.draft import Draft, StepResult
+from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, parse_options, register
 from leapdecode.errors import LeapError
 
 MAX_DEPTH_KEY, MAX_RANK_KEY = 12, 4
@@ -127,35 +127,39 @@ class _Node:
 class Auto(Drafter):
     name = "auto"
     wants_logits = True
+    uses_cost = True
 
     def __init__(self, **options):
         self.options = parse_options(AutoOptions, options, "auto")
         self._default_sources = "sources" not in options
         self.stats = AcceptanceStats(self.options.prior_rate, self.options.prior_weight, self.options.memory)
         self.sources: dict[str, Drafter] = {}
-        self.engine = None
+        self.host: DrafterHost | None = None
         self._last: list[_Node] = []
         self.draft_s: dict[str, float] = {}  # moving average of each source's proposing time
         self.gain: dict[str, float] = {}  # costly source -> moving average of its relative gain in rate
         self._rested: dict[str, int] = {}  # costly source -> steps since it last proposed
         self._calls: dict[str, int] = {}  # source -> proposals made
-        self._spent = 0.0  # moving average, as the engine's step overhead, of costly sources' time per step
+        self._spent = 0.0  # moving average, as `overhead`, of costly sources' time per step
+        self.overhead = 0.0  # moving average of a step's time outside the verification forward
+        self._proposed_at = 0.0  # when the current step's proposal began
 
-    def bind(self, engine) -> None:
-        self.engine = engine
+    def bind(self, host: DrafterHost) -> None:
+        if host.make is None:
+            raise LeapError("auto needs a host that makes its source drafters")
+        self.host = host
         names = list(self.options.sources)
-        if self._default_sources and "draft-model" in getattr(engine, "drafter_options", {}):
+        if self._default_sources and "draft-model" in host.options:
             names.append("draft-model")  # a draft model was configured: let it prove itself
-        self.sources = {name: engine.new_drafter(name) for name in names}
+        self.sources = {name: host.make(name) for name in names}
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
+    def start(self, ctx: RequestContext) -> None:
         for d in self.sources.values():
-            d.start(prompt_ids)
+            d.start(ctx)
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
+        self._proposed_at = time.perf_counter()
         budget = min(max_nodes, self.options.max_nodes)
-        for d in self.sources.values():  # model-based sources draft on the request's cache
-            d.cache, d.sampling = self.cache, self.sampling
         called = [name for name in self.sources if self._should_call(name)]
         nodes = self._merge(tokens, budget, called)
         costly = [name for name in called if self._is_costly(name)]
@@ -168,8 +172,14 @@ class Auto(Drafter):
 
     # ------------------------------------------------------------ costly sources
 
+    def _curve(self):
+        """The measured cost of verifying k tokens; without a host, one unit per token."""
+        if self.host is None or self.host.cost is None:
+            return lambda k, context=None: float(k)
+        return self.host.cost()
+
     def _one_token_s(self) -> float:
-        return self.engine.cost_curve()(1) if self.engine is not None else 1.0
+        return self._curve()(1)
 
     def _is_costly(self, name: str) -> bool:
         return self.draft_s.get(name, 0.0) > self.options.costly * self._one_token_s()
@@ -187,7 +197,7 @@ class Auto(Drafter):
 
     def _weigh(self, name: str, nodes: list[_Node], budget: int, context: int) -> None:
         """Update the source's gain: best expected rate with it over the best without it."""
-        base = max(0.0, getattr(self.engine, "step_overhead", 0.0) - self._spent)  # the rest of a step
+        base = max(0.0, self.overhead - self._spent)  # the rest of a step
         depths = [n.depth for n in nodes]
         with_it = self._best(self._probs(nodes), depths, budget, context, base + self.draft_s[name])[1]
         without = self._best(self._probs(nodes, exclude=name), depths, budget, context, base)[1]
@@ -238,7 +248,7 @@ class Auto(Drafter):
         """(indices of the best-N nodes by path probability, their expected tokens per second), N
         maximising that rate; `extra` is paid once per step whatever its size."""
         order = sorted(range(len(probs)), key=lambda i: (-probs[i], depths[i], i))[:budget]
-        curve = self.engine.cost_curve() if self.engine is not None else (lambda k, context=None: float(k))
+        curve = self._curve()
         best_n, best_rate, expected = 0, 1.0 / (curve(1, context) + extra), 1.0
         for n, i in enumerate(order, start=1):
             if probs[i] <= 0.0:
@@ -252,11 +262,7 @@ class Auto(Drafter):
     def _choose(self, nodes: list[_Node], budget: int, context: int) -> list[_Node]:
         """The best-N nodes by path probability, N maximising expected tokens per second."""
         best, _ = self._best(
-            [n.prob for n in nodes],
-            [n.depth for n in nodes],
-            budget,
-            context,
-            getattr(self.engine, "step_overhead", 0.0),
+            [n.prob for n in nodes], [n.depth for n in nodes], budget, context, self.overhead
         )
         keep = sorted(best)  # original order keeps parents first
         index = {old: new for new, old in enumerate(keep)}
@@ -272,6 +278,8 @@ class Auto(Drafter):
         ]
 
     def observe(self, step: StepResult) -> None:
+        took = time.perf_counter() - self._proposed_at - step.forward_s
+        self.overhead += 0.05 * (took - self.overhead)
         accepted = set(step.accepted)
         for i, node in enumerate(self._last):
             if node.parent < 0 or node.parent in accepted:  # the node was reachable this step

@@ -1,41 +1,60 @@
 """The drafter interface and the registry of drafters by name.
 
-Lifecycle per request: ``start(prompt_ids)`` -> repeated ``propose(tokens, max_nodes)`` / ``observe(step)``
--> ``stop()``. A drafter instance is kept by the engine across requests, so state that should outlive a
-request (a global suffix tree, a token-recycling matrix) lives on the instance; per-request state is
-reset in ``start``.
+A drafter is bound once to a `DrafterHost`: the narrow part of the engine it may use (the target
+runner, the tokenizer, the measured verification cost, the drafter options, fresh drafters for
+composite ones). It never sees the engine itself.
+
+Lifecycle per request: ``start(ctx)`` with the request's `RequestContext` -> repeated
+``propose(tokens, max_nodes)`` / ``observe(step)`` -> ``stop()``. A drafter instance is kept by the engine
+across requests, so state that should outlive a request (a global suffix tree, a token-recycling matrix)
+lives on the instance; per-request state is reset in ``start``. One instance serves one request at a time
+(the server gives each slot its own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from leapdecode.draft import Draft
+from leapdecode.draft import Draft, StepResult
 from leapdecode.errors import LeapError
+from leapdecode.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from leapdecode.cache import KVCache
+    from leapdecode.costmodel import CostModel
+    from leapdecode.model.runner import Runner
+    from leapdecode.model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """What one verification step produced, for drafters that learn from it.
+class RequestContext:
+    """What a drafter knows of the request it drafts for, given at `start`.
 
-    tokens: the forward's input ids, ``[root] + draft.token_ids``; logits: ``[1 + n, V]`` target logits at
-    those inputs; accepted: accepted node indices (a root-to-node path); bonus: the target's token after it.
-    """
+    cache: the target's KV cache of this request (None where no model runs): model-based drafters may
+    write slots past `cache.length` while drafting and must leave `length` as found; sampling: the
+    request's sampling parameters (drafters with probabilities draw from their own distribution);
+    seq_id: the request's id (statistics and logs)."""
 
-    draft: Draft
-    tokens: list[int]
-    logits: torch.Tensor
-    accepted: list[int]
-    bonus: int
-    forward_s: float = 0.0  # seconds of the verification forward itself
+    prompt_ids: tuple[int, ...]
+    cache: KVCache | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seq_id: int = 0
 
-    @property
-    def committed(self) -> list[int]:
-        """Tokens appended to the sequence by this step (accepted draft tokens, then the bonus)."""
-        return [self.draft.token_ids[i] for i in self.accepted] + [self.bonus]
+    def __post_init__(self):
+        object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
+
+
+@dataclass(frozen=True)
+class DrafterHost:
+    """What a drafter may ask of the engine that owns it."""
+
+    target: Runner  # the target model (self-drafting runs it with a reduced plan)
+    tokenizer: Tokenizer | None = None
+    options: Mapping[str, dict] = field(default_factory=dict)  # drafter name -> options it is built with
+    cost: Callable[[], CostModel] | None = None  # the measured cost of verifying k tokens (None: unknown)
+    make: Callable[[str], Drafter] | None = None  # a fresh drafter bound to this host (for `auto`)
 
 
 class Drafter:
@@ -44,18 +63,14 @@ class Drafter:
     name = "none"
     #: True when `observe` reads `StepResult.logits`.
     wants_logits = False
-    #: The target's KV cache of the current request, set by the engine after `start`, before the first
-    #: `propose` (model-based drafters may write slots past `cache.length` while drafting, and must leave
-    #: `length` as found).
-    cache = None
-    #: The current request's SamplingParams, set with `cache`.
-    sampling = None
+    #: True when proposing reads the measured verification cost (the engine measures it before a request).
+    uses_cost = False
 
-    def bind(self, engine) -> None:
-        """Called once by the engine that owns this drafter (model-based drafters keep a reference)."""
+    def bind(self, host: DrafterHost) -> None:
+        """Called once by the engine that owns this drafter (model-based drafters keep what they need)."""
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        """A new request begins with these prompt tokens."""
+    def start(self, ctx: RequestContext) -> None:
+        """A new request begins."""
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         """Propose at most `max_nodes` tokens after `tokens` (all tokens so far; the root is the last)."""
@@ -69,7 +84,7 @@ class Drafter:
         """The request ended (finished, stopped or cancelled)."""
 
 
-def parse_options(cls, options: dict, drafter: str):
+def parse_options(cls: Any, options: dict, drafter: str) -> Any:
     """Build a drafter's options dataclass, naming unknown options clearly."""
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(options) - set(known))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from leapdecode.draft import MAX_EVIDENCE, Draft, match_length
-from leapdecode.drafters.base import Drafter, parse_options, register
+from leapdecode.drafters.base import Drafter, RequestContext, parse_options, register
 from leapdecode.errors import LeapError
 from leapdecode.sequences import common_prefix
 
@@ -45,8 +45,8 @@ class CopySpec(Drafter):
         self._index: dict[tuple[int, ...], list[int]] = {}  # gamma-gram -> ascending starts
         self._starts = 0  # grams starting before this are indexed (all that have a continuation)
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        self._sync(prompt_ids, full_check=True)
+    def start(self, ctx: RequestContext) -> None:
+        self._sync(ctx.prompt_ids, full_check=True)
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         self._sync(tokens)

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, parse_options, register
+from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, parse_options, register
 from leapdecode.drafters.vocab import DraftVocab
 from leapdecode.errors import LeapError
-from leapdecode.model.linear import LinearSpec, convert_linears
-from leapdecode.model.loader import gguf_file
+from leapdecode.model.linear import LinearSpec
+from leapdecode.model.runner import Plan, Runner
 from leapdecode.sampling import SamplingParams, target_probs
 from leapdecode.sequences import common_prefix
 
@@ -172,7 +171,7 @@ def check_same_vocab(target, draft, target_tok=None, draft_tok=None) -> None:
 @dataclass(frozen=True)
 class DraftModelOptions:
     path: str | None = None  # GGUF file or Hugging Face folder of the draft model
-    model: object = None  # a Transformer instead of `path` (same dtype and device as the target)
+    model: object = None  # a Runner instead of `path` (same dtype and device as the target)
     tokenizer: object = None  # the draft model's Tokenizer, to compare token strings (with `model`)
     num_draft: int = 10  # deepest chain
     branch: int = 1  # children per depth (1 = a chain)
@@ -210,17 +209,29 @@ class DraftModelOptions:
         LinearSpec(self.backend, self.quant, self.activations)  # unknown names fail here
 
 
-def draft_spec(options: DraftModelOptions, model, path: Path) -> LinearSpec:
+def draft_spec(options: DraftModelOptions, target: Runner, runs_stored: bool | None) -> LinearSpec:
     """The kernels and weights the draft model runs with: as asked, except that `quant=auto` on the native
     kernels takes int4 where the file's own blocks cannot run there (instead of float32, over six times the
-    bytes per drafted token). Measured on Qwen2.5-Coder 0.5B drafting for 1.5B (6 Spec-Bench questions,
-    one process): int4 drafts as well as int8 (3.45 against 3.46 tokens per step) at about half the cost
-    of a drafted token (8-9 ms against 16-17 ms) and 0.73x the prefill time."""
-    gguf = gguf_file(path)
-    spec = LinearSpec(options.backend, options.quant, options.activations).resolve(model, gguf)
+    bytes per drafted token; measured in BENCHMARKS.md)."""
+    asked = LinearSpec(options.backend, options.quant, options.activations)
+    spec = asked.resolve(target.dtype, target.device, runs_stored)
     if options.quant == "auto" and spec.backend == "native" and spec.quant == "none":
-        spec = LinearSpec(spec.backend, "int4", options.activations).resolve(model, gguf)
+        spec = LinearSpec(spec.backend, "int4", options.activations).resolve(
+            target.dtype, target.device, runs_stored
+        )
     return spec
+
+
+def load_draft(options: DraftModelOptions, target: Runner):
+    """(runner, tokenizer) of the draft model file at `options.path`, in the target's dtype and device."""
+    from leapdecode.model.backends import build_runner, runs_stored
+    from leapdecode.model.source import open_source
+
+    source, tok, _ = open_source(options.path)
+    runner, _ = build_runner(
+        source, draft_spec(options, target, runs_stored(source)), target.dtype, target.device
+    )
+    return runner, tok
 
 
 @register("draft-model")
@@ -231,44 +242,41 @@ class DraftModel(Drafter):
 
     def __init__(self, **options):
         self.options = parse_options(DraftModelOptions, options, "draft-model")
-        self.model = None  # the draft Transformer, set by bind
+        self.model: Runner | None = None  # the draft model's runner, set by bind
+        self.ctx = RequestContext(())
         self._cache = None  # the draft model's own KVCache
         self._seen: list[int] = []  # tokens whose keys/values are in self._cache, in order
         self._picker: Picker | None = None
         self._vocab: DraftVocab | None = None  # the draft's output layer over part of the vocabulary
         self._vocab_seen = 0  # tokens of the request already given to self._vocab
 
-    def bind(self, engine) -> None:
-        self.target = engine.model
+    def bind(self, host: DrafterHost) -> None:
+        target = host.target
         model, tok = self.options.model, self.options.tokenizer
         if self.options.path is not None:
-            from leapdecode.model.source import DTYPES, load
-
-            dtype = next(name for name, d in DTYPES.items() if d == engine.model.dtype)
-            model, tok, path = load(self.options.path, dtype, str(engine.model.device))
-            spec = draft_spec(self.options, model, path)
-            convert_linears(model, spec.backend, spec.quant, gguf_file(path), spec.activations)
-        if model.dtype != engine.model.dtype or model.device != engine.model.device:
+            model, tok = load_draft(self.options, target)
+        if model.dtype != target.dtype or model.device != target.device:
             raise LeapError(
                 f"draft-model: the draft model is {model.dtype} on {model.device}, the target "
-                f"{engine.model.dtype} on {engine.model.device}; they must match"
+                f"{target.dtype} on {target.device}; they must match"
             )
-        check_same_vocab(engine.model, model, engine.tokenizer, tok)
+        check_same_vocab(target, model, host.tokenizer, tok)
         self.model = model
         size = model.cfg.vocab_size
         self._vocab = (
-            DraftVocab(model.lm_head, size, self.options.vocab) if 0 < self.options.vocab < size else None
+            DraftVocab(model.output_rows, size, self.options.vocab) if 0 < self.options.vocab < size else None
         )
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        self._picker = None  # built on the first proposal, once the request's sampling params are set
+    def start(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self._picker = Picker(ctx.sampling, salt=0x5EED)
         if self._vocab is not None:
-            self._vocab.reset(prompt_ids)
-            self._vocab_seen = len(prompt_ids)
+            self._vocab.reset(ctx.prompt_ids)
+            self._vocab_seen = len(ctx.prompt_ids)
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
-        if self._picker is None:
-            self._picker = Picker(self.sampling, salt=0x5EED)
+        if self._picker is None:  # proposing outside a request: greedy
+            self._picker = Picker(SamplingParams(), salt=0x5EED)
         self._ensure_cache()
         if self._vocab is not None:
             self._vocab.add(tokens[min(self._vocab_seen, len(tokens)) :])
@@ -291,7 +299,8 @@ class DraftModel(Drafter):
         )
 
     def _ensure_cache(self) -> None:
-        want = self.cache.max_len if self.cache is not None else self.model.cfg.max_seq_len
+        cache = self.ctx.cache
+        want = cache.max_len if cache is not None else self.model.cfg.max_seq_len
         if self._cache is None or self._cache.max_len < min(want, self.model.cfg.max_seq_len):
             self._cache = self.model.new_cache(want)
             self._seen = []
@@ -310,8 +319,10 @@ class DraftModel(Drafter):
     def _append(self, fresh: list[int]) -> torch.Tensor:
         """Run the draft model on `fresh` after the cached tokens; logits [V] after the last one."""
         start = self._cache.length
-        ids = torch.tensor([fresh], device=self.model.device)  # [1, S]
+        ids = torch.tensor(fresh, device=self.model.device)  # [S]
         positions = torch.arange(start, start + len(fresh), device=self.model.device)  # [S]
-        logits = self.model(ids, positions, self._cache, last_only=True, head=self._vocab)  # [1, 1, V]
+        logits = self.model.forward(
+            ids, positions, self._cache, plan=Plan(rows="last", head=self._vocab)
+        ).logits
         self._seen += fresh
-        return logits[0, -1]
+        return logits[-1]  # [V]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from leapdecode.draft import MAX_EVIDENCE, Draft, match_length
-from leapdecode.drafters.base import Drafter, parse_options, register
+from leapdecode.drafters.base import Drafter, RequestContext, parse_options, register
 from leapdecode.errors import LeapError
 
 
@@ -51,7 +51,7 @@ class PromptLookup(Drafter):
         self._len = 0  # len(tokens) at the last sync
         self._last = -1  # tokens[self._len - 1] at the last sync, to detect a different sequence
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
+    def start(self, ctx: RequestContext) -> None:
         self._reset()
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:

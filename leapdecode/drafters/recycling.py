@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, StepResult, parse_options, register
+from leapdecode.draft import Draft, StepResult
+from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
 
 #: Default branching per depth; see `widths_template`. Gives 50 nodes, 6 deep.

@@ -20,8 +20,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, StepResult, parse_options, register
+from leapdecode.draft import Draft, StepResult
+from leapdecode.drafters.base import Drafter, RequestContext, parse_options, register
 from leapdecode.errors import LeapError
 
 
@@ -211,10 +211,10 @@ class SuffixDecoding(Drafter):
         self._prompt_len = 0
         self._proposed_len = -1  # len(live seq) at the last propose, so observe appends once
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
+    def start(self, ctx: RequestContext) -> None:
         self._live = _LiveIndex(self._live.trie.depth)
-        self._live.append(prompt_ids)
-        self._prompt_len = len(prompt_ids)
+        self._live.append(ctx.prompt_ids)
+        self._prompt_len = len(ctx.prompt_ids)
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         self._sync(tokens)

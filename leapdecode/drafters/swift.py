@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from leapdecode.draft import Draft
-from leapdecode.drafters.base import Drafter, StepResult, parse_options, register
+from leapdecode.draft import Draft, StepResult
+from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, parse_options, register
 from leapdecode.drafters.draft_model import Picker, check_fraction, check_int, draft_nodes
 from leapdecode.errors import LeapError
+from leapdecode.model.runner import Plan, Runner
 
 ATTN, MLP = 0, 1
 SubLayer = tuple[int, int]  # (ATTN or MLP, block index)
@@ -64,24 +65,26 @@ class SelfDrafter(Drafter):
 
     def __init__(self, **options):
         self.options = parse_options(self.options_type, options, self.name)
-        self.model = None
+        self.model: Runner | None = None
         self.plan: list[tuple[bool, bool]] = []
         self._picker: Picker | None = None
+        self.ctx = RequestContext(())
 
-    def bind(self, engine) -> None:
-        self.model = engine.model
+    def bind(self, host: DrafterHost) -> None:
+        self.model = host.target
         self.plan = self.initial_plan(self.model.cfg.n_layers)
 
     def initial_plan(self, n_layers: int) -> list[tuple[bool, bool]]:
         raise NotImplementedError
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        self._picker = None  # built on the first proposal, once the request's sampling params are set
+    def start(self, ctx: RequestContext) -> None:
+        if ctx.cache is None:
+            raise LeapError(f"{self.name} drafts on the target's cache: the request context has none")
+        self.ctx = ctx
+        self._picker = Picker(ctx.sampling, salt=0x5E1F)
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
-        if self._picker is None:
-            self._picker = Picker(self.sampling, salt=0x5E1F)
-        cache = self.cache
+        cache = self.ctx.cache
         start = cache.length
         depth = min(self.options.num_draft, max_nodes, cache.max_len - start)
         if depth <= 0 or not tokens:
@@ -104,10 +107,10 @@ class SelfDrafter(Drafter):
 
     def _run(self, token: int, plan) -> torch.Tensor:
         """One token through the reduced model at the next cache slot; logits [V] after it."""
-        pos = self.cache.length
-        ids = torch.tensor([[token]], device=self.model.device)  # [1, 1]
+        pos = self.ctx.cache.length
+        ids = torch.tensor([token], device=self.model.device)  # [1]
         positions = torch.tensor([pos], device=self.model.device)  # [1]
-        return self.model(ids, positions, self.cache, layers=plan)[0, -1]
+        return self.model.forward(ids, positions, self.ctx.cache, plan=Plan(layers=plan)).logits[-1]
 
 
 def _check_chain_options(name: str, num_draft, threshold) -> None:
@@ -340,8 +343,8 @@ class Swift(SelfDrafter):
         self._ref: list[torch.Tensor] = []  # target logits at the window's inputs, [V] each
         self._proposals = 0
 
-    def bind(self, engine) -> None:
-        n = engine.model.cfg.n_layers
+    def bind(self, host: DrafterHost) -> None:
+        n = host.target.cfg.n_layers
         initial = None
         if self.options.attn_skip is not None:
             initial = frozenset(
@@ -350,7 +353,7 @@ class Swift(SelfDrafter):
             )
         self._n_layers = n
         self.search = LayerSearch(n, self.options.skip_ratio, initial, self.options)
-        super().bind(engine)
+        super().bind(host)
 
     def initial_plan(self, n_layers: int) -> list[tuple[bool, bool]]:
         return skip_plan(n_layers, self.search.best)
@@ -366,9 +369,9 @@ class Swift(SelfDrafter):
 
     # -------------------------------------------------- per request
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        super().start(prompt_ids)
-        self._prompt_len = len(prompt_ids)
+    def start(self, ctx: RequestContext) -> None:
+        super().start(ctx)
+        self._prompt_len = len(ctx.prompt_ids)
         self._ref = []
         self._proposals = 0
         self.search.new_window()
@@ -390,7 +393,8 @@ class Swift(SelfDrafter):
 
     def _window_ready(self) -> bool:
         w = self.options.context_window
-        return not self.search.done and len(self._ref) >= w and self.cache.length + w <= self.cache.max_len
+        cache = self.ctx.cache
+        return not self.search.done and len(self._ref) >= w and cache.length + w <= cache.max_len
 
     def _optimise_once(self, tokens: Sequence[int]) -> None:
         search = self.search
@@ -408,16 +412,15 @@ class Swift(SelfDrafter):
         cached prompt and, causally, to each other (the cache's copies of the window are masked out), and
         writes only slots past `cache.length`, so the committed cache is untouched.
         """
-        cache, p, w = self.cache, self._prompt_len, self.options.context_window
+        cache, p, w = self.ctx.cache, self._prompt_len, self.options.context_window
         n, dev = cache.length, self.model.device
-        ids = torch.tensor([list(tokens[p : p + w])], device=dev)  # [1, W]
+        ids = torch.tensor(list(tokens[p : p + w]), device=dev)  # [W]
         positions = torch.arange(p, p + w, device=dev)  # [W]
         mask = torch.zeros(w, n + w, dtype=torch.bool, device=dev)  # [W, n + W]
         mask[:, :p] = True
         mask[:, n:] = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
-        logits = self.model(
-            ids, positions, cache, mask, layers=skip_plan(self._n_layers, skip), advance=False
-        )[0].to(torch.float64)  # [W, V]
+        plan = Plan(layers=skip_plan(self._n_layers, skip), advance=False)
+        logits = self.model.forward(ids, positions, cache, mask, plan).logits.to(torch.float64)  # [W, V]
         ref = torch.stack(self._ref[:w]).to(torch.float64)  # [W, V]
         match = (logits.argmax(-1) == ref.argmax(-1)).double().mean().item()
         ref_logp = F.log_softmax(ref, -1)

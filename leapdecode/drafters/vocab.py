@@ -13,7 +13,7 @@ distribution is the softmax over these logits, zero elsewhere, which is what rej
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -21,13 +21,14 @@ from leapdecode.errors import LeapError
 
 
 class DraftVocab:
-    """Logits [..., V] of `lm_head` on ids < core and on the ids seen in the request; -inf elsewhere."""
+    """Logits [..., V] of an output layer on ids < core and on the ids seen in the request; -inf elsewhere.
+    `rows(ids)` gives that output layer restricted to the ascending ids (`Runner.output_rows`)."""
 
-    def __init__(self, lm_head, vocab_size: int, core: int):
+    def __init__(self, rows: Callable[[torch.Tensor], Callable], vocab_size: int, core: int):
         if not 0 < core < vocab_size:
             raise LeapError(f"draft vocabulary: core must be in (0, {vocab_size}), got {core}")
-        self.full, self.vocab_size, self.core = lm_head, vocab_size, core
-        self.core_head = lm_head.select_rows(torch.arange(core))
+        self.rows, self.vocab_size, self.core = rows, vocab_size, core
+        self.core_head = rows(torch.arange(core))
         self.reset()
 
     def reset(self, tokens: Iterable[int] = ()) -> None:
@@ -46,7 +47,7 @@ class DraftVocab:
             raise LeapError(f"draft vocabulary: token id {max(fresh)} is outside [0, {self.vocab_size})")
         self._extra |= fresh
         self.extra_ids = torch.tensor(sorted(self._extra), dtype=torch.long)
-        self.extra_head = self.full.select_rows(self.extra_ids)  # a few rows: rebuilt, not patched
+        self.extra_head = self.rows(self.extra_ids)  # a few rows: rebuilt, not patched
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
         out = torch.full(x.shape[:-1] + (self.vocab_size,), float("-inf"), dtype=x.dtype, device=x.device)

@@ -1,12 +1,11 @@
-"""The linear-layer interface of the model, and the backends behind it.
+"""The linear layers, and the spec that says which kernels and weight format a runner's layers use.
 
-Every matrix multiply with weights goes through a module with `forward(x [..., in]) -> [..., out]`,
-`backend` and `out_features`, so a faster or quantized kernel replaces `F.linear` without touching the
-model code. The loader builds `Linear` (torch, the reference, any device); `convert_linears` then swaps
-every linear of a loaded model for the chosen backend and weight format:
+`Linear` is the torch layer (the reference, any device); `NativeLinear` runs the compiled kernels on
+packed weights (`leapdecode.model.quant`). A `LinearSpec` is resolved once per model and the runner of
+its backend is built from it (`leapdecode.model.backends`):
 
   backend      torch (F.linear; quantized formats are dequantized, i.e. simulated) | native (compiled
-               AVX2 / AVX-512 VNNI kernels, row-invariant, multi-threaded; with a row-invariant attention)
+               AVX2 / AVX-512 VNNI kernels, row-invariant, multi-threaded, every block in one call)
                | auto (native where it runs, else torch)
   quant        none (float32) | int8 (q8_0) | int4 (q4_1; lm_head q8_0) quantized at load | gguf (the
                file's own Q4_0/Q4_1/Q8_0 blocks, values unchanged) | auto (gguf on native when the file
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +24,6 @@ from torch import nn
 
 from leapdecode.errors import LeapError
 from leapdecode.kernels.native import kernel_args, run_linear
-from leapdecode.kernels.pages import move_to_huge_pages
 from leapdecode.model import quant as Q
 
 
@@ -146,64 +143,45 @@ class NativeLinear(nn.Module):
 
 QUANTS = ("auto", "none", "int8", "int4", "gguf")
 ACTIVATIONS = ("auto", "float32", "int8")
-_QUANT_FORMAT = {"none": "f32", "int8": "q8_0", "int4": "q4_1"}
+QUANT_FORMAT = {"none": "f32", "int8": "q8_0", "int4": "q4_1"}
 
 
-def _torch_problem(model) -> str | None:
-    return None
-
-
-def _native_problem(model) -> str | None:
+def _native_problem(dtype: torch.dtype | None, device: torch.device | str | None) -> str | None:
     from leapdecode.kernels.build import compiler, cpu_problem
 
-    if model is not None and (model.dtype != torch.float32 or model.device.type != "cpu"):
-        return f"it runs float32 models on the CPU (this model is {model.dtype} on {model.device})"
+    if dtype is not None and (dtype != torch.float32 or torch.device(device or "cpu").type != "cpu"):
+        return f"it runs float32 models on the CPU (this model is {dtype} on {device})"
     problem = cpu_problem()
     if problem:
         return problem
     return None if compiler() else "no C++ compiler found (g++ or clang++, or set CXX)"
 
 
-def _torch_make(parts: list[Q.QuantWeight], bias, activations: str, model) -> nn.Module:
-    if activations == "int8":
-        raise LeapError("backend 'torch' runs float activations only; use --activations float32")
-    w = torch.cat([Q.dequantize(p) for p in parts]).to(dtype=model.dtype, device=model.device)
-    return Linear(w, None if bias is None else bias.to(dtype=model.dtype, device=model.device))
-
-
-def _native_make(parts: list[Q.QuantWeight], bias, activations: str, model) -> nn.Module:
-    if activations == "int8" and all(p.fmt == "f32" for p in parts):
-        raise LeapError("int8 activations need quantized weights (--quant int8, int4 or gguf)")
-    return NativeLinear(parts, bias, activations)
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    problem: Callable  # (model | None) -> why it cannot run, or None
-    make: Callable  # (parts, bias, activations, model) -> module
-
-
-BACKENDS = {
-    b.name: b
-    for b in (Backend("torch", _torch_problem, _torch_make), Backend("native", _native_problem, _native_make))
+# backend -> why it cannot run a model of this dtype on this device (None: it can; None, None: any model)
+PROBLEMS: dict[str, Callable[[torch.dtype | None, torch.device | str | None], str | None]] = {
+    "torch": lambda dtype, device: None,
+    "native": _native_problem,
 }
 
 
-def available_backends(model=None) -> list[str]:
-    """Backends that can run here (and run `model`, when given)."""
-    return [name for name, b in BACKENDS.items() if b.problem(model) is None]
+def available_backends(
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> list[str]:
+    """Backends that can run here (and run a model of `dtype` on `device`, when given)."""
+    return [name for name, problem in PROBLEMS.items() if problem(dtype, device) is None]
 
 
 @dataclass(frozen=True)
 class LinearSpec:
+    """The kernels and weight format of a runner's linear layers (see the module docstring)."""
+
     backend: str = "auto"
     quant: str = "auto"
     activations: str = "auto"
 
     def __post_init__(self):
-        if self.backend not in ("auto", *BACKENDS):
-            raise LeapError(f"unknown backend {self.backend!r}; expected one of: auto, {', '.join(BACKENDS)}")
+        if self.backend not in ("auto", *PROBLEMS):
+            raise LeapError(f"unknown backend {self.backend!r}; expected one of: auto, {', '.join(PROBLEMS)}")
         if self.quant not in QUANTS:
             raise LeapError(f"unknown quant {self.quant!r}; expected one of: {', '.join(QUANTS)}")
         if self.activations not in ACTIVATIONS:
@@ -211,107 +189,35 @@ class LinearSpec:
                 f"unknown activations {self.activations!r}; expected one of: {', '.join(ACTIVATIONS)}"
             )
 
-    def resolve(self, model, gguf_path: Path | None) -> LinearSpec:
-        """The concrete spec for this model: no 'auto' left, everything checked."""
+    def resolve(self, dtype: torch.dtype, device, runs_stored: bool | None) -> LinearSpec:
+        """The concrete spec for a model of `dtype` on `device`: no 'auto' left, everything checked.
+        `runs_stored`: whether the kernels run every linear weight of the model's file as stored (None:
+        the model has no file of quantized blocks)."""
         backend = self.backend
         if backend == "auto":
-            backend = "native" if BACKENDS["native"].problem(model) is None else "torch"
-        problem = BACKENDS[backend].problem(model)
+            backend = "native" if PROBLEMS["native"](dtype, device) is None else "torch"
+        problem = PROBLEMS[backend](dtype, device)
         if problem:
             raise LeapError(f"backend {backend!r} cannot run here: {problem}")
         quant = self.quant
         if quant == "auto":  # the file's own blocks when the native kernels run them all, else float32
-            runs = (
-                gguf_path is not None
-                and backend == "native"
-                and not Q.gguf_unsupported_types(Path(gguf_path))
-            )
-            quant = "gguf" if runs else "none"
-        if quant == "gguf" and gguf_path is None:
+            quant = "gguf" if runs_stored and backend == "native" else "none"
+        if quant == "gguf" and runs_stored is None:
             raise LeapError("--quant gguf needs a GGUF model file")
         activations = self.activations
         if activations == "auto":
             activations = "int8" if backend == "native" and quant != "none" else "float32"
+        if backend == "torch" and activations == "int8":
+            raise LeapError("backend 'torch' runs float activations only; use --activations float32")
+        if backend == "native" and activations == "int8" and quant == "none":
+            raise LeapError("int8 activations need quantized weights (--quant int8, int4 or gguf)")
         return LinearSpec(backend, quant, activations)
 
     def describe(self) -> str:
         return f"{self.backend}/{self.quant}/{self.activations}"
 
-
-def linear_slots(model) -> list[tuple[nn.Module, str]]:
-    """(owner, attribute) of every linear layer: per block wqkv, wo, w13, w2; then lm_head."""
-    slots = []
-    for block in model.blocks:
-        slots += [(block.attn, "wqkv"), (block.attn, "wo"), (block.mlp, "w13"), (block.mlp, "w2")]
-    return slots + [(model, "lm_head")]
-
-
-def convert_linears(
-    model,
-    backend: str = "auto",
-    quant: str = "auto",
-    gguf_path: Path | None = None,
-    activations: str = "auto",
-) -> LinearSpec:
-    """Replace every linear layer of `model` in place; returns the resolved spec (also kept as
-    `model.linear_spec`). `gguf_path` is the file the model was loaded from, for quant 'gguf'/'auto'."""
-    spec = LinearSpec(backend, quant, activations).resolve(model, gguf_path)
-    be = BACKENDS[spec.backend]
-    sources = Q.gguf_linear_weights(Path(gguf_path), model.cfg) if spec.quant == "gguf" else None
-    for i, (owner, attr) in enumerate(linear_slots(model)):
-        old = getattr(owner, attr)
-        parts = sources[i] if sources else [Q.quantize(_float_weight(old), _load_format(spec.quant, attr))]
-        _check_parts(parts, old, attr)
-        setattr(owner, attr, be.make(parts, old.bias, spec.activations, model))
-    _set_attention(model, spec.backend)
-    if spec.backend == "native":
-        layers = (getattr(owner, attr) for owner, attr in linear_slots(model))
-        move_to_huge_pages(layer for layer in layers if isinstance(layer, NativeLinear))
-    model.stack = _native_stack(model) if spec.backend == "native" else None
-    model.linear_spec = spec
-    return spec
-
-
-def _native_stack(model):
-    """One kernel call for all blocks where the model's shapes allow it (else the per-block path)."""
-    from leapdecode.model.stack import NativeStack
-
-    try:
-        return NativeStack(model)
-    except LeapError:
-        return None
-
-
-def _set_attention(model, backend: str) -> None:
-    """torch's attention rounds differently for one query row than for several, so with it a verified
-    draft could change a greedy token: the native backend brings a row-invariant attention too."""
-    from leapdecode.kernels.native import attention
-
-    for block in model.blocks:
-        if not hasattr(block.attn, "sdpa"):
-            if backend == "native":
-                raise LeapError("this model's attention cannot be replaced (Attention.sdpa is missing)")
-            continue
-        block.attn.sdpa = attention if backend == "native" else F.scaled_dot_product_attention
-
-
-def _float_weight(layer: nn.Module) -> torch.Tensor:
-    """[out, in] weights of a layer of any backend (a converted model can be converted again)."""
-    if isinstance(layer, NativeLinear):
-        return torch.cat([Q.dequantize(p) for p in layer.parts])
-    return layer.weight
-
-
-def _load_format(quant: str, attr: str) -> str:
-    fmt = _QUANT_FORMAT[quant]
-    # 4-bit output layers cost the most quality (see `leap eval`); GGUF recipes keep them at 8 bits too.
-    return "q8_0" if attr == "lm_head" and fmt == "q4_1" else fmt
-
-
-def _check_parts(parts: list[Q.QuantWeight], old: nn.Module, attr: str) -> None:
-    shape = (sum(p.out_features for p in parts), parts[0].in_features)
-    if shape != (old.out_features, old.in_features):
-        raise LeapError(
-            f"{attr}: the GGUF weights have shape {shape}, the model has "
-            f"{(old.out_features, old.in_features)} (is this the file the model came from?)"
-        )
+    def weight_format(self, head: bool) -> str:
+        """The format float weights are quantized to (quant none, int8, int4)."""
+        fmt = QUANT_FORMAT[self.quant]
+        # 4-bit output layers cost the most quality (see `leap eval`); GGUF recipes keep them at 8 bits too.
+        return "q8_0" if head and fmt == "q4_1" else fmt

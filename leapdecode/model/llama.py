@@ -7,8 +7,6 @@ Hugging Face layout; q/k/v and gate/up are fused so a layer makes four weight ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +69,6 @@ class Attention(nn.Module):
         super().__init__()
         self.wqkv, self.wo = wqkv, wo
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.sdpa = F.scaled_dot_product_attention  # a backend may swap in a row-invariant kernel
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int, mask):
         b, s, _ = x.shape  # [B, S, D]
@@ -82,7 +79,9 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, S, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(layer, k, v)  # [B, Hkv, T, hd]
-        y = self.sdpa(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)  # [B, H, S, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+        )  # [B, H, S, hd]
         return self.wo(y.transpose(1, 2).reshape(b, s, q_size))  # [B, S, D]
 
 
@@ -110,6 +109,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The reference model as torch modules. `forward` runs the blocks and returns the hidden states;
+    `TorchRunner` (leapdecode.model.torch_runner) adds the final norm, the output layer and the plan."""
+
     def __init__(
         self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm, lm_head: Linear
     ):
@@ -119,7 +121,6 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm, self.lm_head = norm, lm_head
         self.rope = Rope(cfg, embed.dtype, embed.device)
-        self.stack = None  # a backend may run all blocks in one call (see leapdecode.model.stack)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,18 +130,6 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        cfg = self.cfg
-        return KVCache(
-            cfg.n_layers,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            min(max_len, cfg.max_seq_len),
-            batch=batch,
-            dtype=self.dtype,
-            device=self.device,
-        )
-
     @torch.inference_mode()
     def forward(
         self,
@@ -148,46 +137,17 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         cache: KVCache,
         mask: torch.Tensor | None = None,
-        last_only: bool = False,
-        layers=None,
-        advance: bool = True,
-        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        layers: tuple[tuple[bool, bool], ...] | None = None,
     ) -> torch.Tensor:
-        """tokens [B, S], positions [S] (rope positions), mask [S, cache.length + S] bool or None
-        (None = causal). `layers` (a list of (skip_attn, skip_mlp) per block) runs a reduced model for
-        self-drafting; `head` replaces the output layer (a drafter's part of the vocabulary). Returns
-        logits [B, S, V] (or [B, 1, V] with last_only)."""
+        """tokens [B, S], positions [S], mask bool [S, cache.length + S] or None (causal); `layers`:
+        (skip_attn, skip_mlp) per block. Writes the rows' keys and values at cache slots [length, length +
+        S) without advancing `length`. Returns the hidden states [B, S, D] before the final norm."""
         s, n = tokens.shape[1], cache.length
-        if self.stack is not None:
-            self.stack = self.stack.for_model(self)  # follows copies and replaced modules
-        out_layer = self.lm_head if head is None else head
-        if self.stack is not None and self.stack.accepts(tokens, self.embed, cache):
-            if self.stack.runs_head(self.norm, out_layer):  # one kernel call from token ids to logits
-                logits = self.stack(
-                    tokens,
-                    positions,
-                    self.embed,
-                    self.rope,
-                    cache,
-                    mask,
-                    layers,
-                    (self.norm, out_layer),
-                    last_only,
-                )
-                if advance:
-                    cache.advance(s)
-                return logits  # [B, S, V] (or [B, 1, V])
-            x = self.stack(tokens, positions, self.embed, self.rope, cache, mask, layers)  # [B, S, D]
-        else:
-            x = F.embedding(tokens, self.embed)  # [B, S, D]
-            cos, sin = self.rope(positions)  # [S, hd]
-            if mask is None and s > 1:
-                mask = torch.ones(s, n + s, dtype=torch.bool, device=tokens.device).tril(n)  # causal
-            for i, block in enumerate(self.blocks):
-                skip_attn, skip_mlp = layers[i] if layers is not None else (False, False)
-                x = block(x, cos, sin, cache, i, mask, skip_attn, skip_mlp)
-        if advance:
-            cache.advance(s)
-        if last_only:
-            x = x[:, -1:]
-        return out_layer(self.norm(x))  # [B, S, V]
+        x = F.embedding(tokens, self.embed)  # [B, S, D]
+        cos, sin = self.rope(positions)  # [S, hd]
+        if mask is None and s > 1:
+            mask = torch.ones(s, n + s, dtype=torch.bool, device=tokens.device).tril(n)  # causal
+        for i, block in enumerate(self.blocks):
+            skip_attn, skip_mlp = layers[i] if layers is not None else (False, False)
+            x = block(x, cos, sin, cache, i, mask, skip_attn, skip_mlp)
+        return x

@@ -1,47 +1,33 @@
-"""All transformer blocks in one native call (see kernels/stack.h), for models on the native backend.
+"""All transformer blocks in one native call (see kernels/stack.h): the native runner's forward.
 
-`convert_linears` attaches a `NativeStack` to a model whose linear layers it made native. The model's
-forward hands it token ids and rope positions; it looks up their embeddings and rope rows, runs every
-block (with the skip plan of self-drafting, when one is given) and, when the output layer is native too,
-the final norm and that layer, returning logits (else the residual stream). It declines (and the model's
-per-block path runs) for batches of more than one sequence, and after any block's modules were replaced
-since it was built.
+`NativeStack` is built once from the packed weights (`NativeBlock` per block, the embeddings and the
+rope tables) and never changes. A call hands it token ids and rope positions; it looks up their
+embeddings and rope rows, runs every block (with the skip plan of self-drafting, when one is given) and,
+when given an output layer, the final norm and that layer. The kernel's structs are declared once in
+`leapdecode.kernels.abi`, checked against the library when it loads.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import operator
 import weakref
+from dataclasses import dataclass
 
 import torch
 
 from leapdecode.errors import LeapError
 from leapdecode.kernels.abi import MAX_PARTS, LdBlock, LdForwardArgs, LdInputs, LdLinear, LdPart, LdStack
 from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, kernel_threads, lib, status_message
-
-_ASSIGNMENTS = [0]  # module assignments anywhere in the process, counted by torch's registration hook
-
-
-@functools.cache
-def _count_assignments() -> None:
-    """Installs the counting hook (once): a stack whose last check saw the same count knows that no
-    module was assigned since, without touching the ~300 dictionaries a full check reads (which, cold in
-    cache after a step has streamed every weight, cost ~60 us a step)."""
-
-    def hook(owner, name, module):
-        _ASSIGNMENTS[0] += 1
-
-    torch.nn.modules.module.register_module_module_registration_hook(hook)
+from leapdecode.model.config import ModelConfig
+from leapdecode.model.linear import NativeLinear
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _linear(layer) -> LdLinear:
-    if getattr(layer, "backend", None) != "native" or len(layer.parts) > MAX_PARTS:
+def _linear(layer: NativeLinear) -> LdLinear:
+    if not isinstance(layer, NativeLinear) or len(layer.parts) > MAX_PARTS:
         raise LeapError("the native block stack needs native linear layers of at most 4 parts")
     lin = LdLinear(nparts=len(layer.parts), N=layer.out_features, K=layer.in_features, bias=_ptr(layer.bias))
     for i, (p, col) in enumerate(zip(layer.parts, layer.offsets)):
@@ -60,137 +46,79 @@ def _linear(layer) -> LdLinear:
     return lin
 
 
-class NativeStack:
-    """The blocks of `model` as one kernel call; holds the modules it points into."""
+@dataclass(frozen=True)
+class NativeBlock:
+    """One block's packed weights: fused q/k/v, output, fused gate/up and down layers, and its two
+    RMSNorm weights (float32 [D])."""
 
-    def __init__(self, model):
-        cfg = model.cfg
-        self._owner = weakref.ref(model)
-        # (the dict of submodules, name, module) of everything this stack points into: checking these is
-        # cheap, where attribute access on modules is not.
-        slots = [
-            (owner._modules, name, owner._modules[name])
-            for b in model.blocks
-            for owner, names in (
-                (b, ("attn", "mlp", "attn_norm", "mlp_norm")),
-                (b.attn, ("wqkv", "wo")),
-                (b.mlp, ("w13", "w2")),
+    qkv: NativeLinear
+    o: NativeLinear
+    w13: NativeLinear
+    w2: NativeLinear
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+
+    def linears(self) -> tuple[NativeLinear, ...]:
+        return self.qkv, self.o, self.w13, self.w2
+
+
+class NativeStack:
+    """The blocks of a model as one kernel call; holds every tensor it points into."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        blocks: list[NativeBlock],
+        embed: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ):
+        norms = [w for b in blocks for w in (b.attn_norm, b.mlp_norm)] + [embed, cos, sin]
+        if any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
+            raise LeapError(
+                "the native block stack needs contiguous float32 norms, embeddings and rope tables"
             )
-            for name in names
-        ]
-        slots += [(model.blocks._modules, name, b) for name, b in model.blocks._modules.items()]
-        slots.append((model._modules, "blocks", model.blocks))
-        # the same, column-wise, for a check that loops in C (it runs on every forward)
-        self._dicts, self._names, self._modules = (list(c) for c in zip(*slots))
-        _count_assignments()
-        self._blocks, self._block_list = model.blocks._modules, list(model.blocks)
-        self._checked_at = -1  # the assignment count of the last full check that passed
-        norms = [(b.attn_norm.weight, b.mlp_norm.weight) for b in model.blocks]
-        if any(w.dtype != torch.float32 or not w.is_contiguous() for pair in norms for w in pair):
-            raise LeapError("the native block stack needs contiguous float32 norm weights")
-        eps = {b.attn_norm.eps for b in model.blocks} | {b.mlp_norm.eps for b in model.blocks}
-        if len(eps) != 1:
-            raise LeapError("the native block stack needs one RMSNorm epsilon for every block")
-        if len(model.blocks) > cfg.n_layers:  # the cache holds cfg.n_layers layers
-            raise LeapError(f"the model has {len(model.blocks)} blocks, its config {cfg.n_layers}")
-        arr = (LdBlock * len(model.blocks))(
+        if len(blocks) > cfg.n_layers:  # the cache holds cfg.n_layers layers
+            raise LeapError(f"the model has {len(blocks)} blocks, its config {cfg.n_layers}")
+        self.cfg, self.blocks, self.embed, self.cos, self.sin = cfg, list(blocks), embed, cos, sin
+        self._arr = (LdBlock * len(blocks))(
             *[
-                LdBlock(
-                    _linear(b.attn.wqkv),
-                    _linear(b.attn.wo),
-                    _linear(b.mlp.w13),
-                    _linear(b.mlp.w2),
-                    b.attn_norm.weight.data_ptr(),
-                    b.mlp_norm.weight.data_ptr(),
-                )
-                for b in model.blocks
+                LdBlock(*(_linear(lin) for lin in b.linears()), b.attn_norm.data_ptr(), b.mlp_norm.data_ptr())
+                for b in blocks
             ]
         )
-        self._arr = arr
-        self._stack = LdStack(
-            len(model.blocks),
-            cfg.dim,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-            eps.pop(),
-            arr,
-        )
+        d = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size)
+        self._stack = LdStack(len(blocks), *d, cfg.norm_eps, self._arr)
         self._fn = lib().ld_stack_forward  # its signature is declared when the library loads
-        self._head_key, self._head = None, None  # the output layer last run, as the kernel takes it
+        self._head_key: tuple | None = None  # the output layer last run, as the kernel takes it
+        self._head: LdLinear | None = None
 
-    def __deepcopy__(self, memo):  # a copied model rebuilds its own stack on its first forward
-        return self
+    @property
+    def nbytes(self) -> int:
+        return sum(lin.nbytes for b in self.blocks for lin in b.linears())
 
-    def for_model(self, model) -> NativeStack | None:
-        """This stack if `model` still holds the modules it was built from, else one built anew (None when
-        the model no longer runs natively)."""
-        if self._owner() is model and self.current():
-            return self
-        try:
-            return NativeStack(model)
-        except LeapError:
-            return None
-
-    def current(self) -> bool:
-        """Whether the model still holds the modules this stack was built from. Assignments go through the
-        counting hook; removing or inserting a block (which bypass it) changes the list of blocks."""
-        blocks = self._blocks
-        if (
-            self._checked_at == _ASSIGNMENTS[0]
-            and len(blocks) == len(self._block_list)
-            and all(map(operator.is_, blocks.values(), self._block_list))
-        ):
-            return True
-        if not all(map(operator.is_, map(dict.get, self._dicts, self._names), self._modules)):
-            return False
-        self._checked_at = _ASSIGNMENTS[0]
-        return True
-
-    def runs_head(self, norm, head) -> bool:
-        """Whether the final norm and this output layer can run inside the call (native, float32 norm)."""
-        return (
-            getattr(head, "backend", None) == "native"
-            and len(head.parts) <= MAX_PARTS
-            and head.in_features == self._stack.D
-            and norm.weight.dtype == torch.float32
-        )
-
-    def _head_struct(self, head) -> LdLinear:
+    def _head_struct(self, head: NativeLinear) -> LdLinear:
         """The kernel's description of `head`, rebuilt when the layer or its weights changed."""
-        if (
-            self._head_key is None
-            or self._head_key[0]() is not head
-            or self._head_key[1] != head.weights_at()
-        ):
+        key = self._head_key
+        if key is None or key[0]() is not head or key[1] != head.weights_at():
             self._head, self._head_key = _linear(head), (weakref.ref(head), head.weights_at())
         return self._head
 
-    def accepts(self, tokens: torch.Tensor, embed: torch.Tensor, cache) -> bool:
-        return (
-            tokens.shape[0] == 1
-            and cache.k.shape[1] == 1
-            and embed.dtype == torch.float32
-            and embed.is_contiguous()
-            and cache.k.is_contiguous()
-        )
-
-    @staticmethod
-    def _inputs(tokens, positions, embed, rope) -> tuple[LdInputs, tuple]:
+    def _inputs(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[LdInputs, tuple]:
         """The kernel's view of the new rows, and the tensors it points into (kept alive for the call)."""
-        tokens = tokens.reshape(-1).to(torch.int64).contiguous()  # [S]
+        tokens = tokens.to(torch.int64).contiguous()  # [S]
         positions = positions.to(torch.int64).contiguous()  # [S]
-        keep = (tokens, positions, embed, rope.cos, rope.sin)
-        return LdInputs(
+        e, cos, sin = self.embed, self.cos, self.sin
+        inputs = LdInputs(
             tokens.data_ptr(),
-            embed.data_ptr(),
-            embed.shape[0],
+            e.data_ptr(),
+            e.shape[0],
             positions.data_ptr(),
-            rope.cos.data_ptr(),
-            rope.sin.data_ptr(),
-            rope.cos.shape[0],
-        ), keep
+            cos.data_ptr(),
+            sin.data_ptr(),
+            cos.shape[0],
+        )
+        return inputs, (tokens, positions)
 
     def _features(self, features: tuple[int, ...], s: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The block indices and the [F, S, D] output of the residual stream after those blocks."""
@@ -204,38 +132,29 @@ class NativeStack:
 
     def __call__(
         self,
-        tokens,
-        positions,
-        embed,
-        rope,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
         cache,
-        mask,
+        mask: torch.Tensor | None = None,
         layers=None,
-        head=None,
-        last_only=False,
+        head: tuple | None = None,
+        last_only: bool = False,
         features: tuple[int, ...] = (),
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """tokens [1, S], positions [S] (rope positions; looked up with `embed` [V, D] and the `rope`
-        module's float32 tables inside the call), mask bool [S, n + S] or None (causal), layers:
-        (skip_attn, skip_mlp) per block or None. Returns the residual stream [1, S, D]; with head = (final
-        norm, output layer) (see `runs_head`), that layer's logits [1, S, V] instead (of the last row:
-        [1, 1, V] with last_only). With `features` (block indices), returns (that, feats [F, S, D]):
-        feats[j] is the residual stream after block features[j]."""
-        s, n = tokens.shape[1], cache.length
-        if n + s > cache.max_len:
-            raise LeapError(f"context full: {n + s} tokens exceed the cache size {cache.max_len}")
-        if positions.shape != (s,):
-            raise LeapError(f"positions must have shape [{s}], got {tuple(positions.shape)}")
+    ) -> tuple:
+        """tokens [S], positions [S] (rope positions), mask bool [S, n + S] or None (causal), layers:
+        (skip_attn, skip_mlp) per block or None; head: (final RMSNorm, native output layer) or None.
+        Returns (x [S, D], logits [S or 1 (last_only), V] or None) and, with `features` (block indices),
+        feats [F, S, D] third: feats[j] is the residual stream after block features[j]. The caller checked
+        the shapes (`runner.check_inputs`); the cache must be one contiguous float32 sequence."""
+        s, n = tokens.shape[0], cache.length
+        if cache.k.shape[1] != 1 or not cache.k.is_contiguous() or cache.k.dtype != torch.float32:
+            raise LeapError("the native block stack needs a contiguous float32 cache of one sequence")
         feats = self._features(tuple(features), s)
-        inputs, _alive = self._inputs(tokens, positions, embed, rope)  # the tensors stay alive for the call
-        x = torch.empty(1, s, self._stack.D)  # [1, S, D]
+        inputs, _alive = self._inputs(tokens, positions)  # the tensors stay alive for the call
+        x = torch.empty(s, self._stack.D)  # [S, D]
         args = LdForwardArgs(x=x.data_ptr(), S=s, n=n, Tmax=cache.max_len, threads=kernel_threads())
         args.kc, args.vc = cache.k.data_ptr(), cache.v.data_ptr()
         if mask is not None:
-            if mask.dtype != torch.bool or mask.shape != (s, n + s):
-                raise LeapError(
-                    f"attention mask must be bool [{s}, {n + s}], got {mask.dtype} {tuple(mask.shape)}"
-                )
             mask = mask if mask.stride(-1) == 1 else mask.contiguous()
             args.mask, args.mask_stride = mask.data_ptr(), mask.stride(0)
         skip = None if layers is None else torch.tensor(layers, dtype=torch.uint8).contiguous()
@@ -244,7 +163,7 @@ class NativeStack:
         if head is not None:
             norm, layer = head
             args.head_from = s - 1 if last_only else 0
-            out = torch.empty(1, s - args.head_from, layer.out_features)  # [1, S or 1, V]
+            out = torch.empty(s - args.head_from, layer.out_features)  # [S or 1, V]
             args.norm_w, args.norm_eps, args.logits = norm.weight.data_ptr(), norm.eps, out.data_ptr()
             args.head = ctypes.pointer(self._head_struct(layer))
         if feats is not None:
@@ -252,5 +171,4 @@ class NativeStack:
         rc = self._fn(ctypes.byref(self._stack), ctypes.byref(inputs), ctypes.byref(args))
         if rc:
             raise LeapError(f"native block stack: {status_message(rc)}")
-        result = x if out is None else out
-        return result if feats is None else (result, feats[1])
+        return (x, out) if feats is None else (x, out, feats[1])

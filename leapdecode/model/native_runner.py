@@ -1,0 +1,107 @@
+"""The native backend: the compiled CPU kernels behind the runner's one forward.
+
+A forward is one kernel call from token ids to logits (`stack.NativeStack`): embeddings, every block,
+the final norm and the output layer. Every row is computed with the same arithmetic whatever the number
+of rows, so verifying a draft gives bit for bit the logits of one-token steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leapdecode.cache import KVCache
+from leapdecode.errors import LeapError
+from leapdecode.kernels.pages import move_to_huge_pages
+from leapdecode.model import quant as Q
+from leapdecode.model.config import ModelConfig
+from leapdecode.model.linear import LinearSpec, NativeLinear
+from leapdecode.model.llama import RMSNorm, Rope
+from leapdecode.model.runner import FULL, Head, Output, Plan, check_inputs, new_cache
+from leapdecode.model.stack import NativeBlock, NativeStack
+from leapdecode.model.weights import EMBED, LAYER_NORMS, NORM, WeightSource, layer_prefix, linear_groups
+
+
+class NativeRunner:
+    """Float32 on the CPU; weights packed for the kernels (`spec` says which format)."""
+
+    backend = "native"
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, cfg: ModelConfig, stack: NativeStack, norm: RMSNorm, lm_head: NativeLinear, spec):
+        self.cfg, self.stack, self.norm, self.lm_head, self.spec = cfg, stack, norm, lm_head, spec
+
+    @property
+    def nbytes(self) -> int:
+        return self.stack.nbytes + self.lm_head.nbytes
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return new_cache(self.cfg, max_len, self.dtype, self.device)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask=None, plan: Plan = FULL
+    ) -> Output:
+        s = check_inputs(self.cfg, tokens, positions, cache, mask)
+        head = plan.head if plan.head is not None else self.lm_head
+        inside = isinstance(head, NativeLinear) and plan.rows != "none"  # the kernel call runs the head
+        x, logits = self.stack(
+            tokens,
+            positions,
+            cache,
+            mask,
+            plan.layers,
+            (self.norm, head) if inside else None,
+            plan.rows == "last",
+        )  # [S, D], [S or 1, V]
+        if plan.advance:
+            cache.advance(s)
+        if plan.rows != "none" and not inside:
+            logits = head(self.norm(x[-1:] if plan.rows == "last" else x))  # [S or 1, V]
+        return Output(logits, x if plan.hidden else None)
+
+    def output_rows(self, rows: torch.Tensor) -> Head:
+        return self.lm_head.select_rows(rows)
+
+
+# ---------------------------------------------------------------- building from weights
+
+
+def weight_part(source: WeightSource, name: str, spec: LinearSpec, head: bool = False) -> Q.QuantWeight:
+    """One weight as the kernels take it: the file's own blocks (quant gguf) or quantized at load."""
+    if spec.quant != "gguf":
+        return Q.quantize(source.float(name), spec.weight_format(head))
+    stored = source.stored(name)
+    if stored is None:
+        raise LeapError(
+            f"weight format 'gguf' runs {', '.join(Q.GGUF_TYPES)} tensors as stored; {name} is "
+            f"{source.stored_type(name)} (use --quant int4 or int8 to requantize, or --quant none)"
+        )
+    return stored
+
+
+def _linear(source: WeightSource, names: list[str], spec: LinearSpec, head: bool) -> NativeLinear:
+    parts = [weight_part(source, n, spec, head) for n in names]
+    bias = None
+    if names[0].endswith("q_proj.weight") and source.cfg.qkv_bias:
+        bias = torch.cat([source.float(n.removesuffix(".weight") + ".bias") for n in names])
+    return NativeLinear(parts, bias, spec.activations)
+
+
+def _norm(source: WeightSource, name: str) -> torch.Tensor:
+    return source.float(name).to(torch.float32).contiguous()
+
+
+def build_native(source: WeightSource, spec: LinearSpec) -> NativeRunner:
+    """The runner of `source` on the kernels; weights are read one tensor at a time and packed."""
+    cfg, groups = source.cfg, linear_groups(source.cfg)
+    linears = [_linear(source, names, spec, head=i == len(groups) - 1) for i, names in enumerate(groups)]
+    move_to_huge_pages(linears)
+    blocks = []
+    for i in range(cfg.n_layers):
+        qkv, o, w13, w2 = linears[4 * i : 4 * i + 4]
+        p = layer_prefix(i)
+        norms = [_norm(source, p + n) for n in LAYER_NORMS]
+        blocks.append(NativeBlock(qkv, o, w13, w2, attn_norm=norms[0], mlp_norm=norms[1]))
+    rope = Rope(cfg, torch.float32, "cpu", freq_factors=source.rope_factors)
+    stack = NativeStack(cfg, blocks, _norm(source, EMBED), rope.cos, rope.sin)  # embeddings [V, D]
+    return NativeRunner(cfg, stack, RMSNorm(_norm(source, NORM), cfg.norm_eps), linears[-1], spec)

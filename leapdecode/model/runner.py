@@ -1,0 +1,118 @@
+"""The one door to a model: a runner per backend, with one forward.
+
+    forward(tokens [S], positions [S], cache, mask=None, plan=Plan()) -> Output(logits, hidden)
+
+`tokens` are one sequence's new rows after `cache.length` cached ones, `positions` their rope positions
+(a draft tree's nodes sit at their depth), `mask` a bool [S, cache.length + S] attention mask (None:
+causal). The `Plan` says what to compute: which blocks (self-drafting skips some), whose logits (every
+row, the last, none), through which output layer (a drafter's part of the vocabulary), whether to
+return the hidden states (the final norm's input) and whether the cache's length advances.
+
+A runner is built once from a `WeightSource` (`build_runner`) and never changed afterwards: a backend is
+chosen by building its runner, not by swapping modules of a live model. Backends:
+
+  torch   `TorchRunner`: the reference Transformer (`llama.py`) on any device and dtype
+  native  `NativeRunner`: the compiled CPU kernels, every block in one call (`stack.py`), row-invariant
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from leapdecode.cache import KVCache
+from leapdecode.errors import LeapError
+from leapdecode.model.config import ModelConfig
+
+ROWS = ("all", "last", "none")
+Head = Callable[[torch.Tensor], torch.Tensor]  # hidden [..., D] (after the final norm) -> logits [..., V]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one forward computes.
+
+    layers: (skip_attn, skip_mlp) per block, or None for the whole model; rows: the rows whose logits are
+    returned ("all", "last" or "none"); head: an output layer used instead of the model's (same input,
+    any number of outputs; a native layer runs inside the kernel call); hidden: also return the hidden
+    states [S, D] of every row (the residual stream after the last block, before the final norm);
+    advance: whether `cache.length` grows by S (False: the rows' keys and values are written past the
+    committed ones and overwritten later, as a drafter's trial does)."""
+
+    layers: tuple[tuple[bool, bool], ...] | None = None
+    rows: str = "all"
+    head: Head | None = None
+    hidden: bool = False
+    advance: bool = True
+
+    def __post_init__(self):
+        if self.rows not in ROWS:
+            raise LeapError(f"plan rows must be one of {', '.join(ROWS)}, got {self.rows!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple((bool(a), bool(m)) for a, m in self.layers))
+
+
+FULL = Plan()
+LAST = Plan(rows="last")
+
+
+@dataclass(frozen=True)
+class Output:
+    logits: torch.Tensor | None  # [S, V] (rows "all"), [1, V] ("last"), None ("none")
+    hidden: torch.Tensor | None  # [S, D] when the plan asked for it
+
+
+class Runner(Protocol):
+    """What every backend provides (see the module docstring)."""
+
+    cfg: ModelConfig
+    backend: str  # "torch" or "native"
+    spec: object  # the resolved LinearSpec the runner was built with
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights a one-token forward reads (the output layer included)."""
+        ...
+
+    def new_cache(self, max_len: int) -> KVCache: ...
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask=None, plan: Plan = FULL
+    ) -> Output: ...
+
+    def output_rows(self, rows: torch.Tensor) -> Head:
+        """The output layer restricted to the vocabulary ids `rows` (ascending): a drafter's head."""
+        ...
+
+
+def check_inputs(
+    cfg: ModelConfig, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask
+) -> int:
+    """The row count S, after checking the shapes every backend relies on."""
+    if tokens.dim() != 1 or positions.shape != tokens.shape:
+        raise LeapError(
+            f"a forward takes tokens [S] and positions [S], got {tuple(tokens.shape)} and "
+            f"{tuple(positions.shape)}"
+        )
+    s, n = tokens.shape[0], cache.length
+    if n + s > cache.max_len:
+        raise LeapError(f"context full: {n + s} tokens exceed the cache size {cache.max_len}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (s, n + s)):
+        raise LeapError(f"attention mask must be bool [{s}, {n + s}], got {mask.dtype} {tuple(mask.shape)}")
+    return s
+
+
+def new_cache(cfg: ModelConfig, max_len: int, dtype: torch.dtype, device) -> KVCache:
+    """A cache of at most the model's context for one sequence."""
+    return KVCache(
+        cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, min(max_len, cfg.max_seq_len), dtype=dtype, device=device
+    )

@@ -1,0 +1,57 @@
+"""The torch backend: the reference Transformer (any device and dtype) behind the runner's one forward."""
+
+from __future__ import annotations
+
+import torch
+
+from leapdecode.cache import KVCache
+from leapdecode.model.config import ModelConfig
+from leapdecode.model.llama import Transformer
+from leapdecode.model.runner import FULL, Head, Output, Plan, check_inputs, new_cache
+
+
+class TorchRunner:
+    """Runs `model` (a `Transformer` with torch `Linear` layers) as a `Runner`."""
+
+    backend = "torch"
+
+    def __init__(self, model: Transformer, spec: object = None):
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.spec = spec
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def nbytes(self) -> int:
+        m = self.model
+        linears = [m.lm_head] + [
+            lin for b in m.blocks for lin in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)
+        ]
+        return sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return new_cache(self.cfg, max_len, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask=None, plan: Plan = FULL
+    ) -> Output:
+        s = check_inputs(self.cfg, tokens, positions, cache, mask)
+        x = self.model(tokens[None], positions, cache, mask, plan.layers)[0]  # [S, D]
+        if plan.advance:
+            cache.advance(s)
+        logits = None
+        if plan.rows != "none":
+            rows = x[-1:] if plan.rows == "last" else x  # [S or 1, D]
+            logits = (plan.head or self.model.lm_head)(self.model.norm(rows))  # [S or 1, V]
+        return Output(logits, x if plan.hidden else None)
+
+    def output_rows(self, rows: torch.Tensor) -> Head:
+        return self.model.lm_head.select_rows(rows)

@@ -110,6 +110,9 @@ def unpack_f32(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return p.transpose(1, 2).reshape(g * F32_ROWS, c * F32_LANES)[:n, :k]
 
 
+_QUANTIZE_ELEMENTS = 1 << 22  # weights rounded at a time
+
+
 def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     """Round-to-nearest quantization of float weights [N, K] per block of 32."""
     w = w.detach().to(device="cpu", dtype=torch.float32)
@@ -121,7 +124,12 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     if k % QK:
         raise LeapError(f"format {fmt} needs in_features divisible by {QK}, got {k}")
     blocks = w.reshape(n, k // QK, QK)
-    return _quantize_q8_0(blocks) if fmt == "q8_0" else _quantize_q4_1(blocks)
+    fn = _quantize_q8_0 if fmt == "q8_0" else _quantize_q4_1
+    # A few rows at a time: the rounding's temporaries are several times the weights' size, which for an
+    # output layer of a large vocabulary would be gigabytes. Rows are independent: the values are the same.
+    step = max(1, _QUANTIZE_ELEMENTS // k)
+    parts = [fn(blocks[i : i + step]) for i in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else concat(parts)
 
 
 def _quantize_q8_0(blocks: torch.Tensor) -> QuantWeight:
@@ -226,14 +234,22 @@ def gguf_linear_weights(path: Path, cfg) -> list[list[QuantWeight]]:
     """The file's own blocks of every linear layer, in `linear_groups` order: per block [q, k, v], [o],
     [gate, up], [down]; then [lm_head] (the embeddings when they are tied)."""
     from leapdecode.model.gguf import GGUFSource, open_reader, stored_types
-    from leapdecode.model.weights import linear_groups
+    from leapdecode.model.weights import expected_shapes, linear_groups
 
     reader = open_reader(Path(path))
     for name, type_name in stored_types(reader).items():  # a type the kernels cannot run, before the rest
         if type_name not in GGUF_TYPES:
             raise unsupported_type(f"{Path(path).name} stores {name} as {type_name}")
     source = GGUFSource(path, reader)
-    return [[_stored(source, name) for name in group] for group in linear_groups(cfg)]
+    have, want = expected_shapes(source.cfg), expected_shapes(cfg)
+    groups = linear_groups(cfg)
+    for name in (n for group in groups for n in group):
+        if have.get(name) != want[name]:
+            raise LeapError(
+                f"{path}: tensor {name} has shape {have.get(name)}, the model expects {want[name]} "
+                "(is this the file the model came from?)"
+            )
+    return [[_stored(source, name) for name in group] for group in groups]
 
 
 def _stored(source, name: str) -> QuantWeight:

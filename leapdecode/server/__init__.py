@@ -26,6 +26,17 @@ the context (beyond it: 400, code ``context_length_exceeded``).
 Concurrency: one worker thread interleaves the active generations step by step; see
 `leapdecode.server.scheduler`. Sampling follows OpenAI's defaults (temperature 1 unless given);
 ``temperature: 0`` (or ``top_p: 0``) is greedy decoding.
+
+Prompts: message texts are tokenized as plain text (special tokens only where the chat template writes
+them, so no message can forge a turn); a text completion's ``prompt`` is taken as written, and a prompt of
+token ids is used as is, for whoever needs special tokens of their own. A prompt that cannot fit the
+context (too many token ids, or more characters than the context times the longest token) and a chat of
+more than ``max_messages`` messages are refused before any tokenizing.
+
+Defences (`ServerConfig`, `leapdecode.server.intake`, `leapdecode.server.protocol`): the Host header must
+name loopback or an allowed host; headers and bodies must arrive within their timeouts; open connections
+are capped; malformed HTTP gets OpenAI's error JSON; on shutdown every stream ends with its last token or
+an error event, then ``data: [DONE]`` (`leapdecode.server.runner`).
 """
 
 import importlib

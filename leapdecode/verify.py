@@ -47,7 +47,8 @@ def _children_by_token(draft: Draft) -> dict[int, dict[int, int]]:
 def accept_greedy(draft: Draft, logits: torch.Tensor) -> tuple[list[int], int]:
     best = logits.argmax(-1).tolist()  # [1 + n]
     children = _children_by_token(draft)
-    path, node = [], -1
+    path: list[int] = []
+    node = -1
     while True:
         token = best[node + 1]
         child = children.get(node, {}).get(token)
@@ -57,9 +58,12 @@ def accept_greedy(draft: Draft, logits: torch.Tensor) -> tuple[list[int], int]:
         node = child
 
 
-def _accept_sampled(draft, logits, params, generator):
+def _accept_sampled(
+    draft: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> tuple[list[int], int]:
     children = _children_by_token(draft)
-    path, node = [], -1
+    path: list[int] = []
+    node = -1
     while True:
         p = target_probs(logits[node + 1].cpu(), params)  # [V] float64
         kids = children.get(node, {})
@@ -68,18 +72,22 @@ def _accept_sampled(draft, logits, params, generator):
         if draft.probs is None:
             token = sample(p, generator)
             child = kids.get(token)
+            if child is None:
+                return path, token
         else:
             # duplicate tokens among i.i.d. siblings each take a round: no de-duplication here
             child, p = _rejection_round(draft, draft.children(node), p, generator)
-            token = None if child is not None else sample(p, generator)
-        if child is None:
-            return path, token
+            if child is None:
+                return path, sample(p, generator)
         path.append(child)
         node = child
 
 
-def _rejection_round(draft: Draft, kids: list[int], p: torch.Tensor, generator: torch.Generator):
+def _rejection_round(
+    draft: Draft, kids: list[int], p: torch.Tensor, generator: torch.Generator
+) -> tuple[int | None, torch.Tensor]:
     """Try each child in turn; returns (accepted child or None, residual distribution)."""
+    assert draft.probs is not None  # only drafts with probabilities are rejection-sampled
     for kid in kids:
         q = draft.probs[kid].to(torch.float64).cpu()  # [V]
         x = draft.token_ids[kid]

@@ -27,7 +27,7 @@ class Run:
     @property
     def mean_accepted(self) -> float | None:
         """Tokens committed per verification step, the bonus token included (1.0 = plain decoding)."""
-        if not self.steps:
+        if not self.steps or self.accepted is None:
             return None
         return (self.accepted + self.steps) / self.steps
 

@@ -180,7 +180,8 @@ def decode_table(s: Summary) -> list[str]:
     take half the wall time of a long prompt, which hides what speculation does to the steps."""
 
     def ms(c: str, i: int) -> str:
-        return "-" if s.step_ms.get(c) is None else f"{s.step_ms[c][i]:.2f}"
+        step = s.step_ms.get(c)
+        return "-" if step is None else f"{step[i]:.2f}"
 
     methods = [c for c in s.contenders if s.kinds[c] == "method"]
     rows = [

@@ -100,7 +100,14 @@ def _rotated(items: list, shift: int) -> list:
 
 
 class _Session:
-    def __init__(self, engine, contenders, log, max_new_tokens, sampling):
+    def __init__(
+        self,
+        engine: Engine,
+        contenders: list[Contender],
+        log: RecordLog,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+    ) -> None:
         self.engine, self.contenders, self.log = engine, contenders, log
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.waiting: dict[tuple, list[dict]] = {}  # (question_id, turn) -> records waiting for `none`
@@ -176,7 +183,8 @@ class RecordLog:
     """records.jsonl: read on resume, appended and flushed record by record."""
 
     def __init__(self, path: Path | None, resume: bool = False):
-        self.path, self.records = path, []
+        self.path = path
+        self.records: list[dict] = []
         self._index: dict[tuple, dict] = {}
         if path is None:
             return

@@ -49,7 +49,9 @@ def run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": gen.result.text})
+        result = gen.result
+        assert result is not None  # set once the stream is exhausted
+        messages.append({"role": "assistant", "content": result.text})
         if args.stats:
-            print(format_stats(gen.result.stats), file=sys.stderr)
+            print(format_stats(result.stats), file=sys.stderr)
     return 0

@@ -34,10 +34,12 @@ def run(args) -> int:
         if not args.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
+    result = gen.result
+    assert result is not None  # set once the stream is exhausted
     if args.json:
-        print(json.dumps(gen.result.to_dict()))
+        print(json.dumps(result.to_dict()))
     else:
         sys.stdout.write("\n")
     if args.stats:
-        print(format_stats(gen.result.stats), file=sys.stderr)
+        print(format_stats(result.stats), file=sys.stderr)
     return 0

@@ -176,11 +176,11 @@ class Tokenizer:
         found = self._special_re is not None and any(
             self._special_re.search(v) for m in messages if isinstance(m, dict) for v in _strings(m)
         )
-        if not found:  # nothing in the messages spells a special token: the rendered text as it is
+        if not found or self._special_re is None:  # no special text in them: the rendered text as it is
             return self.encode(self.render_chat(messages), add_bos=False)
-        return self._encode_marked(messages)
+        return self._encode_marked(messages, self._special_re)
 
-    def _encode_marked(self, messages: list[dict]) -> list[int]:
+    def _encode_marked(self, messages: list[dict], special_re: re.Pattern) -> list[int]:
         """Special-token text in the messages is swapped for markers that no template or message
         contains, the template renders, its own special tokens become ids, and the rest (markers back
         to their text) is encoded as plain text."""
@@ -192,7 +192,7 @@ class Tokenizer:
             return f"{mark}{len(spelled) - 1}{mark}"
 
         hidden = [
-            {k: self._special_re.sub(hide, v) if isinstance(v, str) else v for k, v in m.items()}
+            {k: special_re.sub(hide, v) if isinstance(v, str) else v for k, v in m.items()}
             if isinstance(m, dict)
             else m  # render_chat names what is wrong with it
             for m in messages
@@ -200,7 +200,7 @@ class Tokenizer:
         rendered = self.render_chat(hidden)
         unmark = re.compile(f"{mark}(\\d+){mark}")
         ids: list[int] = []
-        for i, part in enumerate(self._special_re.split(rendered)):
+        for i, part in enumerate(special_re.split(rendered)):
             if i % 2:  # a special token the template wrote
                 ids.append(self._specials[part])
             elif part:

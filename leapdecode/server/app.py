@@ -238,9 +238,9 @@ async def _complete(request: Request, job: Job, fmt: Formatter) -> Response:
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
         while (event := await _next_event(job, watcher)) is not None:
-            if event.kind == "error":
+            if event.error is not None:
                 raise event.error
-            if event.kind == "done":
+            if event.result is not None:
                 return JSONResponse(fmt.completion(event.result, job.queue_s))
         raise ApiError(499, "the client closed the request", code="client_closed_request")
     finally:

@@ -113,8 +113,9 @@ class LeapH11Protocol(H11Protocol):
         self._timer = self.loop.call_later(seconds, self._expired)
 
     def _disarm(self) -> None:
-        if getattr(self, "_timer", None) is not None:
-            self._timer.cancel()
+        timer = getattr(self, "_timer", None)
+        if timer is not None:
+            timer.cancel()
         self._timer, self._phase = None, ""
 
     def _expired(self) -> None:

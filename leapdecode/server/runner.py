@@ -27,7 +27,7 @@ from leapdecode.errors import LeapError
 from leapdecode.server.protocol import ConnectionLimits, protocol_class
 
 #: Once the generations are ended, how long responses may take to be written before connections close.
-WRITE_GRACE_S = 5.0
+WRITE_GRACE_S = 5
 
 
 def bind(host: str, port: int) -> socket.socket:

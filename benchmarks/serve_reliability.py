@@ -41,6 +41,7 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 # what /health may take, and a short request may take beyond its time on an idle server, while huge
 # prompts are being refused
 LATENCY_BOUND_S = 0.3
+PROBE_EVERY_S = 0.02  # /health probes spaced so that they do not load the server themselves
 
 
 @dataclass
@@ -308,6 +309,7 @@ def check_latency(srv: Server, rounds: int) -> list[Row]:
             request = pool.submit(timed, lambda: short_request(srv))
             while not all(f.done() for f in big) or not request.done():
                 health.append(timed(lambda: send(srv, "GET", "/health", headers={}, timeout=10)))
+                time.sleep(PROBE_EVERY_S)
             refused += [f.result() for f in big]
             short.append(request.result())
     statuses = "/".join(map(str, sorted(set(refused))))

@@ -125,7 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds in-flight requests may take to finish before they are cancelled",
+        help="on SIGTERM, seconds active generations may take to finish; then each ends with a 503 error "
+        "event (streams: then data: [DONE]) (default: 30)",
     )
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(p)

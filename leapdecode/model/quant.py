@@ -124,27 +124,36 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     if k % QK:
         raise LeapError(f"format {fmt} needs in_features divisible by {QK}, got {k}")
     blocks = w.reshape(n, k // QK, QK)
-    fn = _quantize_q8_0 if fmt == "q8_0" else _quantize_q4_1
-    # A few rows at a time: the rounding's temporaries are several times the weights' size, which for an
-    # output layer of a large vocabulary would be gigabytes. Rows are independent: the values are the same.
+    q = torch.empty(n, k // QK, _Q_BYTES[fmt], dtype=torch.uint8)
+    d, m = torch.empty(n, k // QK, dtype=torch.float16), torch.empty(n, k // QK, dtype=torch.float16)
+    # A few rows at a time, into the packed arrays: the rounding's temporaries are several times the
+    # weights' size, which for the output layer of a large vocabulary would be gigabytes. Rows are
+    # rounded independently, so the values do not depend on the split.
     step = max(1, _QUANTIZE_ELEMENTS // k)
-    parts = [fn(blocks[i : i + step]) for i in range(0, n, step)]
-    return parts[0] if len(parts) == 1 else concat(parts)
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        if fmt == "q8_0":
+            q[rows], d[rows] = _round_q8_0(blocks[rows])
+        else:
+            q[rows], d[rows], m[rows] = _round_q4_1(blocks[rows])
+    return _pack(fmt, q, d, m if fmt == "q4_1" else None)
 
 
-def _quantize_q8_0(blocks: torch.Tensor) -> QuantWeight:
-    d = (blocks.abs().amax(-1) / 127).to(torch.float16)  # [N, nb]
+def _round_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks [N, nb, 32] -> q uint8 [N, nb, 32] (int8 values), d float16 [N, nb]."""
+    d = (blocks.abs().amax(-1) / 127).to(torch.float16)
     inv = torch.where(d == 0, 0.0, 1.0 / d.float())
     q = torch.round(blocks * inv[..., None]).clamp(-127, 127).to(torch.int8)  # the rounded scale decides q
-    return _pack("q8_0", q.view(torch.uint8), d)
+    return q.view(torch.uint8), d
 
 
-def _quantize_q4_1(blocks: torch.Tensor) -> QuantWeight:
+def _round_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks [N, nb, 32] -> q uint8 [N, nb, 16] (two 4-bit values a byte), d and m float16 [N, nb]."""
     lo, hi = blocks.amin(-1), blocks.amax(-1)
-    d, m = ((hi - lo) / 15).to(torch.float16), lo.to(torch.float16)  # [N, nb]
+    d, m = ((hi - lo) / 15).to(torch.float16), lo.to(torch.float16)
     inv = torch.where(d == 0, 0.0, 1.0 / d.float())
     q = torch.round((blocks - m.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
-    return _pack("q4_1", _nibbles(q), d, m)
+    return _nibbles(q), d, m
 
 
 def dequantize(qw: QuantWeight) -> torch.Tensor:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from leapdecode.errors import LeapError
 from leapdecode.model import quant as Q
 from leapdecode.model import source as S
-from leapdecode.model.gguf import GGUFSource
+from leapdecode.model.gguf import GGUFSource, stored_types
 from leapdecode.model.loader import HFSource, build_model
 from leapdecode.model.weights import StateSource, WeightSource, expected_shapes, linear_groups
 
@@ -122,13 +122,6 @@ def test_a_load_opens_the_file_once(count_opens):
     assert count_opens == [str(path)] * 2
 
 
-def test_the_path_helpers_open_the_file_once_each(count_opens, bundled):
-    Q.gguf_linear_weights(bundled.path, bundled.cfg)
-    assert len(count_opens) == 1
-    assert Q.gguf_unsupported_types(bundled.path) == set()
-    assert len(count_opens) == 2
-
-
 # ---------------------------------------------------------------- written files
 
 
@@ -197,9 +190,7 @@ def test_a_type_the_kernels_cannot_run_is_read_as_floats_only(tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     assert source.stored_type(name) == "Q5_0" and source.stored(name) is None
     assert (source.float(name) - state[name]).abs().max() < 0.02
-    assert Q.gguf_unsupported_types(tmp_path / "m.gguf") == {"Q5_0"}
-    with pytest.raises(LeapError, match="Q5_0"):
-        Q.gguf_linear_weights(tmp_path / "m.gguf", cfg)
+    assert set(stored_types(source.reader).values()) - set(Q.GGUF_TYPES) == {"Q5_0"}
 
 
 def test_a_missing_tensor_is_named(tmp_path):

@@ -165,6 +165,9 @@ def stored_types(reader: Any) -> dict[str, str]:
 class GGUFSource:
     """A GGUF file as a `WeightSource`: opened and checked once, tensors read on demand."""
 
+    path: Path | None
+    rope_factors: torch.Tensor | None
+
     def __init__(self, path: str | Path, reader: Any = None):
         """`reader`: the file's GGUFReader when the caller has opened it already."""
         self.path = Path(path)

@@ -96,21 +96,22 @@ class HFSource:
     files when asked for."""
 
     rope_factors: torch.Tensor | None = None  # rope scaling comes from config.json
+    path: Path | None
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder)
         self.name = self.path.name
         self.cfg = hf_config(self.path)
-        self._files, shapes = self._index()
+        self._files, shapes = self._index(self.path)
         check_shapes(shapes, self.cfg, str(self.path))
 
-    def _index(self) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    def _index(self, folder: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
         """Which file holds each tensor the model uses, and its shape (read from the headers)."""
         from safetensors import safe_open
 
-        files = sorted(self.path.glob("*.safetensors"))
+        files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise LeapError(f"{self.path}: no *.safetensors weight files")
+            raise LeapError(f"{folder}: no *.safetensors weight files")
         where, shapes = {}, {}
         for file in files:
             with safe_open(str(file), "pt") as f:

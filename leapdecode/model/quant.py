@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +50,13 @@ class QuantWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The packed tensors this weight has, by field name."""
         return {n: getattr(self, n) for n in self.TENSORS if getattr(self, n) is not None}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A packed tensor this weight's format needs ("qs", "d", "m" or "f")."""
+        t = getattr(self, name)
+        if t is None:
+            raise LeapError(f"a {self.fmt} weight needs its {name!r} tensor")
+        return t
 
     def map_tensors(self, fn) -> QuantWeight:
         """The same weight with each packed tensor t replaced by fn(t)."""
@@ -159,15 +165,15 @@ def _round_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 def dequantize(qw: QuantWeight) -> torch.Tensor:
     """Float32 weights [N, K], computed as GGUF does (d * q + m in float32)."""
     if qw.fmt == "f32":
-        return unpack_f32(qw.f, qw.out_features, qw.in_features)
+        return unpack_f32(qw.tensor("f"), qw.out_features, qw.in_features)
     n, k = qw.out_features, qw.in_features
     nb = k // QK
-    d = qw.d[:, :nb].float()[..., None]  # [N, nb, 1]
-    raw = qw.qs.reshape(n, nb, _Q_BYTES[qw.fmt])
+    d = qw.tensor("d")[:, :nb].float()[..., None]  # [N, nb, 1]
+    raw = qw.tensor("qs").reshape(n, nb, _Q_BYTES[qw.fmt])
     if qw.fmt == "q8_0":
         return (raw.view(torch.int8).float() * d).reshape(n, k)
     q = torch.cat([raw & 0x0F, raw >> 4], dim=-1).float()  # [N, nb, 32]
-    return (d * q + qw.m[:, :nb].float()[..., None]).reshape(n, k)
+    return (d * q + qw.tensor("m")[:, :nb].float()[..., None]).reshape(n, k)
 
 
 def concat(parts: list[QuantWeight]) -> QuantWeight:
@@ -227,45 +233,6 @@ def from_gguf_blocks(blocks: torch.Tensor, type_name: str) -> QuantWeight:
     if not torch.isfinite(m).all():
         raise LeapError("a Q4_0 scale is too large to repack (|8 d| exceeds the float16 range)")
     return _pack("q4_1", blocks[..., 2:], d, m)
-
-
-# Kept for callers that hold a path rather than a source; each opens the file once.
-
-
-def gguf_unsupported_types(path: Path) -> set[str]:
-    """Types of the file's linear-layer tensors that quant 'gguf' cannot run as stored."""
-    from leapdecode.model.gguf import open_reader, stored_types
-
-    return set(stored_types(open_reader(Path(path))).values()) - set(GGUF_TYPES)
-
-
-def gguf_linear_weights(path: Path, cfg) -> list[list[QuantWeight]]:
-    """The file's own blocks of every linear layer, in `linear_groups` order: per block [q, k, v], [o],
-    [gate, up], [down]; then [lm_head] (the embeddings when they are tied)."""
-    from leapdecode.model.gguf import GGUFSource, open_reader, stored_types
-    from leapdecode.model.weights import expected_shapes, linear_groups
-
-    reader = open_reader(Path(path))
-    for name, type_name in stored_types(reader).items():  # a type the kernels cannot run, before the rest
-        if type_name not in GGUF_TYPES:
-            raise unsupported_type(f"{Path(path).name} stores {name} as {type_name}")
-    source = GGUFSource(path, reader)
-    have, want = expected_shapes(source.cfg), expected_shapes(cfg)
-    groups = linear_groups(cfg)
-    for name in (n for group in groups for n in group):
-        if have.get(name) != want[name]:
-            raise LeapError(
-                f"{path}: tensor {name} has shape {have.get(name)}, the model expects {want[name]} "
-                "(is this the file the model came from?)"
-            )
-    return [[_stored(source, name) for name in group] for group in groups]
-
-
-def _stored(source, name: str) -> QuantWeight:
-    qw = source.stored(name)
-    if qw is None:
-        raise unsupported_type(f"{source.name} stores {name} as {source.stored_type(name)}")
-    return qw
 
 
 def unsupported_type(what: str) -> LeapError:

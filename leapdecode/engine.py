@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -66,7 +66,7 @@ class Result:
 class Generation:
     """An iterator of text pieces; `result` is set once it is exhausted (or closed)."""
 
-    def __init__(self, make_pieces: Callable[[Generation], Iterator[str]]):
+    def __init__(self, make_pieces: Callable[[Generation], Generator[str, None, None]]):
         self.result: Result | None = None
         self._pieces = make_pieces(self)
 
@@ -131,9 +131,9 @@ class Engine:
                 else self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
             )
         elif prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self.tokenizer.encode_chat(list(prompt))
+            ids = self.tokenizer.encode_chat([m for m in prompt if isinstance(m, dict)])
         elif prompt and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
+            ids = [t for t in prompt if isinstance(t, int)]
         else:
             raise LeapError("prompt must be a non-empty string, list of messages or list of token ids")
         if not ids:
@@ -199,6 +199,7 @@ class Engine:
         gen = self.stream(prompt, config, raw, drafter)
         for _ in gen:
             pass
+        assert gen.result is not None  # set when the pieces run out
         return gen.result
 
     def stream(
@@ -216,7 +217,7 @@ class Engine:
             self.cost_curve()  # measured before the request (once per machine), not inside its timing
         return Generation(lambda g: self._pieces(ids, config, drafter, g))
 
-    def _pieces(self, prompt_ids, config, drafter, generation) -> Iterator[str]:
+    def _pieces(self, prompt_ids, config, drafter, generation) -> Generator[str, None, None]:
         stats = Stats(prompt_tokens=len(prompt_ids), drafter=drafter.name, backend=self.backend)
         text = TextStream(self.tokenizer, config.stop)
         out: list[int] = []
@@ -245,7 +246,7 @@ class Engine:
 
     def _take(self, committed: list[int], out: list[int], config: GenerationConfig) -> tuple[list[int], str]:
         """Append committed tokens up to EOS or the token budget; returns (appended, finish reason)."""
-        fresh = []
+        fresh: list[int] = []
         for t in committed:
             if t in self.tokenizer.eos_ids:
                 return fresh, "stop"

@@ -94,7 +94,7 @@ class AcceptanceStats:
         depth = min(depth, MAX_DEPTH_KEY)
         if ev is None:
             prior = self.prior_rate if depth <= 1 else self.rate(source, depth - 1, rank)
-            key = self.key(source, depth, rank)
+            key: tuple = self.key(source, depth, rank)
         else:
             prior = self.rate(source, depth, rank) if depth <= 1 else self.rate(source, depth - 1, rank, ev)
             key = (*self.key(source, depth, rank), *ev)
@@ -215,7 +215,8 @@ class Auto(Drafter):
             took = time.perf_counter() - t0
             self._calls[name] = self._calls.get(name, 0) + 1
             self.draft_s[name] = self.draft_s.get(name, took) + 0.1 * (took - self.draft_s.get(name, took))
-            mapped, seen = [], {}
+            mapped: list[int] = []
+            seen: dict[int, int] = {}
             for i, (tok, parent) in enumerate(zip(draft.token_ids, draft.parents)):
                 mparent = -1 if parent < 0 else mapped[parent]
                 rank = seen.get(parent, 0)

@@ -239,10 +239,10 @@ class DraftModel(Drafter):
     """A separate, smaller model drafts; see the module docstring."""
 
     name = "draft-model"
+    model: Runner  # the draft model's runner, set by bind
 
     def __init__(self, **options):
         self.options = parse_options(DraftModelOptions, options, "draft-model")
-        self.model: Runner | None = None  # the draft model's runner, set by bind
         self.ctx = RequestContext(())
         self._cache = None  # the draft model's own KVCache
         self._seen: list[int] = []  # tokens whose keys/values are in self._cache, in order

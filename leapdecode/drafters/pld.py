@@ -64,7 +64,7 @@ class PromptLookup(Drafter):
             start = self._index.get(tuple(tokens[n_tokens - n :]))
             if start is not None:
                 run = n + match_length(tokens, start, n_tokens - n, MAX_EVIDENCE - n)
-                return Draft.chain(tokens[start + n : start + n + cap], source=self.name, match_len=run)
+                return Draft.chain(list(tokens[start + n : start + n + cap]), source=self.name, match_len=run)
         return Draft(source=self.name)
 
     def _sync(self, tokens: Sequence[int]) -> None:

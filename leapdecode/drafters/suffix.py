@@ -100,15 +100,17 @@ class _Trie:
         """Spell out the first token of a tail: another window is about to go through `node`."""
         seq, pos = node.seq, node.pos
         node.seq = None
-        if pos < min(node.lim, len(seq)):
+        if seq is not None and pos < min(node.lim, len(seq)):
             node.kids = {seq[pos]: _Node(seq, pos + 1, node.lim)}
             self.nodes += 1
 
     def insert(self, seq: list[int]) -> None:
         """Insert every window of a finished sequence."""
         for p in range(len(seq)):
-            node, lim = self.root, p + self.depth
+            node: _Node | None = self.root
+            lim = p + self.depth
             for i in range(p, min(lim, len(seq))):
+                assert node is not None
                 node = self.step(node, seq[i], seq, i + 1, lim)
                 if node is None:
                     break
@@ -118,9 +120,11 @@ class _Trie:
         for p in range(len(seq)):
             node = self.root
             for i in range(p, min(p + self.depth, len(seq))):
-                child = node.kids[seq[i]]
+                kids = node.kids
+                assert kids is not None  # the window was inserted
+                child = kids[seq[i]]
                 if child.count == 1:
-                    del node.kids[seq[i]]
+                    del kids[seq[i]]
                     self.nodes -= _chain_length(child)
                     break
                 child.count -= 1
@@ -128,8 +132,9 @@ class _Trie:
 
     def locate(self, pattern: Sequence[int]) -> _Loc | None:
         """Where `pattern` ends in the trie, or None when it is not there."""
-        node = self.root
+        node: _Node | None = self.root
         for i, token in enumerate(pattern):
+            assert node is not None
             if node.seq is not None:  # inside a tail: compare the rest with it
                 rest = len(pattern) - i
                 end = node.pos + rest
@@ -139,6 +144,7 @@ class _Trie:
             node = node.kids.get(token) if node.kids else None
             if node is None:
                 return None
+        assert node is not None
         return node, 0
 
     @staticmethod
@@ -154,12 +160,12 @@ class _Trie:
         return [(token, kid.count / total, (kid, 0)) for token, kid in node.kids.items()]
 
 
-def _chain_length(node: _Node) -> int:
+def _chain_length(first: _Node) -> int:
     """Explicit nodes in a single-window chain (each has at most one child)."""
-    n = 0
-    while node is not None:
+    n, node = 1, first
+    while node.kids:
         n += 1
-        node = next(iter(node.kids.values())) if node.kids else None
+        node = next(iter(node.kids.values()))
     return n
 
 
@@ -219,7 +225,8 @@ class SuffixDecoding(Drafter):
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         self._sync(tokens)
         self._proposed_len = len(self._live.seq)
-        best, best_len = ([], [], [], 0.0), 0
+        best: tuple[list[int], list[int], list[float], float] = ([], [], [], 0.0)
+        best_len = 0
         for hit in (self._live.match(self.options.max_depth), self._global_match()):
             if hit is not None:
                 found = self._expand(hit[1], self._budget(hit[0], max_nodes))

@@ -61,13 +61,13 @@ class SelfDrafter(Drafter):
     """Drafts a chain with the target's own weights and cache under `self.plan` (set by bind)."""
 
     name = "self"
-    options_type: type = None
+    options_type: type  # each self-drafter's options dataclass
+    model: Runner  # the target, set by bind
+    _picker: Picker  # the request's token picker, set by start
 
     def __init__(self, **options):
         self.options = parse_options(self.options_type, options, self.name)
-        self.model: Runner | None = None
         self.plan: list[tuple[bool, bool]] = []
-        self._picker: Picker | None = None
         self.ctx = RequestContext(())
 
     def bind(self, host: DrafterHost) -> None:
@@ -110,7 +110,7 @@ class SelfDrafter(Drafter):
         pos = self.ctx.cache.length
         ids = torch.tensor([token], device=self.model.device)  # [1]
         positions = torch.tensor([pos], device=self.model.device)  # [1]
-        return self.model.forward(ids, positions, self.ctx.cache, plan=Plan(layers=plan)).logits[-1]
+        return self.model.forward(ids, positions, self.ctx.cache, plan=Plan(layers=tuple(plan))).logits[-1]
 
 
 def _check_chain_options(name: str, num_draft, threshold) -> None:
@@ -276,7 +276,7 @@ class LayerSearch:
         """Record a scored candidate; True when it became the incumbent."""
         self.iterations += 1
         self.observed.append((cand, score[0]))
-        better = score > self.best_score
+        better = self.best_score is None or score > self.best_score
         if better:
             self.best, self.best_score, self.tolerance = cand, score, 0
             self._stop_if_good(score)
@@ -335,9 +335,10 @@ class Swift(SelfDrafter):
     options_type = SwiftOptions
     wants_logits = True
 
+    search: LayerSearch  # the skip-set search, set by bind
+
     def __init__(self, **options):
         super().__init__(**options)
-        self.search: LayerSearch | None = None
         self._n_layers = 0
         self._prompt_len = 0
         self._ref: list[torch.Tensor] = []  # target logits at the window's inputs, [V] each
@@ -419,7 +420,7 @@ class Swift(SelfDrafter):
         mask = torch.zeros(w, n + w, dtype=torch.bool, device=dev)  # [W, n + W]
         mask[:, :p] = True
         mask[:, n:] = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
-        plan = Plan(layers=skip_plan(self._n_layers, skip), advance=False)
+        plan = Plan(layers=tuple(skip_plan(self._n_layers, skip)), advance=False)
         logits = self.model.forward(ids, positions, cache, mask, plan).logits.to(torch.float64)  # [W, V]
         ref = torch.stack(self._ref[:w]).to(torch.float64)  # [W, V]
         match = (logits.argmax(-1) == ref.argmax(-1)).double().mean().item()

@@ -34,7 +34,7 @@ class DraftVocab:
     def reset(self, tokens: Iterable[int] = ()) -> None:
         """Start a request: the extra ids are the ones of `tokens` (its prompt) at or above `core`."""
         self.extra_ids = torch.empty(0, dtype=torch.long)  # ascending ids >= core, the rows of extra_head
-        self.extra_head = None
+        self.extra_head: Callable | None = None
         self._extra: set[int] = set()
         self.add(tokens)
 

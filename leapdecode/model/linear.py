@@ -111,8 +111,8 @@ class NativeLinear(nn.Module):
     def weights_at(self) -> int:
         """Where the packed weights lie now: what a kernel call's cached pointers must be rebuilt for
         when it changes (a copy, .to(), a move onto huge pages)."""
-        first = self.parts[0]
-        return (first.qs if first.qs is not None else first.f).data_ptr()
+        first = next(iter(self.parts[0].tensors().values()))
+        return first.data_ptr()
 
     def _kernel_calls(self) -> list[tuple]:
         """Constant arguments of each part's kernel call, rebuilt whenever the weights moved."""

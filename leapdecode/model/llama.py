@@ -54,6 +54,9 @@ class Rope(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
 
+    cos: torch.Tensor  # [T, hd]
+    sin: torch.Tensor  # [T, hd]
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [S] -> 2x [S, hd]
         return self.cos[positions], self.sin[positions]
 

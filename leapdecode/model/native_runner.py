@@ -16,7 +16,7 @@ from leapdecode.model import quant as Q
 from leapdecode.model.config import ModelConfig
 from leapdecode.model.linear import LinearSpec, NativeLinear
 from leapdecode.model.llama import RMSNorm, Rope
-from leapdecode.model.runner import FULL, Head, Output, Plan, check_inputs, new_cache
+from leapdecode.model.runner import FULL, NO_LOGITS, Head, Output, Plan, check_inputs, new_cache
 from leapdecode.model.stack import NativeBlock, NativeStack
 from leapdecode.model.weights import EMBED, LAYER_NORMS, NORM, WeightSource, layer_prefix, linear_groups
 
@@ -55,7 +55,9 @@ class NativeRunner:
         )  # [S, D], [S or 1, V]
         if plan.advance:
             cache.advance(s)
-        if plan.rows != "none" and not inside:
+        if plan.rows == "none":
+            logits = NO_LOGITS
+        elif logits is None:  # another output layer (a drafter's head): after the final norm here
             logits = head(self.norm(x[-1:] if plan.rows == "last" else x))  # [S or 1, V]
         return Output(logits, x if plan.hidden else None)
 

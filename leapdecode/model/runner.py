@@ -55,13 +55,14 @@ class Plan:
             object.__setattr__(self, "layers", tuple((bool(a), bool(m)) for a, m in self.layers))
 
 
+NO_LOGITS = torch.empty(0)  # the logits of a plan that asks for none
 FULL = Plan()
 LAST = Plan(rows="last")
 
 
 @dataclass(frozen=True)
 class Output:
-    logits: torch.Tensor | None  # [S, V] (rows "all"), [1, V] ("last"), None ("none")
+    logits: torch.Tensor  # [S, V] (rows "all"), [1, V] ("last"), NO_LOGITS ("none")
     hidden: torch.Tensor | None  # [S, D] when the plan asked for it
 
 

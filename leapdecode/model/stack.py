@@ -102,6 +102,7 @@ class NativeStack:
         key = self._head_key
         if key is None or key[0]() is not head or key[1] != head.weights_at():
             self._head, self._head_key = _linear(head), (weakref.ref(head), head.weights_at())
+        assert self._head is not None
         return self._head
 
     def _inputs(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[LdInputs, tuple]:

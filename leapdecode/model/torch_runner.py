@@ -7,7 +7,7 @@ import torch
 from leapdecode.cache import KVCache
 from leapdecode.model.config import ModelConfig
 from leapdecode.model.llama import Transformer
-from leapdecode.model.runner import FULL, Head, Output, Plan, check_inputs, new_cache
+from leapdecode.model.runner import FULL, NO_LOGITS, Head, Output, Plan, check_inputs, new_cache
 
 
 class TorchRunner:
@@ -30,11 +30,10 @@ class TorchRunner:
 
     @property
     def nbytes(self) -> int:
-        m = self.model
-        linears = [m.lm_head] + [
-            lin for b in m.blocks for lin in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)
+        weights = [
+            p for name, p in self.model.named_parameters() if name.endswith(".weight") and p.dim() == 2
         ]
-        return sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+        return sum(w.numel() * w.element_size() for w in weights)
 
     def new_cache(self, max_len: int) -> KVCache:
         return new_cache(self.cfg, max_len, self.dtype, self.device)
@@ -47,7 +46,7 @@ class TorchRunner:
         x = self.model(tokens[None], positions, cache, mask, plan.layers)[0]  # [S, D]
         if plan.advance:
             cache.advance(s)
-        logits = None
+        logits = NO_LOGITS
         if plan.rows != "none":
             rows = x[-1:] if plan.rows == "last" else x  # [S or 1, D]
             logits = (plan.head or self.model.lm_head)(self.model.norm(rows))  # [S or 1, V]

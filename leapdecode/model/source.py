@@ -9,8 +9,7 @@ import torch
 
 from leapdecode.errors import LeapError
 from leapdecode.model.gguf import GGUFSource, is_gguf
-from leapdecode.model.llama import Transformer
-from leapdecode.model.loader import HFSource, build_model
+from leapdecode.model.loader import HFSource
 from leapdecode.model.tokenizer import Tokenizer
 from leapdecode.model.weights import WeightSource
 
@@ -54,16 +53,3 @@ def open_source(path: str | Path | None = None) -> tuple[WeightSource, Tokenizer
         raise LeapError(f"{p}: not a GGUF file (expected a .gguf file or a Hugging Face folder)")
     source = GGUFSource(p)
     return source, Tokenizer.from_gguf_metadata(source.tokenizer_metadata()), p
-
-
-def load(
-    path: str | Path | None = None, dtype: str = "float32", device: str = "cpu"
-) -> tuple[Transformer, Tokenizer, Path]:
-    """Load (model, tokenizer, resolved path); `path=None` loads the bundled default."""
-    torch_dtype = parse_dtype(dtype)
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, ValueError) as exc:
-        raise LeapError(f"device {device!r} is not available: {exc}") from exc
-    source, tokenizer, p = open_source(path)
-    return build_model(source, torch_dtype, device), tokenizer, p

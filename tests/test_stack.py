@@ -189,7 +189,8 @@ def test_feature_outputs_are_copies_of_the_residual_stream_after_their_blocks():
     def call(layers=None, head=None, features=()):
         return model.stack(ids, torch.arange(7), model.new_cache(64), None, layers, head, False, features)
 
-    x, _ = call()  # [7, D]
+    x, _, none = call()  # [7, D]
+    assert none is None
     same, _, feats = call(features=(3, 1, 3))
     assert feats.shape == (3, 7, model.cfg.dim)
     assert torch.equal(same, x) and torch.equal(feats[0], x) and torch.equal(feats[2], x)
@@ -200,3 +201,24 @@ def test_feature_outputs_are_copies_of_the_residual_stream_after_their_blocks():
     assert torch.equal(logits, call(head=head)[1]) and torch.equal(last[0], x)
     with pytest.raises(LeapError, match="features: block 4 is outside the model's 4 blocks"):
         call(features=(0, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_a_plan_returns_the_chosen_blocks_features_on_either_backend(backend):
+    """Features of block j are the residual stream after it: the last block's equal the hidden states,
+    the first block's equal the hidden states of a run that skips every later block."""
+    spec = LinearSpec(backend, "int4", "int8" if backend == "native" else "float32")
+    cfg = tiny_config(dim=64, inter=128, heads=4, kv_heads=2, vocab=96, layers=3)
+    model = tiny_runner(cfg, 1, torch.float32, spec)
+    ids = torch.randint(0, 96, (6,), generator=torch.Generator().manual_seed(12))
+
+    def run(plan):
+        return model.forward(ids, torch.arange(6), model.new_cache(16), plan=plan)
+
+    out = run(Plan(hidden=True, features=(2, 0)))
+    assert out.features.shape == (2, 6, 64) and torch.equal(out.features[0], out.hidden)
+    skip_later = ((False, False),) + ((True, True),) * 2
+    assert torch.equal(out.features[1], run(Plan(hidden=True, layers=skip_later)).hidden)
+    assert run(Plan()).features is None
+    with pytest.raises(LeapError, match="features: block 3"):
+        run(Plan(features=(3,)))

@@ -141,10 +141,12 @@ class Transformer(nn.Module):
         cache: KVCache,
         mask: torch.Tensor | None = None,
         layers: tuple[tuple[bool, bool], ...] | None = None,
+        features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """tokens [B, S], positions [S], mask bool [S, cache.length + S] or None (causal); `layers`:
         (skip_attn, skip_mlp) per block. Writes the rows' keys and values at cache slots [length, length +
-        S) without advancing `length`. Returns the hidden states [B, S, D] before the final norm."""
+        S) without advancing `length`. Returns the hidden states [B, S, D] before the final norm; with a
+        `features` list, appends every block's output [B, S, D] to it."""
         s, n = tokens.shape[1], cache.length
         x = F.embedding(tokens, self.embed)  # [B, S, D]
         cos, sin = self.rope(positions)  # [S, hd]
@@ -153,4 +155,6 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             skip_attn, skip_mlp = layers[i] if layers is not None else (False, False)
             x = block(x, cos, sin, cache, i, mask, skip_attn, skip_mlp)
+            if features is not None:
+                features.append(x)
         return x

@@ -44,22 +44,18 @@ class NativeRunner:
         s = check_inputs(self.cfg, tokens, positions, cache, mask)
         head = plan.head if plan.head is not None else self.lm_head
         inside = isinstance(head, NativeLinear) and plan.rows != "none"  # the kernel call runs the head
-        x, logits = self.stack(
-            tokens,
-            positions,
-            cache,
-            mask,
-            plan.layers,
-            (self.norm, head) if inside else None,
-            plan.rows == "last",
-        )  # [S, D], [S or 1, V]
+        norm_head = (self.norm, head) if inside else None
+        last = plan.rows == "last"
+        x, logits, feats = self.stack(
+            tokens, positions, cache, mask, plan.layers, norm_head, last, plan.features
+        )
         if plan.advance:
             cache.advance(s)
         if plan.rows == "none":
             logits = NO_LOGITS
         elif logits is None:  # another output layer (a drafter's head): after the final norm here
             logits = head(self.norm(x[-1:] if plan.rows == "last" else x))  # [S or 1, V]
-        return Output(logits, x if plan.hidden else None)
+        return Output(logits, x if plan.hidden else None, feats)
 
     def output_rows(self, rows: torch.Tensor) -> Head:
         return self.lm_head.select_rows(rows)

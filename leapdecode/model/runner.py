@@ -39,16 +39,20 @@ class Plan:
     returned ("all", "last" or "none"); head: an output layer used instead of the model's (same input,
     any number of outputs; a native layer runs inside the kernel call); hidden: also return the hidden
     states [S, D] of every row (the residual stream after the last block, before the final norm);
-    advance: whether `cache.length` grows by S (False: the rows' keys and values are written past the
-    committed ones and overwritten later, as a drafter's trial does)."""
+    features: block indices whose output residual streams come back as `Output.features` [F, S, D]
+    (a trained drafter reads the target's own features); advance: whether `cache.length` grows by S
+    (False: the rows' keys and values are written past the committed ones and overwritten later, as a
+    drafter's trial does)."""
 
     layers: tuple[tuple[bool, bool], ...] | None = None
     rows: str = "all"
     head: Head | None = None
     hidden: bool = False
+    features: tuple[int, ...] = ()
     advance: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
         if self.rows not in ROWS:
             raise LeapError(f"plan rows must be one of {', '.join(ROWS)}, got {self.rows!r}")
         if self.layers is not None:
@@ -64,6 +68,13 @@ LAST = Plan(rows="last")
 class Output:
     logits: torch.Tensor  # [S, V] (rows "all"), [1, V] ("last"), NO_LOGITS ("none")
     hidden: torch.Tensor | None  # [S, D] when the plan asked for it
+    features: torch.Tensor | None = None  # [F, S, D]: the plan's `features`, in its order
+
+
+def check_features(features: tuple[int, ...], n_blocks: int) -> None:
+    bad = [f for f in features if not 0 <= f < n_blocks]
+    if bad:
+        raise LeapError(f"features: block {bad[0]} is outside the model's {n_blocks} blocks")
 
 
 class Runner(Protocol):

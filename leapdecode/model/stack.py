@@ -20,6 +20,7 @@ from leapdecode.kernels.abi import MAX_PARTS, LdBlock, LdForwardArgs, LdInputs, 
 from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, kernel_threads, lib, status_message
 from leapdecode.model.config import ModelConfig
 from leapdecode.model.linear import NativeLinear
+from leapdecode.model.runner import check_features
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -125,10 +126,7 @@ class NativeStack:
         """The block indices and the [F, S, D] output of the residual stream after those blocks."""
         if not features:
             return None
-        blocks = self._stack.L
-        bad = [f for f in features if not 0 <= f < blocks]
-        if bad:
-            raise LeapError(f"features: block {bad[0]} is outside the model's {blocks} blocks")
+        check_features(features, self._stack.L)
         return torch.tensor(features, dtype=torch.int64), torch.empty(len(features), s, self._stack.D)
 
     def __call__(
@@ -144,8 +142,8 @@ class NativeStack:
     ) -> tuple:
         """tokens [S], positions [S] (rope positions), mask bool [S, n + S] or None (causal), layers:
         (skip_attn, skip_mlp) per block or None; head: (final RMSNorm, native output layer) or None.
-        Returns (x [S, D], logits [S or 1 (last_only), V] or None) and, with `features` (block indices),
-        feats [F, S, D] third: feats[j] is the residual stream after block features[j]. The caller checked
+        Returns (x [S, D], logits [S or 1 (last_only), V] or None, feats [F, S, D] or None): feats[j] is
+        the residual stream after block features[j] (None without `features`). The caller checked
         the shapes (`runner.check_inputs`); the cache must be one contiguous float32 sequence."""
         s, n = tokens.shape[0], cache.length
         if cache.k.shape[1] != 1 or not cache.k.is_contiguous() or cache.k.dtype != torch.float32:
@@ -172,4 +170,4 @@ class NativeStack:
         rc = self._fn(ctypes.byref(self._stack), ctypes.byref(inputs), ctypes.byref(args))
         if rc:
             raise LeapError(f"native block stack: {status_message(rc)}")
-        return (x, out) if feats is None else (x, out, feats[1])
+        return x, out, None if feats is None else feats[1]

@@ -7,7 +7,16 @@ import torch
 from leapdecode.cache import KVCache
 from leapdecode.model.config import ModelConfig
 from leapdecode.model.llama import Transformer
-from leapdecode.model.runner import FULL, NO_LOGITS, Head, Output, Plan, check_inputs, new_cache
+from leapdecode.model.runner import (
+    FULL,
+    NO_LOGITS,
+    Head,
+    Output,
+    Plan,
+    check_features,
+    check_inputs,
+    new_cache,
+)
 
 
 class TorchRunner:
@@ -43,14 +52,17 @@ class TorchRunner:
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask=None, plan: Plan = FULL
     ) -> Output:
         s = check_inputs(self.cfg, tokens, positions, cache, mask)
-        x = self.model(tokens[None], positions, cache, mask, plan.layers)[0]  # [S, D]
+        check_features(plan.features, len(self.model.blocks))
+        outs: list[torch.Tensor] | None = [] if plan.features else None
+        x = self.model(tokens[None], positions, cache, mask, plan.layers, outs)[0]  # [S, D]
+        feats = None if outs is None else torch.stack([outs[f][0] for f in plan.features])  # [F, S, D]
         if plan.advance:
             cache.advance(s)
         logits = NO_LOGITS
         if plan.rows != "none":
             rows = x[-1:] if plan.rows == "last" else x  # [S or 1, D]
             logits = (plan.head or self.model.lm_head)(self.model.norm(rows))  # [S or 1, V]
-        return Output(logits, x if plan.hidden else None)
+        return Output(logits, x if plan.hidden else None, feats)
 
     def output_rows(self, rows: torch.Tensor) -> Head:
         return self.model.lm_head.select_rows(rows)

@@ -19,6 +19,7 @@ from leapdecode.errors import LeapError
 from leapdecode.model import quant as Q
 from leapdecode.model import source as S
 from leapdecode.model.gguf import GGUFSource, stored_types
+from leapdecode.model.linear import LinearSpec
 from leapdecode.model.loader import HFSource, build_model
 from leapdecode.model.weights import StateSource, WeightSource, expected_shapes, linear_groups
 
@@ -116,9 +117,13 @@ def count_opens(monkeypatch) -> list[str]:
 
 
 def test_a_load_opens_the_file_once(count_opens):
+    from leapdecode.model.backends import load_runner
+
     source, tok, path = S.open_source(None)
     assert len(count_opens) == 1 and path == S.default_model_path() == source.path and tok.encode("hi")
-    S.load(None)  # open_source, then build_model reading every tensor
+    build_model(source)  # reads every tensor through the open file
+    assert len(count_opens) == 1
+    load_runner(None, spec=LinearSpec("torch", "int8"))  # open, resolve the spec, build (rounded weights)
     assert count_opens == [str(path)] * 2
 
 

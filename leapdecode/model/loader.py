@@ -8,8 +8,8 @@ float model is the only full copy of the weights in memory. GGUF files are read 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,7 +28,6 @@ from leapdecode.model.weights import (
     NORM,
     QKV,
     WO,
-    StateSource,
     WeightSource,
     check_shapes,
     expected_shapes,
@@ -40,21 +39,9 @@ __all__ = ["HFSource", "build_model", "expected_shapes", "gguf_config", "gguf_fi
 
 
 def build_model(
-    source: WeightSource | dict[str, torch.Tensor],
-    dtype: torch.dtype | ModelConfig = torch.float32,
-    device: str | torch.device = "cpu",
-    *legacy: Any,
+    source: WeightSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Transformer:
-    """The fused float model of `source`'s weights, in `dtype` on `device`.
-
-    Transitional: `build_model(state, cfg, dtype, device)` with a state dict still works (it wraps the
-    dict in a `StateSource`)."""
-    if isinstance(source, dict):
-        if not isinstance(dtype, ModelConfig):
-            raise LeapError("build_model(state, cfg, ...): a state dict needs its ModelConfig")
-        args = (device, *legacy)
-        return build_model(StateSource(source, dtype), *args)
-    assert isinstance(dtype, torch.dtype), "build_model(source, dtype, device)"
+    """The fused float model of `source`'s weights, in `dtype` on `device`."""
 
     def t(name: str) -> torch.Tensor:
         return source.float(name).to(dtype=dtype, device=device)
@@ -69,7 +56,7 @@ def build_model(
     return model
 
 
-def _block(cfg: ModelConfig, p: str, t: Any) -> Block:
+def _block(cfg: ModelConfig, p: str, t: Callable[[str], torch.Tensor]) -> Block:
     wqkv = torch.cat([t(p + x + ".weight") for x in QKV])
     bias = torch.cat([t(p + x + ".bias") for x in QKV]) if cfg.qkv_bias else None
     attn = Attention(cfg, Linear(wqkv, bias), Linear(t(p + WO + ".weight")))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leapdecode.checks import check_int
 from leapdecode.costmodel import CostModel
 from leapdecode.costmodel import cached as cached_cost
 from leapdecode.draft import StepResult, tree_inputs
@@ -43,10 +44,8 @@ class GenerationConfig:
     max_draft: int = 64  # most draft nodes verified in one forward
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise LeapError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not 0 <= self.max_draft <= 512:
-            raise LeapError(f"max_draft must be in [0, 512], got {self.max_draft}")
+        check_int("max_new_tokens", self.max_new_tokens)
+        check_int("max_draft", self.max_draft, 0, 512)
         object.__setattr__(self, "stop", tuple(self.stop))
         if not all(isinstance(s, str) and s for s in self.stop):
             raise LeapError("stop strings must be non-empty strings")
@@ -114,9 +113,7 @@ class Engine:
         `activations` choose the linear kernels and weight format (see `leapdecode.model.linear`)."""
         spec = LinearSpec(backend, quant, activations)  # bad names fail before the model loads
         if threads is not None:
-            if threads < 1:
-                raise LeapError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(threads)
+            torch.set_num_threads(check_int("threads", threads))
         loaded = load_runner(model, dtype, device, spec)
         return cls(loaded.runner, loaded.tokenizer, name=loaded.path.name, drafter_options=drafter_options)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from leapdecode.checks import check_int
 from leapdecode.draft import MAX_EVIDENCE, Draft, match_length
 from leapdecode.drafters.base import Drafter, RequestContext, parse_options, register
-from leapdecode.errors import LeapError
 from leapdecode.sequences import common_prefix
 
 
@@ -24,9 +24,7 @@ class CopyOptions:
 
     def __post_init__(self):
         for name in ("gamma", "max_copy"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LeapError(f"copy option {name} must be an integer >= 1, got {value!r}")
+            check_int(f"copy option {name}", getattr(self, name))
 
     @classmethod
     def parse(cls, options: dict) -> CopyOptions:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leapdecode.checks import check_int
 from leapdecode.draft import Draft
 from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, parse_options, register
 from leapdecode.drafters.vocab import DraftVocab
@@ -34,11 +35,6 @@ VOCAB_SAMPLE = 512
 
 
 # ---------------------------------------------------------------- options
-
-
-def check_int(name: str, option: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LeapError(f"{name} option {option} must be an integer >= {low}, got {value!r}")
 
 
 def check_fraction(name: str, option: str, value, closed_low: bool = True) -> None:
@@ -198,9 +194,9 @@ class DraftModelOptions:
             )
         if self.path is not None and not isinstance(self.path, str):
             raise LeapError(f"draft-model option path must be a string, got {self.path!r}")
-        check_int("draft-model", "num_draft", self.num_draft, 1)
-        check_int("draft-model", "branch", self.branch, 1)
-        check_int("draft-model", "vocab", self.vocab, 0)
+        check_int("draft-model option num_draft", self.num_draft, 1)
+        check_int("draft-model option branch", self.branch, 1)
+        check_int("draft-model option vocab", self.vocab, 0)
         check_fraction("draft-model", "threshold", self.threshold)
         if self.stop not in STOP_RULES:
             raise LeapError(

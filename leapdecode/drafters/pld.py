@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from leapdecode.checks import check_int
 from leapdecode.draft import MAX_EVIDENCE, Draft, match_length
 from leapdecode.drafters.base import Drafter, RequestContext, parse_options, register
 from leapdecode.errors import LeapError
@@ -23,9 +24,7 @@ class PLDOptions:
 
     def __post_init__(self):
         for name in ("max_ngram", "min_ngram", "num_draft"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LeapError(f"pld option {name} must be an integer >= 1, got {value!r}")
+            check_int(f"pld option {name}", getattr(self, name))
         if self.min_ngram > self.max_ngram:
             raise LeapError(
                 f"pld option min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})"

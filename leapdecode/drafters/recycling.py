@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leapdecode.checks import check_int
 from leapdecode.draft import Draft, StepResult
 from leapdecode.drafters.base import Drafter, parse_options, register
 from leapdecode.errors import LeapError
@@ -50,8 +51,7 @@ class RecyclingOptions:
     template: tuple[tuple[int, int], ...] | None = None  # explicit (parent, rank) pairs; overrides widths
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise LeapError(f"recycling option k must be an integer >= 1, got {self.k!r}")
+        check_int("recycling option k", self.k)
         if self.widths is None:
             object.__setattr__(self, "widths", tuple(min(w, self.k) for w in DEFAULT_WIDTHS))
         widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else None

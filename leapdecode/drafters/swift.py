@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from leapdecode.checks import check_int
 from leapdecode.draft import Draft, StepResult
 from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, parse_options, register
-from leapdecode.drafters.draft_model import Picker, check_fraction, check_int, draft_nodes
+from leapdecode.drafters.draft_model import Picker, check_fraction, draft_nodes
 from leapdecode.errors import LeapError
 from leapdecode.model.runner import Plan, Runner
 
@@ -114,7 +115,7 @@ class SelfDrafter(Drafter):
 
 
 def _check_chain_options(name: str, num_draft, threshold) -> None:
-    check_int(name, "num_draft", num_draft, 1)
+    check_int(f"{name} option num_draft", num_draft, 1)
     check_fraction(name, "threshold", threshold)
 
 
@@ -129,7 +130,7 @@ class EarlyExitOptions:
 
     def __post_init__(self):
         if self.exit_layer is not None:
-            check_int("early-exit", "exit_layer", self.exit_layer, 1)
+            check_int("early-exit option exit_layer", self.exit_layer, 1)
         _check_chain_options("early-exit", self.num_draft, self.threshold)
 
 
@@ -205,9 +206,9 @@ class SwiftOptions:
         if not isinstance(self.search, bool):
             raise LeapError(f"swift option search must be true or false, got {self.search!r}")
         for name in ("context_window", "opt_interval", "max_opt_iter", "max_tolerance"):
-            check_int("swift", name, getattr(self, name), 1)
-        check_int("swift", "bayes_interval", self.bayes_interval, 0)
-        check_int("swift", "seed", self.seed, 0)
+            check_int(f"swift option {name}", getattr(self, name))
+        check_int("swift option bayes_interval", self.bayes_interval, 0)
+        check_int("swift option seed", self.seed, 0)
         check_fraction("swift", "max_score", self.max_score, closed_low=False)
         _check_chain_options("swift", self.num_draft, self.threshold)
 

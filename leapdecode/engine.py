@@ -18,6 +18,7 @@ import torch
 from leapdecode.checks import check_int
 from leapdecode.costmodel import CostModel
 from leapdecode.costmodel import cached as cached_cost
+from leapdecode.cpu import cpu_flags, cpu_model
 from leapdecode.draft import StepResult, tree_inputs
 from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, make_drafter
 from leapdecode.errors import LeapError
@@ -171,7 +172,6 @@ class Engine:
 
     def _hardware_key(self) -> dict:
         """What a verify-cost measurement depends on; random-weight models built in code are not cached."""
-        from leapdecode.bench.machine import cpu_flags, cpu_model  # the bench package imports this module
 
         return {
             "model": self.name,

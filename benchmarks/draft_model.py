@@ -70,10 +70,7 @@ def our_phase(args, methods: list[str]):
     prompts = load_selected(args, engine)
     contenders = [DrafterMethod(engine, m) for m in methods]  # loads the draft model
     draft = engine.drafter("draft-model").model if "draft-model" in methods else None
-    print(
-        f"target kernels {engine.backend}"
-        + (f", draft kernels {draft.spec.describe()}" if draft else "")
-    )
+    print(f"target kernels {engine.backend}" + (f", draft kernels {draft.spec.describe()}" if draft else ""))
     probe = StreamProbe(args.threads)
     records = run_rotating(contenders, prompts, args.max_new_tokens, probe=probe) if contenders else []
     return records, prompts, frozenset(engine.tokenizer.eos_ids)

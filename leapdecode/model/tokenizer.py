@@ -234,11 +234,13 @@ class Tokenizer:
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
         vocab = backend.get_vocab(with_added_tokens=True)
-        bos = vocab.get(_token_text(cfg.get("bos_token")))
-        eos = {vocab[t] for t in [_token_text(cfg.get("eos_token"))] if t in vocab}
+        bos_text, eos_text = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+        bos = vocab.get(bos_text) if bos_text is not None else None
+        eos = {vocab[eos_text]} if eos_text in vocab else set()
         gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        tokens = [backend.id_to_token(i) for i in range(backend.get_vocab_size(with_added_tokens=True))]
+        size = backend.get_vocab_size(with_added_tokens=True)
+        tokens = [t or "" for t in (backend.id_to_token(i) for i in range(size))]  # "" for an unused id
         eos |= _end_of_turn_ids(tokens, template)
         return Tokenizer(
             backend,

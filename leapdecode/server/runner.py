@@ -146,7 +146,7 @@ class BackgroundServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self) -> BackgroundServer:
+    def start(self) -> Self:
         self._thread.start()
         deadline = time.monotonic() + self.start_timeout
         while not self.server.started:

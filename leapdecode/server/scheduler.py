@@ -206,11 +206,11 @@ class Scheduler:
         if job.cancelled:
             return self._finish(job, "cancelled")
         try:
-            if job.generation is None:
-                self._begin(job)
-            piece = next(job.generation)
+            generation = job.generation or self._begin(job)
+            piece = next(generation)
         except StopIteration:
-            return self._finish(job, job.generation.result.stats.finish_reason or "stop")
+            assert generation.result is not None  # set when the pieces run out
+            return self._finish(job, generation.result.stats.finish_reason or "stop")
         except LeapError as exc:
             return self._finish(job, "error", ApiError(400, str(exc)))
         except Exception:  # a bug must cost one request, not the server
@@ -224,9 +224,10 @@ class Scheduler:
         if job.stream:
             job.emit(Event("piece", text=piece))
 
-    def _begin(self, job: Job) -> None:
+    def _begin(self, job: Job) -> Generation:
         job.drafter = self.pool.acquire(job.config.drafter)
         job.generation = self.engine.stream(job.prompt_ids, job.config, raw=True, drafter=job.drafter)
+        return job.generation
 
     def _finish(self, job: Job, outcome: str, error: ApiError | None = None) -> None:
         result = self._close(job, keep_drafter=error is None)

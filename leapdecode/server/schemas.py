@@ -116,7 +116,7 @@ def _exactly_one(v, param):
     return v
 
 
-_NEUTRAL = (False, 0, 0.0, "", [], {})
+_NEUTRAL: tuple[object, ...] = (False, 0, 0.0, "", [], {})
 
 
 def _unsupported(what: str) -> Validator:

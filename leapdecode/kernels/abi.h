@@ -18,7 +18,7 @@
 
 #include <type_traits>
 
-#define LD_ABI_VERSION 4
+#define LD_ABI_VERSION 5
 #define LD_MAX_PARTS 4  // parts of one fused linear layer
 
 // X(name, code, message): codes run 0, -1, -2, ... without gaps (checked below).
@@ -38,7 +38,8 @@
     X(LD_ERR_TOKEN, -12, "a token id is outside the vocabulary")                                \
     X(LD_ERR_POSITION, -13, "a position is beyond the rope tables (the model's context)")      \
     X(LD_ERR_FEATURE_LAYER, -14, "a feature layer is outside the model's blocks")               \
-    X(LD_ERR_NULL, -15, "a required pointer is null")
+    X(LD_ERR_NULL, -15, "a required pointer is null")                                          \
+    X(LD_ERR_SUPER_BLOCK_K, -16, "in_features must be a multiple of 256 for K-quant formats")
 
 #define LD_STATUS_ENUM(name, code, message) name = code,
 enum LdStatus { LD_STATUSES(LD_STATUS_ENUM) };
@@ -48,7 +49,11 @@ enum LdStatus { LD_STATUSES(LD_STATUS_ENUM) };
 #define LD_FORMATS(X) \
     X(LD_FMT_F32, 0, "f32") \
     X(LD_FMT_Q8_0, 1, "q8_0") \
-    X(LD_FMT_Q4_1, 2, "q4_1")
+    X(LD_FMT_Q4_1, 2, "q4_1") \
+    X(LD_FMT_Q4_K, 3, "q4_k") \
+    X(LD_FMT_Q5_K, 4, "q5_k") \
+    X(LD_FMT_Q6_K, 5, "q6_k") \
+    X(LD_FMT_Q5_0, 6, "q5_0")
 #define LD_ACTS(X) \
     X(LD_ACT_F32, 0, "float32") \
     X(LD_ACT_INT8, 1, "int8")

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 
 from leapdecode.errors import LeapError
 
-ABI_VERSION = 4  # LD_ABI_VERSION in abi.h
+ABI_VERSION = 5  # LD_ABI_VERSION in abi.h
 MAX_PARTS = 4  # LD_MAX_PARTS
-FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2}  # LD_FORMATS: LdPart.fmt
+FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "q5_0": 6}  # LD_FORMATS
 ACT_CODES = {"float32": 0, "int8": 1}  # LD_ACTS: LdPart.act
 
 _I32, _I64, _F32, _P = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p

@@ -21,7 +21,8 @@ from leapdecode.errors import LeapError
 
 SOURCE = Path(__file__).with_name("native.cpp")
 HEADERS = tuple(
-    Path(__file__).with_name(h) for h in ("abi.h", "pool.h", "vnni512.h", "attention.h", "stack.h")
+    Path(__file__).with_name(h)
+    for h in ("abi.h", "pool.h", "vnni512.h", "kquant.h", "attention.h", "stack.h")
 )
 BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-pthread", "-shared", "-fPIC")
 # Instruction sets, best last: compiler flags and the /proc/cpuinfo flags they need.

@@ -7,6 +7,7 @@
 //   Q8_0  qs [N, nb, 32] int8,   d [N, nbp] fp16:            value = d * q
 //   Q4_1  qs [N, nb, 16] nibbles, d, m [N, nbp] fp16:        value = d * q + m   (byte j of a block holds
 //         element j in its low nibble and element j + 16 in its high nibble, exactly as GGUF stores it)
+//   Q4_K, Q5_K, Q6_K, Q5_0  qs [N, row bytes]: the GGUF file's blocks byte for byte (see kquant.h)
 // Activations: float32, or int8 blocks of 32 quantized per row (round to nearest, scale = absmax / 127).
 //
 // Row invariance: output y[i, n] is computed by exactly the same sequence of floating-point operations
@@ -40,7 +41,15 @@ namespace {
 
 constexpr int QK = 32;
 
-enum Format { F32 = LD_FMT_F32, Q8_0 = LD_FMT_Q8_0, Q4_1 = LD_FMT_Q4_1 };  // (abi.h)
+enum Format {  // (abi.h)
+    F32 = LD_FMT_F32,
+    Q8_0 = LD_FMT_Q8_0,
+    Q4_1 = LD_FMT_Q4_1,
+    Q4_K = LD_FMT_Q4_K,
+    Q5_K = LD_FMT_Q5_K,
+    Q6_K = LD_FMT_Q6_K,
+    Q5_0 = LD_FMT_Q5_0,
+};
 enum Act { ACT_F32 = LD_ACT_F32, ACT_INT8 = LD_ACT_INT8 };
 
 inline float hsum8(__m256 v) {
@@ -57,14 +66,20 @@ inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 struct QAct {
     const int8_t* q;   // [M, K]
     const float* d;    // [M, nbp] block scales (zero padded)
-    const float* s;    // [M, nbp] d * sum(q) per block (zero padded), for Q4_1's min term
+    const float* s;    // [M, nbp] d * sum(q) per block (zero padded), for the min terms of Q4_1, Q4_K, Q5_K
+    const int16_t* xs;  // [M, 2 * nbp] sum(q) per 16 (zero padded), for the offsets of Q6_K and Q5_0
     int64_t K, nbp;
 };
 
-// `grouped`: the layout the AVX-512 Q4_1 tiles read. Each run of 4 whole blocks is stored as the first
-// halves (elements 0-15) of the 4 blocks, then their second halves, matching the low and high nibbles of
-// 64 bytes of Q4_1 weights. Blocks after the last full run of 4 stay in element order.
-void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s, bool grouped) {
+// How quantize_row stores a row's int8 values: in element order, or grouped for a format's tiles.
+enum ActLayout { ELEMENTS, GROUPED_Q4_1, GROUPED_K };
+
+// GROUPED_Q4_1: the layout the AVX-512 Q4_1 tiles read. Each run of 4 whole blocks is stored as the
+// first halves (elements 0-15) of the 4 blocks, then their second halves, matching the low and high
+// nibbles of 64 bytes of Q4_1 weights. Blocks after the last full run of 4 stay in element order.
+// GROUPED_K: the AVX-512 Q4_K and Q5_K tiles' layout: the blocks of each 256 in the order 0, 2, 1, 3, 4,
+// 6, 5, 7 (the sub-blocks in the low and high nibbles of 64 weight bytes). `xs`: sums per 16, or null.
+void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s, int16_t* xs, ActLayout layout) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < nb; ++b) {
@@ -89,15 +104,25 @@ void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s, boo
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
         p = _mm256_permutevar8x32_epi32(p, perm);  // the 32 values in element order
-        if (grouped && b < nb / 4 * 4) {
+        if (layout == GROUPED_Q4_1 && b < nb / 4 * 4) {
             int8_t* g = q + (b / 4) * 4 * QK + (b % 4) * 16;
             _mm_storeu_si128((__m128i*)g, _mm256_castsi256_si128(p));
             _mm_storeu_si128((__m128i*)(g + 64), _mm256_extracti128_si256(p, 1));
+        } else if (layout == GROUPED_K) {  // (nb is a multiple of 8)
+            const int64_t j = b % 8, slot = (j & 4) | (j & 1) << 1 | (j & 2) >> 1;
+            _mm256_storeu_si256((__m256i*)(q + (b - j + slot) * QK), p);
         } else {
             _mm256_storeu_si256((__m256i*)(q + b * QK), p);
         }
         d[b] = dv;
         s[b] = dv * (float)_mm_cvtsi128_si32(s4);
+        if (xs) {  // lane 0: elements 0-15, lane 1: 16-31
+            const __m256i h = _mm256_hadd_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            const __m256i h2 = _mm256_hadd_epi32(h, h);
+            const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h2), _mm256_extracti128_si256(h2, 1));
+            xs[2 * b] = (int16_t)_mm_cvtsi128_si32(t);
+            xs[2 * b + 1] = (int16_t)_mm_extract_epi32(t, 1);
+        }
     }
 }
 
@@ -110,6 +135,7 @@ struct WQ {
     const uint16_t* m;
     const float* f;
     int64_t K, nb, nbp;
+    int64_t row_bytes;  // the GGUF block formats of kquant.h: bytes per row
 };
 
 // Block scales b..b+7 of rows n0..n0+NR-1 as float32 (the fp16 -> fp32 conversion is exact).
@@ -416,6 +442,8 @@ const TileFn T_Q41_F32[MAXN][MAXM] = LD_TABLE4(run_q41_f32);
 const TileFn T_Q80_F32[MAXN][MAXM] = LD_TABLE4(run_q80_f32);
 const TileFn T_F32[MAXN][MAXM] = LD_TABLE(run_f32);
 
+#include "kquant.h"
+
 struct Plan {
     const TileFn (*table)[MAXM];  // nullptr: float32 wide tiles (run_range_wide)
     int nr, mr;  // the full tile shape (mr <= 4 for tables built with LD_TABLE4, else <= 8)
@@ -429,6 +457,10 @@ Plan plan_for(int fmt, int act, int64_t M) {
     if (fmt == F32) {  // balanced row tiles of at most 8 rows (16 of AVX-512's 32 registers), 3 with AVX2
         const int64_t most = LD_VNNI512 ? 8 : 3, tiles = (M + most - 1) / most;
         return {T_F32, 4, (int)((M + tiles - 1) / tiles)};
+    }
+    if (is_kquant(fmt)) {  // one weight row against up to 8 (float32: 4) rows of x
+        if (act == ACT_INT8) return {T_KQ_Q8[kq_index(fmt)], 1, M >= 8 ? 8 : (int)M};
+        return {T_KQ_F32[kq_index(fmt)], 1, M >= 4 ? 4 : (int)M};
     }
     if (act == ACT_INT8) {
         if (LD_VNNI512 && M > 4 && (M <= 8 || fmt == Q8_0))  // one pass over the weights for M <= 8
@@ -495,15 +527,18 @@ struct QuantJob {
     int64_t ldx, M, K, nb, nbp, rows;
     int8_t* q;
     float *d, *s;
-    bool grouped;
+    int16_t* xs;
+    ActLayout layout;
 };
 
 void quant_chunk(void* ctx, int64_t c, int) {
     const QuantJob& j = *(const QuantJob*)ctx;
     const int64_t e = (c + 1) * j.rows < j.M ? (c + 1) * j.rows : j.M;
     for (int64_t i = c * j.rows; i < e; ++i) {
-        quantize_row(j.x + i * j.ldx, j.nb, j.q + i * j.K, j.d + i * j.nbp, j.s + i * j.nbp, j.grouped);
+        int16_t* xs = j.xs ? j.xs + i * 2 * j.nbp : nullptr;
+        quantize_row(j.x + i * j.ldx, j.nb, j.q + i * j.K, j.d + i * j.nbp, j.s + i * j.nbp, xs, j.layout);
         for (int64_t b = j.nb; b < j.nbp; ++b) j.d[i * j.nbp + b] = j.s[i * j.nbp + b] = 0.0f;
+        if (xs) memset(xs + 2 * j.nb, 0, (size_t)(j.nbp - j.nb) * 2 * sizeof(int16_t));
     }
 }
 
@@ -528,21 +563,23 @@ void linear_chunk(void* ctx, int64_t c, int) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t nbp, int8_t* q, float* d, float* s,
-                  int threads, bool grouped) {
-    QuantJob j{x, ldx, M, K, K / QK, nbp, 16, q, d, s, grouped};
+                  int16_t* xs, int threads, ActLayout layout) {
+    QuantJob j{x, ldx, M, K, K / QK, nbp, 16, q, d, s, xs, layout};
     ld::Pool::get().run(ceil_div(M, j.rows), quant_chunk, &j, M * K >= (1 << 16) ? threads : 1);
 }
 
 inline int64_t padded_blocks(int64_t K) { return (K / QK + 7) / 8 * 8; }
 
-// Bytes of scratch a linear with int8 activations needs for M rows of K inputs.
+// Bytes of scratch a linear with int8 activations needs for M rows of K inputs: d and s (float), the
+// sums per 16 (int16), then q.
 inline size_t act_scratch_bytes(int64_t M, int64_t K) {
-    return (size_t)(M * K + 2 * M * padded_blocks(K) * (int64_t)sizeof(float));
+    return (size_t)(M * K + 2 * M * padded_blocks(K) * (int64_t)(sizeof(float) + sizeof(int16_t)));
 }
 
 LdStatus check_linear(int fmt, int act, int64_t K) {
-    if (fmt < F32 || fmt > Q4_1 || act < ACT_F32 || act > ACT_INT8) return LD_ERR_FORMAT;
+    if (fmt < F32 || fmt > Q5_0 || act < ACT_F32 || act > ACT_INT8) return LD_ERR_FORMAT;
     if (fmt != F32 && (K % QK != 0)) return LD_ERR_BLOCK_K;
+    if ((fmt == Q4_K || fmt == Q5_K || fmt == Q6_K) && K % QKK != 0) return LD_ERR_SUPER_BLOCK_K;
     if (fmt == F32 && act != ACT_F32) return LD_ERR_F32_ACT;
     return LD_OK;
 }
@@ -553,14 +590,24 @@ void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, i
             void* scratch) {
     const int64_t nb = K / QK, nbp = padded_blocks(K);
     const Plan p = plan_for(fmt, act, M);
-    LinearJob j{p, WQ{(const uint8_t*)qs, d, m, f, K, nb, nbp}, Inputs{x, ldx, {nullptr, nullptr, nullptr, K, nbp}},
-                M, N, 0, y, ldy};
+    const int64_t row_bytes = is_kquant(fmt) ? kq_row_bytes(fmt, K) : 0;
+    LinearJob j{p,
+                WQ{(const uint8_t*)qs, d, m, f, K, nb, nbp, row_bytes},
+                Inputs{x, ldx, {nullptr, nullptr, nullptr, nullptr, K, nbp}},
+                M,
+                N,
+                0,
+                y,
+                ldy};
     if (act == ACT_INT8) {
         float* dx = (float*)scratch;
         float* sx = dx + M * nbp;
-        int8_t* qx = (int8_t*)(sx + M * nbp);
-        quantize_act(x, ldx, M, K, nbp, qx, dx, sx, threads, LD_VNNI512 && fmt == Q4_1);
-        j.in.a = QAct{qx, dx, sx, K, nbp};
+        int16_t* xs = (int16_t*)(sx + M * nbp);
+        int8_t* qx = (int8_t*)(xs + M * 2 * nbp);
+        const ActLayout layout = LD_VNNI512 && fmt == Q4_1 ? GROUPED_Q4_1 : k_grouped(fmt) ? GROUPED_K : ELEMENTS;
+        const bool sums16 = fmt == Q6_K || fmt == Q5_0;
+        quantize_act(x, ldx, M, K, nbp, qx, dx, sx, sums16 ? xs : nullptr, threads, layout);
+        j.in.a = QAct{qx, dx, sx, xs, K, nbp};
     }
     const int nt = M * N * K < (1 << 17) ? 1 : threads;
     // Two chunks per thread, so a thread that loses its core leaves part of its share to the others. More
@@ -580,7 +627,7 @@ int ld_isa() { return LD_VNNI512 ? 512 : 256; }  // which build this is
 // Quantize rows of x to int8 blocks in element order: q [M, K], d and s [M, nbp] (padding set to zero).
 void ld_quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t nbp, int8_t* q, float* d,
                      float* s, int threads) {
-    quantize_act(x, ldx, M, K, nbp, q, d, s, threads, false);
+    quantize_act(x, ldx, M, K, nbp, q, d, s, nullptr, threads, ELEMENTS);
 }
 
 // y[i, n] (row stride ldy) = sum_k x[i, k] W[n, k].  Returns LD_OK, or the LdStatus of bad arguments.

@@ -1,13 +1,16 @@
-"""Weight formats for the linear layers: float32, and blocks of 32 with fp16 scales.
+"""Weight formats for the linear layers: float32, blocks of 32 with fp16 scales, and GGUF's own blocks.
 
   f32   float32 weights, interleaved: groups of 4 rows, 8 columns of each row in turn (see `pack_f32`)
   q8_0  int8 q, scale d:               w = d * q        (GGUF Q8_0; our `int8`)
   q4_1  4-bit q, scale d and min m:    w = d * q + m    (GGUF Q4_1; our `int4`; GGUF Q4_0 as m = -8 d)
+  q4_k, q5_k, q6_k, q5_0               GGUF Q4_K, Q5_K, Q6_K, Q5_0: the file's blocks byte for byte
 
-A `QuantWeight` keeps the quantized values apart from the scales (q [N, nb * bytes], d and m [N, nbp]
-with nbp = nb rounded up to 8 and zero padding) so the kernels read each stream with plain vector
-loads. Repacking GGUF blocks only splits and pads arrays and converts Q4_0's offset into a min: every
-weight value stays exactly what the file stores (tests compare with `gguf.quants.dequantize`).
+A q8_0 or q4_1 `QuantWeight` keeps the quantized values apart from the scales (q [N, nb * bytes], d and
+m [N, nbp] with nbp = nb rounded up to 8 and zero padding) so the kernels read each stream with plain
+vector loads. Repacking GGUF blocks only splits and pads arrays and converts Q4_0's offset into a min.
+The GGUF block formats (`BLOCK_FORMATS`) keep each row's blocks as stored (qs [N, row bytes]; their
+kernels decode the scales, see kernels/kquant.h). Either way every weight value stays exactly what the
+file stores (tests compare with `gguf.quants.dequantize`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,17 @@ import torch
 from leapdecode.errors import LeapError
 
 QK = 32  # weights per block
-FORMATS = ("f32", "q8_0", "q4_1")
+QK_K = 256  # weights per super-block of the K-quant formats
+# The GGUF block formats: (weights per block, bytes per block) as the file stores them.
+BLOCK_FORMATS = {"q4_k": (QK_K, 144), "q5_k": (QK_K, 176), "q6_k": (QK_K, 210), "q5_0": (QK, 22)}
+FORMATS = ("f32", "q8_0", "q4_1", *BLOCK_FORMATS)
 _Q_BYTES = {"q8_0": QK, "q4_1": QK // 2}  # bytes of quantized values per block
+
+
+def row_bytes(fmt: str, k: int) -> int:
+    """Bytes of one row of `k` weights in GGUF block format `fmt`."""
+    weights, size = BLOCK_FORMATS[fmt]
+    return k // weights * size
 
 
 def padded_blocks(k: int) -> int:
@@ -42,8 +54,18 @@ class QuantWeight:
     def __post_init__(self):
         if self.fmt not in FORMATS:
             raise LeapError(f"unknown weight format {self.fmt!r}; expected one of {FORMATS}")
-        if self.fmt != "f32" and self.in_features % QK:
-            raise LeapError(f"format {self.fmt} needs in_features divisible by {QK}, got {self.in_features}")
+        block = BLOCK_FORMATS[self.fmt][0] if self.fmt in BLOCK_FORMATS else QK
+        if self.fmt != "f32" and self.in_features % block:
+            raise LeapError(
+                f"format {self.fmt} needs in_features divisible by {block}, got {self.in_features}"
+            )
+        if self.fmt in BLOCK_FORMATS and self.qs is not None:
+            want = (self.out_features, row_bytes(self.fmt, self.in_features))
+            if tuple(self.qs.shape) != want or self.qs.dtype != torch.uint8:
+                raise LeapError(
+                    f"a {self.fmt} weight needs qs uint8 {list(want)} (its rows of blocks), got "
+                    f"{self.qs.dtype} {list(self.qs.shape)}"
+                )
 
     TENSORS = ("qs", "d", "m", "f")  # the fields holding packed tensors
 
@@ -125,6 +147,8 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     n, k = w.shape
     if fmt == "f32":
         return QuantWeight("f32", n, k, f=pack_f32(w))
+    if fmt in BLOCK_FORMATS:
+        raise LeapError(f"format {fmt} holds a GGUF file's blocks as stored; quantize rounds to q8_0 or q4_1")
     if fmt not in _Q_BYTES:
         raise LeapError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
     if k % QK:
@@ -166,6 +190,8 @@ def dequantize(qw: QuantWeight) -> torch.Tensor:
     """Float32 weights [N, K], computed as GGUF does (d * q + m in float32)."""
     if qw.fmt == "f32":
         return unpack_f32(qw.tensor("f"), qw.out_features, qw.in_features)
+    if qw.fmt in BLOCK_FORMATS:
+        return dequantize_blocks(qw)
     n, k = qw.out_features, qw.in_features
     nb = k // QK
     d = qw.tensor("d")[:, :nb].float()[..., None]  # [N, nb, 1]
@@ -206,7 +232,7 @@ def select_rows(qw: QuantWeight, rows: torch.Tensor) -> QuantWeight:
 # ---------------------------------------------------------------- GGUF blocks
 
 _GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0")
 
 
 def from_gguf(raw: np.ndarray, type_name: str, rows: int, cols: int) -> QuantWeight:
@@ -214,6 +240,11 @@ def from_gguf(raw: np.ndarray, type_name: str, rows: int, cols: int) -> QuantWei
     if type_name in ("F32", "F16"):
         w = torch.from_numpy(np.asarray(raw, dtype=np.float32).reshape(rows, cols))
         return QuantWeight("f32", rows, cols, f=pack_f32(w))
+    if type_name.lower() in BLOCK_FORMATS:  # rows of blocks, as stored
+        rows_of_blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, -1)
+        if not rows_of_blocks.flags.writeable:  # a memory map's pages: torch needs its own copy
+            rows_of_blocks = rows_of_blocks.copy()
+        return QuantWeight(type_name.lower(), rows, cols, qs=torch.from_numpy(rows_of_blocks))
     if type_name not in _GGUF_BLOCK_BYTES:
         raise unsupported_type(f"this file has {type_name}")
     size = _GGUF_BLOCK_BYTES[type_name]
@@ -240,3 +271,74 @@ def unsupported_type(what: str) -> LeapError:
         f"weight format 'gguf' runs {', '.join(GGUF_TYPES)} tensors as stored; {what} "
         "(use --quant int4 or int8 to requantize, or --quant none)"
     )
+
+
+# ---------------------------------------------------------------- GGUF block formats as stored
+
+_DEQUANT_ROWS_ELEMENTS = 1 << 22  # weights dequantized at a time
+
+
+def dequantize_blocks(qw: QuantWeight) -> torch.Tensor:
+    """Float32 [N, K] of a GGUF block format, each value computed in float32 exactly as GGUF does."""
+    n, k = qw.out_features, qw.in_features
+    weights, size = BLOCK_FORMATS[qw.fmt]
+    blocks = qw.tensor("qs").reshape(n, k // weights, size)
+    out = torch.empty(n, k)
+    step = max(1, _DEQUANT_ROWS_ELEMENTS // k)
+    for i in range(0, n, step):
+        out[i : i + step] = _DEQUANTIZERS[qw.fmt](blocks[i : i + step]).reshape(-1, k)
+    return out
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:  # uint8 [..., 2] -> float32 [..., 1]
+    return b.contiguous().view(torch.float16).float()
+
+
+def _bits(b: torch.Tensor, n: int) -> torch.Tensor:  # uint8 [..., c] -> [..., n, c]: bit i of each byte
+    return (b[..., None, :] >> torch.arange(n, dtype=torch.uint8)[:, None]) & 1
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of 6-bit scales and mins -> sc, m float32 [..., 8]."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _nibble_pairs(qs: torch.Tensor) -> torch.Tensor:  # [..., 128] -> [..., 8, 32]: sub-blocks 2i, 2i + 1
+    qs = qs.reshape(*qs.shape[:-1], 4, 1, 32)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-2).reshape(*qs.shape[:-3], 8, 32)
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:  # [N, G, 144] -> [N, G, 8, 32]
+    sc, mn = _k_scales(b[..., 4:16])
+    q = _nibble_pairs(b[..., 16:144]).float()
+    return (_f16(b[..., 0:2]) * sc)[..., None] * q - (_f16(b[..., 2:4]) * mn)[..., None]
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:  # [N, G, 176] -> [N, G, 8, 32]
+    sc, mn = _k_scales(b[..., 4:16])
+    q = (_nibble_pairs(b[..., 48:176]) | (_bits(b[..., 16:48], 8) << 4)).float()
+    return (_f16(b[..., 0:2]) * sc)[..., None] * q - (_f16(b[..., 2:4]) * mn)[..., None]
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:  # [N, G, 210] -> [N, G, 16, 16]
+    lead = b.shape[:-1]
+    ql = b[..., 0:128].reshape(*lead, 2, 1, 64)
+    lo = torch.cat([ql & 0x0F, ql >> 4], dim=-2).reshape(*lead, 256)  # element 128 h + 64 nibble + byte
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
+    hi = ((b[..., 128:192].reshape(*lead, 2, 1, 32) >> shifts) & 3).reshape(*lead, 256)
+    q = ((lo | (hi << 4)).to(torch.int16) - 32).float().reshape(*lead, 16, 16)
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()
+    return (_f16(b[..., 208:210]) * sc)[..., None] * q
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:  # [N, nb, 22] -> [N, nb, 32]
+    qs = b[..., 6:22]
+    high = _bits(b[..., 2:6], 8).transpose(-1, -2).reshape(*b.shape[:-1], 32)  # bit j of the 32 -> element j
+    q = (torch.cat([qs & 0x0F, qs >> 4], dim=-1) | (high << 4)).to(torch.int16) - 16
+    return _f16(b[..., 0:2]) * q.float()
+
+
+_DEQUANTIZERS = {"q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k, "q5_0": _q5_0}

@@ -190,6 +190,7 @@ class LlamaCppPeer(Contender):
         return {
             "engine": "llama.cpp via llama-cpp-python",
             "version": package_version("llama_cpp_python"),
+            "build": llama_build(),
             "num_pred_tokens": self.prompt_lookup,
             "compute": f"quantized: llama.cpp computes with the GGUF's {self.weights} weights",
         }
@@ -208,6 +209,15 @@ def gguf_weight_format(path: Path) -> str:
         return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_")
     except ValueError:
         return f"file type {value}"
+
+
+def llama_build() -> str:
+    """How benchmarks/setup_peers.sh built llama.cpp here (e.g. without AMX), or "unknown"."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return "not installed"
+    marker = Path(spec.origin).with_name("leap_build.txt")
+    return marker.read_text().strip() if marker.is_file() else "unknown (not built by setup_peers.sh)"
 
 
 def _llamacpp(prompt_lookup: int | None) -> Callable[[PeerContext], Contender]:

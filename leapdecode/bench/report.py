@@ -237,8 +237,9 @@ def peer_lines(meta: dict, s: Summary) -> list[str]:
     for name in (c for c in s.contenders if s.kinds[c] == "peer"):
         d = meta.get("contenders", {}).get(name, {})
         version = f" {d['version']}" if d.get("version") else ""
+        build = f", build: {d['build']}" if d.get("build") else ""
         lines.append(
-            f"- `{name}`: {d.get('engine', name)}{version}; {d.get('compute', 'compute not recorded')}"
+            f"- `{name}`: {d.get('engine', name)}{version}{build}; {d.get('compute', 'compute not recorded')}"
         )
     return lines
 

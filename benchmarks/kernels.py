@@ -8,6 +8,12 @@ machine noise hits them alike. Also prints the memory-bandwidth bound: weight by
 bandwidth.
 
     .venv/bin/python benchmarks/kernels.py --threads 2 --ms 1,2,4,8,16,32 --repeats 5
+
+`--layer N,K` instead times one layer shape in GGUF's Q4_K and Q6_K blocks (random blocks, as stored) against
+our q4_1 and q8_0, `--copies` distinct copies in turn (more bytes than the caches hold), and prints the
+read rate of one row and the cost of more rows relative to one:
+
+    .venv/bin/python benchmarks/kernels.py --threads 2 --layer 17920,1536 --ms 1,8
 """
 
 from __future__ import annotations
@@ -65,6 +71,63 @@ def make_runner(kind: str, layers, act: str, m: int):
     return lambda: [run_linear([c], xs[qw.in_features], y) for (c, qw), y in zip(calls, ys)]
 
 
+def random_blocks(fmt: str, n: int, k: int, seed: int) -> Q.QuantWeight:
+    """A weight of GGUF block format `fmt` with random bytes and ordinary fp16 scales."""
+    weights, size = Q.BLOCK_FORMATS[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (n, k // weights, size), dtype=torch.uint8, generator=gen)
+    scale = torch.full((n, k // weights, 1), 0.01, dtype=torch.float16).view(torch.uint8)
+    for offset in {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q5_0": (0,)}[fmt]:
+        raw[..., offset : offset + 2] = scale
+    return Q.QuantWeight(fmt, n, k, qs=raw.reshape(n, -1))
+
+
+def layer_formats(n: int, k: int, copies: int) -> dict[str, list[Q.QuantWeight]]:
+    w = torch.randn(n, k) * 0.02
+    return {
+        "q4_k": [random_blocks("q4_k", n, k, i) for i in range(copies)],
+        "q6_k": [random_blocks("q6_k", n, k, i) for i in range(copies)],
+        "q4_1": [Q.quantize(w + i * 1e-3, "q4_1") for i in range(copies)],
+        "q8_0": [Q.quantize(w + i * 1e-3, "q8_0") for i in range(copies)],
+    }
+
+
+def time_layer(args: argparse.Namespace) -> None:
+    """One layer shape per format: ms per pass over `--copies` copies, GB/s, and k rows / 1 row."""
+    n, k = (int(v) for v in args.layer.split(","))
+    formats = layer_formats(n, k, args.copies)
+    ms = [int(m) for m in args.ms.split(",")]
+    times: dict[tuple[str, int], list[float]] = {}
+    for m in ms:
+        x, y = torch.randn(m, k), torch.empty(m, n)
+        calls = {f: [kernel_args(w, "int8") for w in ws] for f, ws in formats.items()}
+        for r in range(args.repeats + 1):
+            for f, cs in calls.items():
+                t0 = time.perf_counter()
+                for c in cs:
+                    run_linear([c], x, y)
+                if r:
+                    times.setdefault((f, m), []).append(time.perf_counter() - t0)
+    print(
+        f"layer [{n}, {k}] x {args.copies} copies, int8 activations, {args.threads} threads, "
+        f"median of {args.repeats}; read bandwidth {read_bandwidth() / 1e9:.1f} GB/s\n"
+    )
+    print(
+        "| format | MB | "
+        + " | ".join(f"M={m} ms" for m in ms)
+        + " | GB/s at M=1 | "
+        + " | ".join(f"{m}/1" for m in ms[1:])
+        + " |"
+    )
+    print("|---|---|" + "---|" * (2 * len(ms)))
+    for f, ws in formats.items():
+        mb = sum(w.nbytes for w in ws) / 1e6
+        med = {m: statistics.median(times[(f, m)]) for m in ms}
+        ratios = " | ".join(f"{med[m] / med[ms[0]]:.2f}" for m in ms[1:])
+        cells = " | ".join(f"{med[m] * 1e3:.2f}" for m in ms)
+        print(f"| {f} | {mb:.0f} | {cells} | {mb / 1e3 / med[ms[0]]:.1f} | {ratios} |")
+
+
 def read_bandwidth(gb: float = 0.5) -> float:
     """Bytes per second of a streaming read (a float32 sum over `gb` GB, best of 5)."""
     x = torch.ones(int(gb * 1e9 / 4))
@@ -88,7 +151,12 @@ def main() -> None:
         default="wall",
         help="cpu: this thread's CPU time, steadier on a busy machine (with --threads 1 only)",
     )
+    ap.add_argument("--layer", default="", help="N,K: time one layer shape per format instead (see above)")
+    ap.add_argument("--copies", type=int, default=24, help="with --layer: distinct copies of the layer")
     args = ap.parse_args()
+    if args.layer:
+        torch.set_num_threads(args.threads)
+        return time_layer(args)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures one thread: use it with --threads 1")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter

@@ -281,7 +281,9 @@ def test_spec_resolution_and_errors():
     f32 = torch.float32
     assert LinearSpec().resolve(f32, "cpu", None) == LinearSpec("native", "none", "float32")
     assert LinearSpec().resolve(f32, "cpu", True) == LinearSpec("native", "gguf", "int8")
-    assert LinearSpec().resolve(f32, "cpu", False) == LinearSpec("native", "none", "float32")
+    # a quantized file whose blocks the kernels cannot all run: 8 bits, never float32 by default
+    assert LinearSpec().resolve(f32, "cpu", False) == LinearSpec("native", "int8", "int8")
+    assert LinearSpec("torch").resolve(f32, "cpu", False) == LinearSpec("torch", "none", "float32")
     assert LinearSpec("torch", "int4").resolve(f32, "cpu", None) == LinearSpec("torch", "int4", "float32")
     assert LinearSpec("native", "int8").resolve(f32, "cpu", None).activations == "int8"
     with pytest.raises(LeapError, match="backend"):

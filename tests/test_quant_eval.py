@@ -110,7 +110,7 @@ def _write_gguf(path, qtype: str):
     """A GGUF holding one linear tensor of type `qtype` (raw bytes) and a norm."""
     w = GGUFWriter(str(path), "llama")
     cols = 256
-    nbytes = {"Q6_K": 210, "Q4_1": 20 * cols // 32}[qtype]
+    nbytes = {"Q3_K": 110, "Q4_1": 20 * cols // 32}[qtype]
     raw = np.zeros((4, nbytes), dtype=np.uint8)
     w.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=GGMLQuantizationType[qtype])  # [4, 256] weights
     w.add_tensor("blk.0.attn_norm.weight", np.ones(cols, np.float32))
@@ -135,13 +135,14 @@ class _Typed:
 
 @native_only
 def test_auto_quant_runs_the_file_only_when_every_linear_type_is_supported(tmp_path):
-    for qtype, want in (("Q6_K", "none"), ("Q4_1", "gguf")):
+    """A file with blocks the kernels cannot run as stored (Q3_K) is requantized to 8 bits, not float32."""
+    for qtype, want in (("Q3_K", "int8"), ("Q4_1", "gguf")):
         path = tmp_path / f"{qtype}.gguf"
         _write_gguf(path, qtype)
         assert (
             LinearSpec("native", "auto").resolve(torch.float32, "cpu", runs_stored(_Typed(path, qtype))).quant
             == want
         )
-    q6 = _Typed(tmp_path / "Q6_K.gguf", "Q6_K")
-    with pytest.raises(LeapError, match="Q6_K"):
-        weight_part(q6, "model.layers.0.self_attn.q_proj.weight", LinearSpec("native", "gguf", "int8"))
+    q3 = _Typed(tmp_path / "Q3_K.gguf", "Q3_K")
+    with pytest.raises(LeapError, match="Q3_K"):
+        weight_part(q3, "model.layers.0.self_attn.q_proj.weight", LinearSpec("native", "gguf", "int8"))

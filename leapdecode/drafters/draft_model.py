@@ -207,11 +207,11 @@ class DraftModelOptions:
 
 def draft_spec(options: DraftModelOptions, target: Runner, runs_stored: bool | None) -> LinearSpec:
     """The kernels and weights the draft model runs with: as asked, except that `quant=auto` on the native
-    kernels takes int4 where the file's own blocks cannot run there (instead of float32, over six times the
-    bytes per drafted token; measured in BENCHMARKS.md)."""
+    kernels takes int4 where the file's own blocks cannot run there (instead of 8 bits or float32: twice or
+    over six times the bytes per drafted token; measured in BENCHMARKS.md)."""
     asked = LinearSpec(options.backend, options.quant, options.activations)
     spec = asked.resolve(target.dtype, target.device, runs_stored)
-    if options.quant == "auto" and spec.backend == "native" and spec.quant == "none":
+    if options.quant == "auto" and spec.backend == "native" and spec.quant in ("none", "int8"):
         spec = LinearSpec(spec.backend, "int4", options.activations).resolve(
             target.dtype, target.device, runs_stored
         )

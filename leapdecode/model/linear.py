@@ -8,8 +8,9 @@ its backend is built from it (`leapdecode.model.backends`):
                AVX2 / AVX-512 VNNI kernels, row-invariant, multi-threaded, every block in one call)
                | auto (native where it runs, else torch)
   quant        none (float32) | int8 (q8_0) | int4 (q4_1; lm_head q8_0) quantized at load | gguf (the
-               file's own Q4_0/Q4_1/Q8_0 blocks, values unchanged) | auto (gguf on native when the file
-               is a GGUF whose linears are all of those types or float, else none)
+               file's own blocks, values unchanged: Q4_0/Q4_1/Q5_0/Q8_0, Q4_K/Q5_K/Q6_K, F16/F32) |
+               auto (gguf on native when the kernels run every linear of the GGUF as stored, int8 when
+               they do not, none for float weights or the torch backend)
   activations  float32 | int8 (blocks of 32, per row) | auto (int8 for quantized weights on native)
 """
 
@@ -200,8 +201,8 @@ class LinearSpec:
         if problem:
             raise LeapError(f"backend {backend!r} cannot run here: {problem}")
         quant = self.quant
-        if quant == "auto":  # the file's own blocks when the native kernels run them all, else float32
-            quant = "gguf" if runs_stored and backend == "native" else "none"
+        if quant == "auto":
+            quant = _auto_quant(backend, runs_stored)
         if quant == "gguf" and runs_stored is None:
             raise LeapError("--quant gguf needs a GGUF model file")
         activations = self.activations
@@ -215,6 +216,15 @@ class LinearSpec:
 
     def describe(self) -> str:
         return f"{self.backend}/{self.quant}/{self.activations}"
+
+
+def _auto_quant(backend: str, runs_stored: bool | None) -> str:
+    """The file's own blocks where the native kernels run them all; a quantized file whose blocks they
+    cannot all run is requantized to 8 bits, never expanded to float32 (several times the bytes per
+    step); float weights (no blocks file, or the torch backend) stay float."""
+    if backend != "native" or runs_stored is None:
+        return "none"
+    return "gguf" if runs_stored else "int8"
 
     def weight_format(self, head: bool) -> str:
         """The format float weights are quantized to (quant none, int8, int4)."""

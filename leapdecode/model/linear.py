@@ -217,6 +217,12 @@ class LinearSpec:
     def describe(self) -> str:
         return f"{self.backend}/{self.quant}/{self.activations}"
 
+    def weight_format(self, head: bool) -> str:
+        """The format float weights are quantized to (quant none, int8, int4)."""
+        fmt = QUANT_FORMAT[self.quant]
+        # 4-bit output layers cost the most quality (see `leap eval`); GGUF recipes keep them at 8 bits too.
+        return "q8_0" if head and fmt == "q4_1" else fmt
+
 
 def _auto_quant(backend: str, runs_stored: bool | None) -> str:
     """The file's own blocks where the native kernels run them all; a quantized file whose blocks they
@@ -225,9 +231,3 @@ def _auto_quant(backend: str, runs_stored: bool | None) -> str:
     if backend != "native" or runs_stored is None:
         return "none"
     return "gguf" if runs_stored else "int8"
-
-    def weight_format(self, head: bool) -> str:
-        """The format float weights are quantized to (quant none, int8, int4)."""
-        fmt = QUANT_FORMAT[self.quant]
-        # 4-bit output layers cost the most quality (see `leap eval`); GGUF recipes keep them at 8 bits too.
-        return "q8_0" if head and fmt == "q4_1" else fmt

@@ -190,12 +190,12 @@ def test_a_written_file_reads_back_as_the_weights_written(tmp_path, arch, qkv_bi
 def test_a_type_the_kernels_cannot_run_is_read_as_floats_only(tmp_path):
     cfg = tiny_config()
     state = as_float32(random_state(cfg))
-    write_gguf(tmp_path / "m.gguf", state, cfg, types={"model.layers.0.mlp.down_proj.weight": "Q5_0"})
+    write_gguf(tmp_path / "m.gguf", state, cfg, types={"model.layers.0.mlp.down_proj.weight": "Q5_1"})
     source = GGUFSource(tmp_path / "m.gguf")
     name = "model.layers.0.mlp.down_proj.weight"
-    assert source.stored_type(name) == "Q5_0" and source.stored(name) is None
+    assert source.stored_type(name) == "Q5_1" and source.stored(name) is None
     assert (source.float(name) - state[name]).abs().max() < 0.02
-    assert set(stored_types(source.reader).values()) - set(Q.GGUF_TYPES) == {"Q5_0"}
+    assert set(stored_types(source.reader).values()) - set(Q.GGUF_TYPES) == {"Q5_1"}
 
 
 def test_a_missing_tensor_is_named(tmp_path):

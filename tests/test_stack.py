@@ -222,3 +222,30 @@ def test_a_plan_returns_the_chosen_blocks_features_on_either_backend(backend):
     assert run(Plan()).features is None
     with pytest.raises(LeapError, match="features: block 3"):
         run(Plan(features=(3,)))
+
+
+def test_embeddings_looked_up_from_the_files_blocks_give_the_float_tables_bits():
+    """The default runner of a quantized file keeps its token embeddings as stored and dequantizes the rows
+    a forward needs: the same logits, bit for bit, as with the whole float32 table."""
+    from leapdecode.model.backends import build_runner
+    from leapdecode.model.gguf import GGUFSource
+    from leapdecode.model.native_runner import NativeRunner
+    from leapdecode.model.source import default_model_path
+    from leapdecode.model.stack import NativeStack
+    from leapdecode.model.weights import EMBED
+
+    source = GGUFSource(default_model_path())
+    runner, _ = build_runner(source, LinearSpec("native", "gguf", "int8"))
+    assert runner.embed is not None and runner.stack.embed is None
+    st, cfg = runner.stack, runner.cfg
+    table = NativeStack(cfg, st.blocks, source.float(EMBED).contiguous(), st.cos, st.sin)
+    ref = NativeRunner(cfg, table, runner.norm, runner.lm_head, runner.spec)
+    ids = torch.tensor([1, 2, 300, 2, 49151, 7])  # a repeated id and the vocabulary's last
+    outs = []
+    for model in (runner, ref):
+        cache = model.new_cache(16)
+        model.forward(ids[:4], torch.arange(4), cache)
+        outs.append(model.forward(ids[4:], torch.arange(4, 6), cache).logits)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(LeapError, match="outside the vocabulary"):
+        runner.forward(torch.tensor([cfg.vocab_size]), torch.arange(1), runner.new_cache(4))

@@ -28,12 +28,31 @@ class NativeRunner:
     dtype = torch.float32
     device = torch.device("cpu")
 
-    def __init__(self, cfg: ModelConfig, stack: NativeStack, norm: RMSNorm, lm_head: NativeLinear, spec):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        stack: NativeStack,
+        norm: RMSNorm,
+        lm_head: NativeLinear,
+        spec,
+        embed: Q.QuantWeight | None = None,
+    ):
+        """`embed`: the token embeddings as the file stores them, when the stack holds no float table:
+        a forward dequantizes only its rows (exactly the values the float table would hold)."""
         self.cfg, self.stack, self.norm, self.lm_head, self.spec = cfg, stack, norm, lm_head, spec
+        self.embed = embed
 
     @property
     def nbytes(self) -> int:
         return self.stack.nbytes + self.lm_head.nbytes
+
+    def _embed_rows(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """[S, D] float32 embeddings of `tokens` from the stored blocks; None when the stack has a table."""
+        if self.embed is None:
+            return None
+        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise LeapError(f"a token id is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return Q.dequantize(Q.select_rows(self.embed, tokens))
 
     def new_cache(self, max_len: int) -> KVCache:
         return new_cache(self.cfg, max_len, self.dtype, self.device)
@@ -46,8 +65,9 @@ class NativeRunner:
         inside = isinstance(head, NativeLinear) and plan.rows != "none"  # the kernel call runs the head
         norm_head = (self.norm, head) if inside else None
         last = plan.rows == "last"
+        rows = self._embed_rows(tokens)
         x, logits, feats = self.stack(
-            tokens, positions, cache, mask, plan.layers, norm_head, last, plan.features
+            tokens, positions, cache, mask, plan.layers, norm_head, last, plan.features, rows
         )
         if plan.advance:
             cache.advance(s)
@@ -101,5 +121,10 @@ def build_native(source: WeightSource, spec: LinearSpec) -> NativeRunner:
         norms = [_norm(source, p + n) for n in LAYER_NORMS]
         blocks.append(NativeBlock(qkv, o, w13, w2, attn_norm=norms[0], mlp_norm=norms[1]))
     rope = Rope(cfg, torch.float32, "cpu", freq_factors=source.rope_factors)
-    stack = NativeStack(cfg, blocks, _norm(source, EMBED), rope.cos, rope.sin)  # embeddings [V, D]
-    return NativeRunner(cfg, stack, RMSNorm(_norm(source, NORM), cfg.norm_eps), linears[-1], spec)
+    # the file's blocks are looked up row by row: a float32 table would be several times their bytes
+    stored = source.stored(EMBED) if spec.quant == "gguf" else None
+    stored = stored if stored is not None and stored.fmt != "f32" else None  # float files keep a table
+    table = None if stored is not None else _norm(source, EMBED)  # [V, D]
+    stack = NativeStack(cfg, blocks, table, rope.cos, rope.sin)
+    norm = RMSNorm(_norm(source, NORM), cfg.norm_eps)
+    return NativeRunner(cfg, stack, norm, linears[-1], spec, embed=stored)

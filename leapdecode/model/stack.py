@@ -70,11 +70,14 @@ class NativeStack:
         self,
         cfg: ModelConfig,
         blocks: list[NativeBlock],
-        embed: torch.Tensor,
+        embed: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
     ):
-        norms = [w for b in blocks for w in (b.attn_norm, b.mlp_norm)] + [embed, cos, sin]
+        """`embed`: the float32 embedding table [V, D], or None when every call brings its rows' embeddings
+        (`embed_rows`)."""
+        norms = [w for b in blocks for w in (b.attn_norm, b.mlp_norm)] + [cos, sin]
+        norms += [] if embed is None else [embed]
         if any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
             raise LeapError(
                 "the native block stack needs contiguous float32 norms, embeddings and rope tables"
@@ -106,11 +109,20 @@ class NativeStack:
         assert self._head is not None
         return self._head
 
-    def _inputs(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[LdInputs, tuple]:
-        """The kernel's view of the new rows, and the tensors it points into (kept alive for the call)."""
+    def _inputs(
+        self, tokens: torch.Tensor, positions: torch.Tensor, embed_rows: torch.Tensor | None
+    ) -> tuple[LdInputs, tuple]:
+        """The kernel's view of the new rows, and the tensors it points into (kept alive for the call).
+        With `embed_rows` [S, D], row i's embedding is embed_rows[i] (the kernel looks up 0..S-1)."""
+        if embed_rows is not None:
+            tokens, e = torch.arange(len(tokens)), embed_rows.contiguous()
+        elif self.embed is None:
+            raise LeapError("this stack has no embedding table: a call must bring its rows' embeddings")
+        else:
+            e = self.embed
         tokens = tokens.to(torch.int64).contiguous()  # [S]
         positions = positions.to(torch.int64).contiguous()  # [S]
-        e, cos, sin = self.embed, self.cos, self.sin
+        cos, sin = self.cos, self.sin
         inputs = LdInputs(
             tokens.data_ptr(),
             e.data_ptr(),
@@ -120,7 +132,7 @@ class NativeStack:
             sin.data_ptr(),
             cos.shape[0],
         )
-        return inputs, (tokens, positions)
+        return inputs, (tokens, positions, e)
 
     def _features(self, features: tuple[int, ...], s: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The block indices and the [F, S, D] output of the residual stream after those blocks."""
@@ -139,17 +151,19 @@ class NativeStack:
         head: tuple | None = None,
         last_only: bool = False,
         features: tuple[int, ...] = (),
+        embed_rows: torch.Tensor | None = None,
     ) -> tuple:
         """tokens [S], positions [S] (rope positions), mask bool [S, n + S] or None (causal), layers:
         (skip_attn, skip_mlp) per block or None; head: (final RMSNorm, native output layer) or None.
         Returns (x [S, D], logits [S or 1 (last_only), V] or None, feats [F, S, D] or None): feats[j] is
-        the residual stream after block features[j] (None without `features`). The caller checked
+        the residual stream after block features[j] (None without `features`). `embed_rows` [S, D]: the
+        rows' embeddings, looked up by the caller (a stack without a table needs them). The caller checked
         the shapes (`runner.check_inputs`); the cache must be one contiguous float32 sequence."""
         s, n = tokens.shape[0], cache.length
         if cache.k.shape[1] != 1 or not cache.k.is_contiguous() or cache.k.dtype != torch.float32:
             raise LeapError("the native block stack needs a contiguous float32 cache of one sequence")
         feats = self._features(tuple(features), s)
-        inputs, _alive = self._inputs(tokens, positions)  # the tensors stay alive for the call
+        inputs, _alive = self._inputs(tokens, positions, embed_rows)  # the tensors stay alive for the call
         x = torch.empty(s, self._stack.D)  # [S, D]
         args = LdForwardArgs(x=x.data_ptr(), S=s, n=n, Tmax=cache.max_len, threads=kernel_threads())
         args.kc, args.vc = cache.k.data_ptr(), cache.v.data_ptr()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -211,16 +209,36 @@ def test_saved_curve_is_reused_only_for_the_same_code(tiny_engine, tmp_path, mon
     assert len(list(tmp_path.glob("cost-*.json"))) == 2  # a code change measures again
 
 
-class SlowDrafter(FixedDrafter):
-    """A source whose proposing takes time, like a draft model."""
+class FakeClock:
+    """`time` for the auto module: only a SlowDrafter's proposing advances it, so the costs auto measures
+    are exact whatever else runs on the machine."""
 
-    def __init__(self, draft, seconds=0.002):
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    import leapdecode.drafters.auto as auto_module
+
+    fake = FakeClock()
+    monkeypatch.setattr(auto_module, "time", fake)
+    return fake
+
+
+class SlowDrafter(FixedDrafter):
+    """A source whose proposing takes `seconds` of the fake clock, like a draft model."""
+
+    def __init__(self, draft, clock: FakeClock, seconds=0.002):
         super().__init__(draft)
-        self.seconds, self.calls = seconds, 0
+        self.seconds, self.calls, self.clock = seconds, 0, clock
 
     def propose(self, tokens, max_nodes):
         self.calls += 1
-        time.sleep(self.seconds)
+        self.clock.now += self.seconds
         return self.draft
 
 
@@ -240,8 +258,8 @@ def run_steps(a: Auto, n: int, right: set[int]) -> None:
         a.observe(StepResult(d, [1] + d.token_ids, torch.zeros(1 + len(d), 10), accepted=accepted, bonus=3))
 
 
-def test_a_costly_source_that_does_not_pay_rests_and_is_probed():
-    slow = SlowDrafter(Draft.chain([7, 8]))  # never right
+def test_a_costly_source_that_does_not_pay_rests_and_is_probed(clock):
+    slow = SlowDrafter(Draft.chain([7, 8]), clock)  # never right
     a = auto_with({"x": FixedDrafter(Draft.chain([5])), "slow": slow}, FLAT_MS)
     run_steps(a, 64, right={5})
     assert a.gain["slow"] < 0
@@ -249,8 +267,8 @@ def test_a_costly_source_that_does_not_pay_rests_and_is_probed():
     assert slow.calls <= a.options.warmup + 64 // a.options.probe_every + 1
 
 
-def test_a_costly_source_that_pays_keeps_proposing():
-    slow = SlowDrafter(Draft.chain([5, 6, 7]), seconds=0.001)  # always right, as dear as a forward
+def test_a_costly_source_that_pays_keeps_proposing(clock):
+    slow = SlowDrafter(Draft.chain([5, 6, 7]), clock, seconds=0.001)  # always right, as dear as a forward
     a = auto_with({"slow": slow}, FLAT_MS)
     run_steps(a, 40, right={5, 6, 7})
     assert slow.calls == 40 and a.gain["slow"] > 0

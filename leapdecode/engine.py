@@ -22,7 +22,7 @@ from leapdecode.cpu import cpu_flags, cpu_model
 from leapdecode.draft import StepResult, tree_inputs
 from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, make_drafter
 from leapdecode.errors import LeapError
-from leapdecode.kernels.build import cache_dir
+from leapdecode.kernels.build import best_isa, cache_dir
 from leapdecode.kernels.native import kernel_scope
 from leapdecode.model.backends import load_runner
 from leapdecode.model.linear import LinearSpec
@@ -215,7 +215,9 @@ class Engine:
         return Generation(lambda g: self._pieces(ids, config, drafter, g))
 
     def _pieces(self, prompt_ids, config, drafter, generation) -> Generator[str, None, None]:
-        stats = Stats(prompt_tokens=len(prompt_ids), drafter=drafter.name, backend=self.backend)
+        stats = Stats(
+            prompt_tokens=len(prompt_ids), drafter=drafter.name, backend=self.backend, kernels=self.kernels
+        )
         text = TextStream(self.tokenizer, config.stop)
         out: list[int] = []
         cache = self.model.new_cache(len(prompt_ids) + config.max_new_tokens + config.max_draft + 1)
@@ -298,6 +300,11 @@ class Engine:
         if params.greedy:
             return int(logits.argmax())
         return sample(target_probs(logits.cpu(), params), rng)
+
+    @property
+    def kernels(self) -> str:
+        """The instruction set the native kernels were built for on this machine (chosen once), or torch."""
+        return best_isa() if self.model.backend == "native" else "torch"
 
     @property
     def backend(self) -> str:

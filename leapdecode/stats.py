@@ -19,6 +19,7 @@ class Stats:
     accepted_by_depth: list[int] = field(default_factory=list)  # [d] = steps that accepted >= d+1 nodes
     drafter: str = "none"
     backend: str = "torch"
+    kernels: str = "torch"  # the compiled kernels' instruction set (avx512, avx2), or torch
     finish_reason: str = ""
 
     def observe_step(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:

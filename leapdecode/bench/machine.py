@@ -30,6 +30,7 @@ def describe_machine(engine) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": str(engine.model.dtype).removeprefix("torch."),
         "backend": engine.backend,
+        "kernels": engine.kernels,
         "model": engine.name,
         "torch": torch.__version__,
         "python": platform.python_version(),

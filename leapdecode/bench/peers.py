@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -227,7 +228,7 @@ def _llamacpp(prompt_lookup: int | None) -> Callable[[PeerContext], Contender]:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        extra = {}
+        extra: dict[str, Any] = {}
         if prompt_lookup:
             # logits_all: without it llama-cpp-python sizes its score buffer by n_batch rows and fails
             # once prompt + output pass n_batch tokens

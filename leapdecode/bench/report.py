@@ -219,7 +219,7 @@ def machine_lines(meta: dict) -> list[str]:
         f"- CPU: {cpu}; {m.get('threads')} threads",
         (
             f"- Model: `{st.get('model', m.get('model'))}`, dtype {st.get('dtype', m.get('dtype'))}, "
-            f"kernels {m.get('backend', 'torch')}"
+            f"kernels {m.get('backend', 'torch')} ({m.get('kernels', 'instruction set not recorded')})"
         ),
         f"- torch {m.get('torch')}, Python {m.get('python')}, {m.get('os')}, "
         + f"leapdecode {m.get('leapdecode')}",

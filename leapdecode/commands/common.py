@@ -88,7 +88,8 @@ def format_stats(stats) -> str:
     s = stats
     depth = " ".join(str(n) for n in s.accepted_by_depth) or "-"
     return (
-        f"[{s.drafter} | backend {s.backend}] prompt {s.prompt_tokens} tok, new {s.new_tokens} tok | "
+        f"[{s.drafter} | backend {s.backend}, kernels {s.kernels}] "
+        f"prompt {s.prompt_tokens} tok, new {s.new_tokens} tok | "
         f"prefill {s.prefill_s:.2f}s | decode {s.decode_tokens_per_s:.1f} tok/s, overall "
         f"{s.tokens_per_s:.1f} tok/s | steps {s.steps}, drafted {s.drafted}, accepted {s.accepted}, "
         f"mean accepted {s.mean_accepted:.2f} | accepted by depth {depth} | "

@@ -137,12 +137,14 @@ inline __m256 kq_step(__m256 acc, __m256i isum, const KScales& w, const KAct& x)
     return acc;
 }
 
-// Software prefetch of the group 8 rows ahead (one-row tiles read rows in turn; see prefetch_rows).
+// Software prefetch of the group 16 rows ahead (one-row tiles read rows in turn; see prefetch_rows), into
+// L2 (hint T1): a non-temporal hint, as for float32, held one core's weight stream at about two thirds
+// of this rate (benchmarks/kernels.py --layer).
 template <int F>
 inline void kq_prefetch(const uint8_t* p, int64_t row_bytes) {
-    const uint8_t* q = p + 8 * row_bytes;
-    for (int64_t o = 0; o < group_bytes<F>(); o += 64) _mm_prefetch((const char*)(q + o), _MM_HINT_NTA);
-    _mm_prefetch((const char*)(q + group_bytes<F>() - 1), _MM_HINT_NTA);
+    const uint8_t* q = p + 16 * row_bytes;
+    for (int64_t o = 0; o < group_bytes<F>(); o += 64) _mm_prefetch((const char*)(q + o), Q_HINT);
+    _mm_prefetch((const char*)(q + group_bytes<F>() - 1), Q_HINT);
 }
 
 #if LD_VNNI512

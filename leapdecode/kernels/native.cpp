@@ -31,6 +31,12 @@
 // Tile loops over rows and columns must be fully unrolled so accumulator arrays live in registers.
 #define LD_UNROLL _Pragma("GCC unroll 16")
 
+// The hint of the software prefetches of quantized weight streams (prefetch_rows, kq_prefetch); a build
+// with -DQ_HINT=_MM_HINT_NTA (or another) compares hints.
+#ifndef Q_HINT
+#define Q_HINT _MM_HINT_T1
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define LD_VNNI512 1
 #else

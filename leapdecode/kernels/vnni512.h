@@ -35,12 +35,13 @@ inline __m256i unpack_q4(const uint8_t* p) {
 // Software prefetch 8 rows ahead (two 4-row tiles; with one-row tiles, for one token, 8 tiles), one line
 // per row per step: the quantized rows are short, so a tile is over before the hardware prefetcher gets
 // far. Measured with 2 chunks per thread, one row of activations: Q4_1 layers of the bundled model
-// 1.5-1.8x faster, Q8_0 layers of a 0.5B model 1.4x; 16 rows ahead gave the same as 8. Non-temporal, as
-// for float32 (see prefetch_f32): one-token steps of the bundled file's own blocks 0.91x the time.
+// 1.5-1.8x faster, Q8_0 layers of a 0.5B model 1.4x; 16 rows ahead gave the same as 8. Into L2 (hint
+// T1), not non-temporal: on a Xeon with a non-inclusive L2 the non-temporal hint held one core's weight
+// stream at about two thirds of this rate (benchmarks/kernels.py --layer).
 template <int NR>
 inline void prefetch_rows(const WQ& w, int64_t n0, int64_t b, int64_t block_bytes) {
     LD_UNROLL for (int n = 0; n < NR; ++n)
-        _mm_prefetch((const char*)(w.qs + ((n0 + n + 8) * w.nb + b) * block_bytes), _MM_HINT_NTA);
+        _mm_prefetch((const char*)(w.qs + ((n0 + n + 8) * w.nb + b) * block_bytes), Q_HINT);
 }
 
 template <int NR, int MR, bool Q4>

@@ -54,7 +54,7 @@ def run(qw: Q.QuantWeight, x: torch.Tensor, act: str, isa: str | None = None, th
 
 
 def shapes(fmt: str) -> list[tuple[int, int]]:
-    common = [(1, 256), (7, 512), (37, 1536), (130, 256)]
+    common = [(1, 256), (7, 512), (37, 1536), (130, 256), (5, 2304)]  # 2304: 9 groups of 256
     return common + ([(5, 32), (9, 96), (3, 896)] if fmt == "q5_0" else [])  # Q5_0: partial groups of 8
 
 
@@ -165,7 +165,7 @@ def test_float_activations_see_exactly_gguf_values(fmt, isa):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_row_count_gives_the_bits_of_one_row(fmt, act, isa):
     gen = torch.Generator().manual_seed(5)
-    for n, k in [(37, 1536), (11, 896)] if fmt == "q5_0" else [(37, 1536)]:
+    for n, k in [(37, 1536), (11, 896)] if fmt == "q5_0" else [(37, 1536), (9, 2304)]:
         qw = weight(fmt, n, k, seed=k)
         x = torch.randn(17, k, generator=gen) * torch.logspace(-2, 2, 17)[:, None]
         alone = torch.cat([run(qw, x[i : i + 1].clone(), act, isa) for i in range(17)])
@@ -178,11 +178,29 @@ def test_every_row_count_gives_the_bits_of_one_row(fmt, act, isa):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_avx512_equals_avx2_bitwise(fmt):
     """Both builds form the same exact integer sums per sub-block and apply the scales in one order."""
-    k = 896 if fmt == "q5_0" else 1536
-    qw = weight(fmt, 21, k, seed=9)
-    x = torch.randn(13, k, generator=torch.Generator().manual_seed(9))
-    for act in ("int8", "float32"):
-        assert torch.equal(run(qw, x, act, "avx2"), run(qw, x, act, "avx512")), act
+    for k in (896,) if fmt == "q5_0" else (1536, 2304):
+        qw = weight(fmt, 21, k, seed=9)
+        x = (
+            torch.randn(13, k, generator=torch.Generator().manual_seed(9))
+            * torch.logspace(-2, 2, 13)[:, None]
+        )
+        for act in ("int8", "float32"):
+            assert torch.equal(run(qw, x, act, "avx2"), run(qw, x, act, "avx512")), (k, act)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_activations_round_to_nearest_with_one_scale_per_block(isa):
+    """int8 activations: scale absmax / 127 per 32 values, values rounded to nearest (ties to even),
+    zero scales past the row's blocks."""
+    x = torch.randn(5, 800, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 3, 5)[:, None]
+    x[2, :64] = 0.0  # all-zero blocks: scale 0, values 0
+    q, d, _ = native.quantize_activations(x, isa)
+    blocks = x.reshape(5, -1, 32)
+    scale = blocks.abs().amax(-1) / 127.0
+    assert torch.equal(d[:, : scale.shape[1]], scale) and not d[:, scale.shape[1] :].any()
+    inv = torch.where(scale == 0, 0.0, 1.0 / scale)
+    assert torch.equal(q, torch.round(blocks * inv[..., None]).to(torch.int8).reshape(5, -1))
 
 
 @needs_native

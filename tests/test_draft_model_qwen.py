@@ -36,7 +36,7 @@ def test_qwen_05b_matches_transformers():
     from transformers import AutoModelForCausalLM
 
     path = cached("qwen-0.5b")
-    engine = Engine.load(str(path))
+    engine = Engine.load(str(path), quant="none", activations="float32")  # float32, as transformers runs it
     ids = engine.encode_prompt(PROMPTS[0])
     ours = engine.generate(ids, GenerationConfig(max_new_tokens=24, drafter="none")).token_ids
     hf = AutoModelForCausalLM.from_pretrained(

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import draft_model
+def _import_script(name: str):
+    """Import a benchmark script, then take its folder off `sys.path` again: a script named like an
+    installed package (say `kernels`) would otherwise shadow it for every later test."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
+
+
+draft_model = _import_script("draft_model")
 
 
 def _record(method: str, index: int, wall: float, gbs: float) -> dict:
@@ -52,3 +63,9 @@ def test_host_split_groups_questions_by_every_run_of_ours():
 def test_host_split_without_a_state_says_so():
     records = [_record("none", 0, 4.0, 45), _record("draft-model", 0, 2.0, 79)]
     assert draft_model.host_split(records) == "(1 questions met the host in both states.)"
+
+
+def test_importing_a_script_leaves_sys_path_as_it_was():
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    _import_script("models")
+    assert benchmarks not in sys.path

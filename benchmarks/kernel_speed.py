@@ -7,13 +7,13 @@ and int8/int4/float32 made from its weights). Configurations are interleaved wit
 machine noise hits them alike. Also prints the memory-bandwidth bound: weight bytes / measured read
 bandwidth.
 
-    .venv/bin/python benchmarks/kernels.py --threads 2 --ms 1,2,4,8,16,32 --repeats 5
+    .venv/bin/python benchmarks/kernel_speed.py --threads 2 --ms 1,2,4,8,16,32 --repeats 5
 
 `--layer N,K` instead times one layer shape in GGUF's Q4_K and Q6_K blocks (random blocks, as stored) against
 our q4_1 and q8_0, `--copies` distinct copies in turn (more bytes than the caches hold), and prints the
 read rate of one row and the cost of more rows relative to one:
 
-    .venv/bin/python benchmarks/kernels.py --threads 2 --layer 17920,1536 --ms 1,8
+    .venv/bin/python benchmarks/kernel_speed.py --threads 2 --layer 17920,1536 --ms 1,8
 """
 
 from __future__ import annotations

@@ -95,7 +95,12 @@ class StepResult:
 
     tokens: the forward's input ids, ``[root] + draft.token_ids``; logits: ``[1 + n, V]`` target logits at
     those inputs; accepted: accepted node indices (a root-to-node path); bonus: the target's token after
-    it; forward_s: seconds of the verification forward itself."""
+    it; forward_s: seconds of the verification forward itself; hidden: when the drafter asked for them
+    (`Drafter.wants_hidden`), the target's hidden states (the final norm's input) ``[1 + len(accepted), D]``
+    at the root and the accepted nodes, in path order: the committed rows' features, for trained heads.
+
+    A drafter that wants hidden states also observes the prefill, as a step with an empty draft whose
+    ``tokens`` are the prompt rows the forward computed and ``hidden`` their states ``[P, D]``."""
 
     draft: Draft
     tokens: list[int]
@@ -103,6 +108,7 @@ class StepResult:
     accepted: list[int]
     bonus: int
     forward_s: float = 0.0
+    hidden: torch.Tensor | None = None  # [1 + len(accepted), D] (prefill: [P, D])
 
     @property
     def committed(self) -> list[int]:

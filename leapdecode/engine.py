@@ -19,14 +19,14 @@ from leapdecode.checks import check_int
 from leapdecode.costmodel import CostModel
 from leapdecode.costmodel import cached as cached_cost
 from leapdecode.cpu import cpu_flags, cpu_model
-from leapdecode.draft import StepResult, tree_inputs
+from leapdecode.draft import Draft, StepResult, tree_inputs
 from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, make_drafter
 from leapdecode.errors import LeapError
 from leapdecode.kernels.build import best_isa, cache_dir
 from leapdecode.kernels.native import kernel_scope
 from leapdecode.model.backends import load_runner
 from leapdecode.model.linear import LinearSpec
-from leapdecode.model.runner import LAST, Runner
+from leapdecode.model.runner import FULL, LAST, Plan, Runner
 from leapdecode.model.tokenizer import Tokenizer
 from leapdecode.sampling import SamplingParams, sample, target_probs
 from leapdecode.stats import Stats
@@ -34,6 +34,9 @@ from leapdecode.streaming import TextStream
 from leapdecode.verify import accept
 
 Prompt = str | Sequence[dict] | Sequence[int]
+# forward plans by whether the drafter reads the target's hidden states (returning them costs no compute)
+PREFILL = {False: LAST, True: Plan(rows="last", hidden=True)}
+VERIFY = {False: FULL, True: Plan(hidden=True)}
 
 
 @dataclass(frozen=True)
@@ -261,11 +264,16 @@ class Engine:
         rng = params.generator()
         t0 = time.perf_counter()
         ids = torch.tensor(prompt_ids, device=model.device)  # [P]
+        hidden = drafter.wants_hidden
         with self.compute_scope():
-            logits = model.forward(
-                ids, torch.arange(len(prompt_ids), device=model.device), cache, plan=LAST
-            ).logits
-            root = self._pick(logits[-1], params, rng)
+            out = model.forward(
+                ids, torch.arange(len(prompt_ids), device=model.device), cache, plan=PREFILL[hidden]
+            )
+            root = self._pick(out.logits[-1], params, rng)
+            if hidden:  # a trained head reads the prompt's states
+                drafter.observe(
+                    StepResult(Draft(), list(prompt_ids), out.logits, [], root, hidden=out.hidden)
+                )
         stats.prefill_s = time.perf_counter() - t0
         yield [root]
         tokens = list(prompt_ids) + [root]
@@ -275,7 +283,7 @@ class Engine:
                 budget = min(config.max_draft, room)
                 draft = drafter.propose(tokens, budget).truncated(budget)
                 t2 = time.perf_counter()
-                step = self.verify(draft, root, cache, params, rng)
+                step = self.verify(draft, root, cache, params, rng, hidden)
                 t3 = time.perf_counter()
                 drafter.observe(step)  # learning from the step is drafting cost too
                 t4 = time.perf_counter()
@@ -284,16 +292,19 @@ class Engine:
             root = step.bonus
             yield step.committed
 
-    def verify(self, draft, root: int, cache, params: SamplingParams, rng) -> StepResult:
-        """One forward over [root] + draft, acceptance, and the cache compacted to the accepted path."""
+    def verify(self, draft, root: int, cache, params: SamplingParams, rng, hidden=False) -> StepResult:
+        """One forward over [root] + draft, acceptance, and the cache compacted to the accepted path;
+        `hidden`: the step carries the committed rows' hidden states (see `StepResult`)."""
         start = cache.length
         tokens, positions, mask = tree_inputs(draft, root, start, self.model.device)
         t0 = time.perf_counter()
-        logits = self.model.forward(tokens, positions, cache, mask).logits  # [1+n, V]
+        out = self.model.forward(tokens, positions, cache, mask, plan=VERIFY[hidden])
+        logits = out.logits  # [1+n, V]
         forward_s = time.perf_counter() - t0
         accepted, bonus = accept(draft, logits, params, rng)
         cache.keep([start] + [start + 1 + i for i in accepted], start)
-        return StepResult(draft, tokens.tolist(), logits, accepted, bonus, forward_s)
+        states = None if out.hidden is None else out.hidden[[0] + [1 + i for i in accepted]]  # [1+a, D]
+        return StepResult(draft, tokens.tolist(), logits, accepted, bonus, forward_s, states)
 
     @staticmethod
     def _pick(logits: torch.Tensor, params: SamplingParams, rng) -> int:

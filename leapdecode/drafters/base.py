@@ -65,6 +65,9 @@ class Drafter:
     wants_logits = False
     #: True when proposing reads the measured verification cost (the engine measures it before a request).
     uses_cost = False
+    #: True when `observe` reads `StepResult.hidden` (the target's states of the committed rows; the
+    #: prefill is observed too, see `StepResult`).
+    wants_hidden = False
 
     def bind(self, host: DrafterHost) -> None:
         """Called once by the engine that owns this drafter (model-based drafters keep what they need)."""

@@ -46,6 +46,22 @@ class KVCache:
         self.v[layer, :, :, n : n + s] = v
         return self.k[layer, :, :, : n + s], self.v[layer, :, :, : n + s]
 
+    def read(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the committed slots [start, end): keys and values [L, B, Hkv, end - start, D]."""
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"read({start}, {end}) outside [0, {self.length}]")
+        return self.k[:, :, :, start:end].clone(), self.v[:, :, :, start:end].clone()
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Commit keys/values [L, B, Hkv, S, D] after the committed slots, as a forward of S tokens
+        would have written them (a reused prefix: see `leapdecode.prefix_cache`)."""
+        n, s = self.length, k.shape[3]
+        if n + s > self.max_len:
+            raise LeapError(f"context full: {n + s} tokens exceed the cache size {self.max_len}")
+        self.k[:, :, :, n : n + s] = k
+        self.v[:, :, :, n : n + s] = v
+        self.length += s
+
     def advance(self, s: int) -> None:
         self.length += s
 

@@ -28,6 +28,7 @@ from leapdecode.model.backends import load_runner
 from leapdecode.model.linear import LinearSpec
 from leapdecode.model.runner import FULL, LAST, Plan, Runner
 from leapdecode.model.tokenizer import Tokenizer
+from leapdecode.prefix_cache import PrefixCache
 from leapdecode.sampling import SamplingParams, sample, target_probs
 from leapdecode.stats import Stats
 from leapdecode.streaming import TextStream
@@ -98,6 +99,7 @@ class Engine:
         self._drafters: dict[str, Drafter] = {}
         self._cost_curve: CostModel | None = None
         self._seq_ids = itertools.count()
+        self.prefix_cache: PrefixCache | None = None  # K/V reused across requests (server, chat)
         self.host = DrafterHost(model, tokenizer, self.drafter_options, self.cost_curve, self.new_drafter)
 
     @classmethod
@@ -223,11 +225,14 @@ class Engine:
         )
         text = TextStream(self.tokenizer, config.stop)
         out: list[int] = []
+        seen = list(prompt_ids)  # every committed token; the cache holds all but the last
         cache = self.model.new_cache(len(prompt_ids) + config.max_new_tokens + config.max_draft + 1)
         drafter.start(RequestContext(tuple(prompt_ids), cache, config.sampling, next(self._seq_ids)))
         t0 = time.perf_counter()
+        between_steps = False  # whether the cache holds exactly `seen`'s K/V when we stop
         try:
             for committed in self._token_steps(prompt_ids, cache, config, drafter, stats):
+                seen += committed
                 fresh, stats.finish_reason = self._take(committed, out, config)
                 piece, stopped = text.push(fresh)
                 stats.finish_reason = "stop" if stopped else stats.finish_reason
@@ -238,10 +243,16 @@ class Engine:
             else:
                 stats.finish_reason = "length"  # the context is full
             tail = text.flush()
+            between_steps = True
             if tail:
                 yield tail
+        except GeneratorExit:  # closed at a yield: between steps
+            between_steps = True
+            raise
         finally:
             drafter.stop()
+            if between_steps and self.prefix_cache is not None:
+                self.prefix_cache.store(seen, cache)
             stats.new_tokens = len(out)
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
             generation.result = Result(text.text, out, list(prompt_ids), stats)
@@ -263,13 +274,16 @@ class Engine:
         model, params = self.model, config.sampling
         rng = params.generator()
         t0 = time.perf_counter()
-        ids = torch.tensor(prompt_ids, device=model.device)  # [P]
         hidden = drafter.wants_hidden
+        reused = self._reuse_prefix(prompt_ids, cache, hidden)
+        stats.prefix_cached_tokens = reused
+        ids = torch.tensor(prompt_ids[reused:], device=model.device)  # [P - reused]
         with self.compute_scope():
-            out = model.forward(
-                ids, torch.arange(len(prompt_ids), device=model.device), cache, plan=PREFILL[hidden]
-            )
+            positions = torch.arange(reused, len(prompt_ids), device=model.device)
+            out = model.forward(ids, positions, cache, plan=PREFILL[hidden])
             root = self._pick(out.logits[-1], params, rng)
+            if self.prefix_cache is not None:  # at once: concurrent requests with this prompt share it
+                self.prefix_cache.store(prompt_ids, cache)
             if hidden:  # a trained head reads the prompt's states
                 drafter.observe(
                     StepResult(Draft(), list(prompt_ids), out.logits, [], root, hidden=out.hidden)
@@ -291,6 +305,13 @@ class Engine:
             tokens += step.committed
             root = step.bonus
             yield step.committed
+
+    def _reuse_prefix(self, prompt_ids: list[int], cache, hidden: bool) -> int:
+        """Prompt tokens whose K/V the prefix cache put in `cache` (not prefilled). A drafter that reads
+        the prompt's hidden states (`hidden`) needs every row computed, so it gets no reuse."""
+        if self.prefix_cache is None or hidden:
+            return 0
+        return self.prefix_cache.restore(prompt_ids, cache)
 
     def verify(self, draft, root: int, cache, params: SamplingParams, rng, hidden=False) -> StepResult:
         """One forward over [root] + draft, acceptance, and the cache compacted to the accepted path;

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class Stats:
     prompt_tokens: int = 0
+    prefix_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0

@@ -174,18 +174,34 @@ def test_every_row_count_gives_the_bits_of_one_row(fmt, act, isa):
         assert torch.equal(run(qw, x, act, isa, threads=1), alone)  # the thread split never matters
 
 
-@pytest.mark.skipif(len(ISAS) < 2, reason="needs a CPU that runs both the AVX2 and the AVX-512 build")
+@pytest.mark.skipif(len(ISAS) < 2, reason="needs a CPU that runs at least two builds (AVX2, AVX-512, AMX)")
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_avx512_equals_avx2_bitwise(fmt):
-    """Both builds form the same exact integer sums per sub-block and apply the scales in one order."""
+def test_every_build_gives_the_same_bits(fmt):
+    """Every build forms the same exact integer sums per sub-block (VNNI lanes, AVX2 pairs or AMX tiles)
+    and applies the scales in one order."""
     for k in (896,) if fmt == "q5_0" else (1536, 2304):
-        qw = weight(fmt, 21, k, seed=9)
+        qw = weight(fmt, 37, k, seed=9)
         x = (
             torch.randn(13, k, generator=torch.Generator().manual_seed(9))
             * torch.logspace(-2, 2, 13)[:, None]
         )
         for act in ("int8", "float32"):
-            assert torch.equal(run(qw, x, act, "avx2"), run(qw, x, act, "avx512")), (k, act)
+            for m in (1, 2, 8, 13):
+                outs = [run(qw, x[:m].clone(), act, isa) for isa in ISAS]
+                assert all(torch.equal(outs[0], o) for o in outs[1:]), (k, act, m)
+
+
+@needs_native
+@pytest.mark.skipif("amx" not in ISAS, reason="needs a CPU with AMX int8 tiles that the OS lets this process use")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_amx_tiles_past_one_pass_of_64_rows_give_the_bits_of_one_row(fmt):
+    """Chunks of 16 rows, passes of 64 and a last partial tile of weight rows (fewer than 16)."""
+    k = 896 if fmt == "q5_0" else 512
+    qw = weight(fmt, 40, k, seed=3)
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 2, 70)[:, None]
+    alone = torch.cat([run(qw, x[i : i + 1].clone(), "int8", "amx") for i in range(70)])
+    for m in (16, 17, 64, 65, 70):
+        assert torch.equal(run(qw, x[:m].clone(), "int8", "amx"), alone[:m]), m
 
 
 @needs_native

@@ -2,12 +2,15 @@
 
 The kernels are one C++ source (with two headers) without Python or torch headers, so a build takes a
 few seconds with the system compiler and needs nothing from the network. There is a build per
-instruction set (AVX2, and AVX-512 VNNI where the CPU has it); a library's name carries a hash of the
+instruction set (AVX2; AVX-512 VNNI where the CPU has it; AVX-512 with Intel AMX int8 tiles where the CPU
+has them and the OS grants this process their register state); a library's name carries a hash of the
 sources, the flags and the compiler, so an edited source or another compiler never reuses a stale build.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -22,17 +25,36 @@ from leapdecode.errors import LeapError
 SOURCE = Path(__file__).with_name("native.cpp")
 HEADERS = tuple(
     Path(__file__).with_name(h)
-    for h in ("abi.h", "pool.h", "vnni512.h", "kquant.h", "attention.h", "stack.h")
+    for h in ("abi.h", "pool.h", "vnni512.h", "kquant.h", "amx.h", "attention.h", "stack.h")
 )
 BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-pthread", "-shared", "-fPIC")
+_AVX512 = (
+    ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+    ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+)
 # Instruction sets, best last: compiler flags and the /proc/cpuinfo flags they need.
 ISAS = {
     "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
-    "avx512": (
-        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
-        ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
-    ),
+    "avx512": _AVX512,
+    "amx": (_AVX512[0] + ("-mamx-tile", "-mamx-int8"), _AVX512[1] + ("amx_tile", "amx_int8")),
 }
+
+# Linux keeps the AMX tile registers off until a process asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+# XFEATURE_XTILEDATA); an AMX instruction before that kills the process.
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+@functools.cache
+def amx_permission() -> str | None:
+    """Ask the OS once for the AMX tile data state: None when granted, else why not."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+    except (OSError, AttributeError) as exc:
+        return f"cannot ask the OS for the AMX tile state ({exc})"
+    if rc != 0:
+        return f"the OS refused the AMX tile state (arch_prctl: {os.strerror(ctypes.get_errno())})"
+    return None
 
 
 def cache_dir() -> Path:
@@ -58,11 +80,13 @@ def cpu_problem(isa: str = "avx2") -> str | None:
     if flags is None:
         return "cannot read /proc/cpuinfo to check the CPU's instruction sets"
     missing = [f for f in ISAS[isa][1] if f not in flags]
-    return f"the CPU lacks {', '.join(missing)}" if missing else None
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    return amx_permission() if isa == "amx" else None
 
 
 def best_isa() -> str:
-    """LEAPDECODE_ISA (avx2 or avx512) when set, else the best build this CPU runs."""
+    """LEAPDECODE_ISA (avx2, avx512 or amx) when set, else the best build this CPU runs."""
     forced = os.environ.get("LEAPDECODE_ISA")
     if forced:
         if forced not in ISAS:

@@ -43,6 +43,12 @@
 #define LD_VNNI512 0
 #endif
 
+#if LD_VNNI512 && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define LD_AMX 1
+#else
+#define LD_AMX 0
+#endif
+
 namespace {
 
 constexpr int QK = 32;
@@ -451,9 +457,13 @@ const TileFn T_F32[MAXN][MAXM] = LD_TABLE(run_f32);
 #include "kquant.h"
 
 struct Plan {
-    const TileFn (*table)[MAXM];  // nullptr: float32 wide tiles (run_range_wide)
+    const TileFn (*table)[MAXM];  // nullptr: float32 wide tiles (run_range_wide) or AMX tiles (amx >= 0)
     int nr, mr;  // the full tile shape (mr <= 4 for tables built with LD_TABLE4, else <= 8)
+    int amx = -1;  // AMX build: kq_index of a K-quant format run through the tile unit (amx.h)
 };
+
+// Rows of x from which the AMX build runs K-quant weights through the tile unit (fewer: VNNI tiles).
+constexpr int64_t AMX_MIN_M = 2;
 
 Plan plan_for(int fmt, int act, int64_t M) {
     // The shape is a speed choice only: any shape gives bit-identical outputs.
@@ -464,6 +474,7 @@ Plan plan_for(int fmt, int act, int64_t M) {
         const int64_t most = LD_VNNI512 ? 8 : 3, tiles = (M + most - 1) / most;
         return {T_F32, 4, (int)((M + tiles - 1) / tiles)};
     }
+    if (LD_AMX && is_kquant(fmt) && act == ACT_INT8 && M >= AMX_MIN_M) return {nullptr, 16, 16, kq_index(fmt)};
     if (is_kquant(fmt)) {  // one weight row against up to 8 (float32: 4) rows of x
         if (act == ACT_INT8) return {T_KQ_Q8[kq_index(fmt)], 1, M >= 8 ? 8 : (int)M};
         return {T_KQ_F32[kq_index(fmt)], 1, M >= 4 ? 4 : (int)M};
@@ -524,6 +535,9 @@ void run_range(const Plan& p, const WQ& w, const Inputs& in, int64_t M, int64_t 
     }
 }
 
+#if LD_AMX
+#include "amx.h"
+#endif
 #include "attention.h"
 
 // ------------------------------------------------------------------ parallel drivers
@@ -555,11 +569,15 @@ struct LinearJob {
     int64_t M, N, rows;
     float* y;
     int64_t ldy;
+    const int8_t* xv;  // AMX plans: x's int8 rows in the tile unit's layout (amx_pack_act)
 };
 
 void linear_chunk(void* ctx, int64_t c, int) {
     const LinearJob& j = *(const LinearJob*)ctx;
     const int64_t e = (c + 1) * j.rows < j.N ? (c + 1) * j.rows : j.N;
+#if LD_AMX
+    if (j.p.amx >= 0) return T_KQ_AMX[j.p.amx](j.w, j.in, j.xv, j.M, c * j.rows, e, j.y, j.ldy);
+#endif
 #if LD_VNNI512
     if (j.p.table == nullptr) return run_range_wide(j.w, j.in.x, j.in.ldx, j.M, c * j.rows, e, j.y, j.ldy);
 #endif
@@ -577,9 +595,14 @@ void quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t nbp
 inline int64_t padded_blocks(int64_t K) { return (K / QK + 7) / 8 * 8; }
 
 // Bytes of scratch a linear with int8 activations needs for M rows of K inputs: d and s (float), the
-// sums per 16 (int16), then q.
+// sums per 16 (int16), then q (and in the AMX build, 64-byte aligned, q in the tile unit's layout).
 inline size_t act_scratch_bytes(int64_t M, int64_t K) {
-    return (size_t)(M * K + 2 * M * padded_blocks(K) * (int64_t)(sizeof(float) + sizeof(int16_t)));
+    const size_t base = (size_t)(M * K + 2 * M * padded_blocks(K) * (int64_t)(sizeof(float) + sizeof(int16_t)));
+#if LD_AMX
+    return base + 64 + amx_act_bytes(M, K);
+#else
+    return base;
+#endif
 }
 
 LdStatus check_linear(int fmt, int act, int64_t K) {
@@ -604,7 +627,8 @@ void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, i
                 N,
                 0,
                 y,
-                ldy};
+                ldy,
+                nullptr};
     if (act == ACT_INT8) {
         float* dx = (float*)scratch;
         float* sx = dx + M * nbp;
@@ -614,6 +638,13 @@ void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, i
         const bool sums16 = fmt == Q6_K || fmt == Q5_0;
         quantize_act(x, ldx, M, K, nbp, qx, dx, sx, sums16 ? xs : nullptr, threads, layout);
         j.in.a = QAct{qx, dx, sx, xs, K, nbp};
+#if LD_AMX
+        if (p.amx >= 0) {
+            int8_t* xv = (int8_t*)(((uintptr_t)(qx + M * K) + 63) & ~(uintptr_t)63);
+            amx_pack_act(qx, M, K, xv);
+            j.xv = xv;
+        }
+#endif
     }
     const int nt = M * N * K < (1 << 17) ? 1 : threads;
     // Two chunks per thread, so a thread that loses its core leaves part of its share to the others. More
@@ -628,7 +659,7 @@ void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, i
 
 extern "C" {
 
-int ld_isa() { return LD_VNNI512 ? 512 : 256; }  // which build this is
+int ld_isa() { return LD_AMX ? 1024 : LD_VNNI512 ? 512 : 256; }  // which build this is
 
 // Quantize rows of x to int8 blocks in element order: q [M, K], d and s [M, nbp] (padding set to zero).
 void ld_quantize_act(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t nbp, int8_t* q, float* d,

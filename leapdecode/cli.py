@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "chat": ("leapdecode.commands.chat", "interactive multi-turn chat"),
     "bench": ("leapdecode.bench.command", "benchmark every method on Spec-Bench against peers"),
     "serve": ("leapdecode.server.command", "OpenAI-compatible HTTP server"),
+    "train-drafter": ("leapdecode.commands.train_drafter", "train an eagle or medusa drafter head on CPU"),
     "eval": ("leapdecode.commands.evaluate", "quality of a weight format: perplexity, KL, top-1 agreement"),
 }
 

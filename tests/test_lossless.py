@@ -31,8 +31,9 @@ if (
 ):  # the fast backend: its tests elsewhere skip, with the reason, without it
     ENGINES += [_native("int4", "int8", 11), _native("none", "float32", 12)]
 V = 48
-# drafters that need construction options (a draft model path) have their own test files
-NEEDS_OPTIONS = {"draft-model"}
+# drafters that need construction options (a draft model path, a head trained for the model) have their
+# own test files, which run this property on these engines
+NEEDS_OPTIONS = {"draft-model", "eagle", "medusa"}
 
 
 class NoisyOracle(Drafter):

@@ -1,0 +1,145 @@
+"""What the trained drafters (`eagle`, `medusa`) share: the head file, the target's parts they read,
+and the vocabulary their output layer covers.
+
+A head file is one safetensors file: the head's tensors, ``vocab`` (the ascending token ids its output
+layer covers: the ones the target emitted on the training text, VocabTrim), ``norm`` (the target's final
+norm weight, which the head's predicted features go through before the target's own output layer) and
+``check`` (the target's embeddings of a few ids, so a head is never run on another model), with its
+kind and config as JSON metadata. Heads ship as float16 and run in float32 (or the target's dtype).
+
+The target's parts come through the runner's public forward: an embedding is a forward with every
+sub-layer skipped (its hidden state is the embedding), the output layer is `output_rows(ids)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from leapdecode.errors import LeapError
+from leapdecode.model.runner import Head, Plan, Runner
+
+CHECK_IDS = (0, 1, 2, 3, 100, 1000)  # ids whose embeddings identify the target (those below its vocab)
+CHECK_TOLERANCE = 2e-2  # float16 storage of the embeddings, quantized or not
+BUNDLED = "leapdecode.data.drafters"
+
+
+@dataclass(frozen=True)
+class HeadFile:
+    kind: str  # "eagle" or "medusa"
+    config: dict  # the head's own config (its dataclass as a dict)
+    model: dict  # what it was trained for: dim, vocab_size, n_layers, name
+    tensors: dict[str, torch.Tensor]
+    vocab: torch.Tensor  # [N] ascending token ids
+    norm: torch.Tensor  # [D]
+    check: torch.Tensor  # [len(check ids), D]
+
+
+def save_head(path: Path, head: HeadFile) -> None:
+    tensors = {f"head.{k}": v.detach().to(torch.float16).contiguous() for k, v in head.tensors.items()}
+    tensors |= {"vocab": head.vocab.to(torch.int64), "norm": head.norm.float(), "check": head.check.float()}
+    meta = {"kind": head.kind, "config": json.dumps(head.config), "model": json.dumps(head.model)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_head(path: Path | str, kind: str) -> HeadFile:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LeapError(f"{kind}: no head file at {path} (train one with `leap train-drafter --kind {kind}`)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") != kind:
+        raise LeapError(f"{kind}: {path} holds a {meta.get('kind', 'unknown')!r} head, not a {kind} head")
+    t = load_file(str(path))
+    heads = {k.removeprefix("head."): v.float() for k, v in t.items() if k.startswith("head.")}
+    return HeadFile(
+        kind, json.loads(meta["config"]), json.loads(meta["model"]), heads, t["vocab"], t["norm"], t["check"]
+    )
+
+
+def bundled_path(kind: str) -> Path:
+    return Path(str(resources.files(BUNDLED) / f"{kind}.safetensors"))
+
+
+def model_info(runner: Runner, name: str = "") -> dict:
+    cfg = runner.cfg
+    return {"dim": cfg.dim, "vocab_size": cfg.vocab_size, "n_layers": cfg.n_layers, "name": name}
+
+
+class TargetParts:
+    """The target's embeddings and output layer, through its runner's forward."""
+
+    def __init__(self, runner: Runner, rows: int = 256):
+        self.runner, self.rows = runner, rows
+        self.cache = runner.new_cache(rows)  # never advanced: skipped blocks write nothing
+        n = runner.cfg.n_layers
+        self.plan = Plan(layers=((True, True),) * n, rows="none", hidden=True, advance=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [N] -> [N, D]
+        out = []
+        for chunk in ids.split(self.rows):
+            pos = torch.zeros_like(chunk)  # no block runs, so rope never applies
+            hidden = self.runner.forward(chunk, pos, self.cache, plan=self.plan).hidden
+            assert hidden is not None  # the plan asks for it
+            out.append(hidden)
+        return torch.cat(out) if out else torch.empty(0, self.runner.cfg.dim)
+
+    def check(self, head: HeadFile, kind: str) -> None:
+        """Refuse a head trained for another model (sizes first, then a few embeddings)."""
+        mine = model_info(self.runner)
+        for key in ("dim", "vocab_size", "n_layers"):
+            if head.model.get(key) != mine[key]:
+                raise LeapError(
+                    f"{kind}: the head was trained for a model with {key} {head.model.get(key)}, "
+                    f"this one has {mine[key]} (train a head for it with `leap train-drafter`)"
+                )
+        ids = torch.tensor([i for i in CHECK_IDS if i < mine["vocab_size"]])
+        got = self.embed(ids).float()  # [C, D]
+        if not torch.allclose(got, head.check.float(), atol=CHECK_TOLERANCE, rtol=CHECK_TOLERANCE):
+            name = head.model.get("name") or "another model"
+            raise LeapError(
+                f"{kind}: the head was trained for {name}, whose embeddings differ from this model's"
+            )
+
+
+def check_embeddings(parts: TargetParts) -> torch.Tensor:
+    ids = torch.tensor([i for i in CHECK_IDS if i < parts.runner.cfg.vocab_size])
+    return parts.embed(ids).float()  # [C, D]
+
+
+class HeadVocab:
+    """The output layer over the trimmed vocabulary plus the request's own prompt ids."""
+
+    def __init__(self, runner: Runner, trimmed: torch.Tensor):
+        self.runner = runner
+        self.trimmed = set(trimmed.tolist())
+        self.reset(())
+
+    def reset(self, prompt: Iterable[int]) -> None:
+        ids = sorted(self.trimmed | set(prompt))
+        self.ids = torch.tensor(ids, dtype=torch.long)  # [N] ascending
+        self.head: Head = self.runner.output_rows(self.ids)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] after the final norm -> [..., N]
+        return self.head(x.to(self.runner.dtype))
+
+
+def head_config(cls, d: dict):
+    """A head config dataclass from its JSON dict, naming what is missing."""
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise LeapError(f"head file config does not match {cls.__name__}: {exc}") from exc
+
+
+def as_dict(cfg) -> dict:
+    return asdict(cfg)

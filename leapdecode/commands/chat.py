@@ -7,10 +7,12 @@ import sys
 from leapdecode.commands.common import (
     add_generation_arguments,
     add_model_arguments,
+    add_prefix_cache_argument,
     format_stats,
     generation_config,
     load_engine,
 )
+from leapdecode.prefix_cache import PrefixCache
 
 HELP = "Commands: /reset clears the conversation, /exit quits (or Ctrl-D)."
 
@@ -19,11 +21,13 @@ def add_arguments(p) -> None:
     p.add_argument("--system", default=None, help="system message")
     add_model_arguments(p)
     add_generation_arguments(p)
+    add_prefix_cache_argument(p)
 
 
 def run(args) -> int:
     config = generation_config(args)
     engine = load_engine(args)
+    engine.prefix_cache = PrefixCache.from_mb(args.prefix_cache_mb)  # each turn prefills only its new tokens
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

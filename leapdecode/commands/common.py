@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from leapdecode.checks import non_negative_int, positive_int
+from leapdecode.checks import int_at_least, non_negative_int, positive_int
 from leapdecode.drafters import available
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
+from leapdecode.prefix_cache import DEFAULT_MB, MAX_MB
 from leapdecode.sampling import SamplingParams
 
 
@@ -52,6 +53,16 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", action="store_true", help="print speculative statistics to stderr")
 
 
+def add_prefix_cache_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int_at_least(0, MAX_MB),
+        default=DEFAULT_MB,
+        help=f"MiB of keys/values kept to reuse earlier prompts' prefixes (least recently used go first; "
+        f"0: off; default: {DEFAULT_MB})",
+    )
+
+
 def load_engine(args: argparse.Namespace) -> Engine:
     """The engine that the model options (`add_model_arguments`) describe."""
     options = {"draft-model": {"path": args.draft_model}} if args.draft_model else {}
@@ -89,7 +100,7 @@ def format_stats(stats) -> str:
     depth = " ".join(str(n) for n in s.accepted_by_depth) or "-"
     return (
         f"[{s.drafter} | backend {s.backend}, kernels {s.kernels}] "
-        f"prompt {s.prompt_tokens} tok, new {s.new_tokens} tok | "
+        f"prompt {s.prompt_tokens} tok ({s.prefix_cached_tokens} cached), new {s.new_tokens} tok | "
         f"prefill {s.prefill_s:.2f}s | decode {s.decode_tokens_per_s:.1f} tok/s, overall "
         f"{s.tokens_per_s:.1f} tok/s | steps {s.steps}, drafted {s.drafted}, accepted {s.accepted}, "
         f"mean accepted {s.mean_accepted:.2f} | accepted by depth {depth} | "

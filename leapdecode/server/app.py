@@ -28,6 +28,7 @@ from starlette.routing import Route
 from leapdecode.drafters import available, make_drafter
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
+from leapdecode.prefix_cache import DEFAULT_MB, MAX_MB, PrefixCache
 from leapdecode.server.errors import ApiError, from_status, invalid
 from leapdecode.server.intake import LOOPBACK_HOSTS, CheckHost, authorize, host_name, read_json
 from leapdecode.server.metrics import CONTENT_TYPE
@@ -58,6 +59,8 @@ class ServerConfig:
     header_timeout: float = 10.0  # seconds a client may take to send a request's headers
     body_timeout: float = 30.0  # seconds a client may take to send a request's body
     max_connections: int = 256  # open connections; more are answered 503 and closed
+    # MiB of keys and values kept to reuse prompt prefixes across requests (0: no prefix cache)
+    prefix_cache_mb: int = DEFAULT_MB
 
     def __post_init__(self):
         if self.drafter not in available():
@@ -69,6 +72,7 @@ class ServerConfig:
             "max_body_bytes": (self.max_body_bytes, 1024, 2**31),
             "max_messages": (self.max_messages, 1, 1_000_000),
             "max_connections": (self.max_connections, 1, 1_000_000),
+            "prefix_cache_mb": (self.prefix_cache_mb, 0, MAX_MB),
             "default_max_tokens": (
                 1 if self.default_max_tokens is None else self.default_max_tokens,
                 1,
@@ -76,7 +80,7 @@ class ServerConfig:
             ),
         }
         for name, (value, lo, hi) in checks.items():
-            if not isinstance(value, int) or not lo <= value <= hi:
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise LeapError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         for name in ("header_timeout", "body_timeout"):
             value = getattr(self, name)
@@ -95,6 +99,7 @@ class ServerConfig:
 class ServerState:
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine, self.config = engine, config
+        engine.prefix_cache = PrefixCache.from_mb(config.prefix_cache_mb)  # this server's, from empty
         self.scheduler = Scheduler(engine, config.max_concurrency, config.max_queue)
         self.model_name = config.model_name or engine.name
         self.model_names = {self.model_name, engine.name}

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from leapdecode.commands.common import add_model_arguments, load_engine
+from leapdecode.commands.common import add_model_arguments, add_prefix_cache_argument, load_engine
 from leapdecode.errors import LeapError
 
 
@@ -128,6 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds active generations may take to finish; then each ends with a 503 error "
         "event (streams: then data: [DONE]) (default: 30)",
     )
+    add_prefix_cache_argument(g)
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(p)
 
@@ -182,6 +183,7 @@ def run(args) -> int:
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         max_connections=args.max_connections,
+        prefix_cache_mb=args.prefix_cache_mb,
     )  # validated before the model loads
     sock = bind(args.host, args.port)
     engine = load_engine(args)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from operator import attrgetter
+
+from leapdecode.prefix_cache import PrefixCache
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LabelValues = tuple[str, ...]
@@ -51,10 +54,13 @@ class Metric:
 
 
 class Counter(Metric):
+    """A count incremented here, or read when the metrics are rendered (`fn`: a count kept elsewhere)."""
+
     kind = "counter"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fn: Callable[[], float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._fn = fn
         self._values: dict[LabelValues, float] = {} if self.labelnames else {(): 0.0}
 
     def inc(self, amount: float = 1.0, **labels) -> None:
@@ -67,6 +73,8 @@ class Counter(Metric):
             return self._values.get(self._key(labels), 0.0)
 
     def _samples(self) -> list[str]:
+        if self._fn is not None:
+            return [f"{self.name} {_number(self._fn())}"]
         return [
             f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in sorted(self._values.items())
         ]
@@ -143,6 +151,24 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 
 
+PREFIX_SERIES = (  # (kind, name after leap_prefix_cache_, help, attribute of the PrefixCache)
+    (Counter, "lookups_total", "Prompts looked up in the prefix cache", "stats.lookups"),
+    (Counter, "hits_total", "Prompts that reused at least one cached token", "stats.hits"),
+    (Counter, "lookup_tokens_total", "Prompt tokens looked up in the prefix cache", "stats.lookup_tokens"),
+    (Counter, "hit_tokens_total", "Prompt tokens reused instead of prefilled", "stats.hit_tokens"),
+    (Counter, "evicted_blocks_total", "Blocks evicted to stay under the cap", "stats.evicted_blocks"),
+    (Gauge, "hit_rate", "Share of looked-up prompt tokens that were reused", "stats.hit_rate"),
+    (Gauge, "bytes", "Bytes of keys and values held", "nbytes"),
+    (Gauge, "capacity_bytes", "The cap on those bytes (--prefix-cache-mb)", "capacity_bytes"),
+    (Gauge, "blocks", "Token blocks held", "blocks"),
+)
+
+
+def _reader(cache: Callable[[], PrefixCache | None], attribute: str) -> Callable[[], float]:
+    get = attrgetter(attribute)
+    return lambda: 0 if (c := cache()) is None else get(c)
+
+
 class ServerMetrics:
     """The series `leap serve` exports. `queue_length` and `active` are read from the scheduler."""
 
@@ -189,6 +215,11 @@ class ServerMetrics:
             "Tokens committed per verification step, bonus included (1 = no gain)",
             ("drafter",),
         )
+
+    def watch_prefix_cache(self, cache: Callable[[], PrefixCache | None]) -> None:
+        """Series read from the prefix cache that `cache()` returns (zeros while there is none)."""
+        for kind, name, help_text, attribute in PREFIX_SERIES:
+            self.registry.add(kind, f"leap_prefix_cache_{name}", help_text, fn=_reader(cache, attribute))
 
     def observe_generation(self, stats, outcome: str) -> None:
         """Account one finished (or cancelled) generation from its `leapdecode.stats.Stats`."""

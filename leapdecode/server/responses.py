@@ -22,7 +22,12 @@ def sse(obj: dict) -> bytes:
 
 def usage(result: Result) -> dict:
     prompt, completion = len(result.prompt_ids), len(result.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": result.stats.prefix_cached_tokens},
+    }
 
 
 def leap_stats(result: Result, queue_s: float) -> dict:
@@ -30,6 +35,8 @@ def leap_stats(result: Result, queue_s: float) -> dict:
     s = result.stats
     return {
         "drafter": s.drafter,
+        "prompt_tokens": s.prompt_tokens,
+        "prefix_cached_tokens": s.prefix_cached_tokens,  # prompt tokens reused, not prefilled
         "steps": s.steps,
         "drafted": s.drafted,
         "accepted": s.accepted,

@@ -113,6 +113,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.metrics = ServerMetrics(lambda: len(self._waiting), lambda: len(self._active), max_concurrency)
+        self.metrics.watch_prefix_cache(lambda: engine.prefix_cache)
 
     # ------------------------------------------------------------ called from the event loop
 
@@ -231,17 +232,18 @@ class Scheduler:
 
     def _finish(self, job: Job, outcome: str, error: ApiError | None = None) -> None:
         result = self._close(job, keep_drafter=error is None)
-        if result is not None:
-            self.metrics.observe_generation(result.stats, outcome)
-        else:
-            self.metrics.finished.inc(outcome=outcome)
-        if error is None and outcome == "cancelled":
-            error = job.cancel_error or ApiError(503, "the generation was cancelled", code="cancelled")
-        job.emit(Event("error", error=error) if error else Event("done", result=result))
-        with self._cond:
+        # one update under the metrics' lock: /metrics never shows the job counted yet still active
+        with self._cond, self.metrics.registry.lock:  # the order `submit` takes them in too
+            if result is not None:
+                self.metrics.observe_generation(result.stats, outcome)
+            else:
+                self.metrics.finished.inc(outcome=outcome)
             self._active.remove(job)
             if self._waiting and not self._stopping:
                 self._activate(self._waiting.popleft())
+        if error is None and outcome == "cancelled":
+            error = job.cancel_error or ApiError(503, "the generation was cancelled", code="cancelled")
+        job.emit(Event("error", error=error) if error else Event("done", result=result))
 
     def _close(self, job: Job, keep_drafter: bool) -> Result | None:
         """Close the generation (runs the drafter's `stop`) and return the drafter to the pool."""

@@ -9,12 +9,19 @@ shared list, so a level with c clients keeps c requests in flight. Server slots 
 
     python benchmarks/serve_bench.py                      # 1/4/16 clients, none vs auto (or a lookup drafter)
     python benchmarks/serve_bench.py --concurrency 1 2 --requests 2 --max-tokens 8   # a smoke run
+    python benchmarks/serve_bench.py --prefix 700         # time to first token with a shared prefix
 
 Columns: tok/s = completion tokens of all requests / wall time of the level; "x none" = that throughput
 over the plain-decoding row at the same concurrency (a ratio from this run only); TTFT = from sending a
 request to its first text; mean acc = tokens committed per verification step (bonus included);
 same = requests whose text equals plain decoding's (fewest clients) for the same question: greedy
 decoding is lossless whatever the drafter and however many requests share the server.
+
+--prefix N: the prefix cache instead. Each pair of requests shares a system message of N tokens (cut
+from Spec-Bench questions, different for every pair) and asks two different short questions (at most 40
+tokens, as a new chat turn would be): the first request finds nothing cached (cold), the second reuses
+the first's prefix (warm). Pairs alternate which question goes first, one request at a time. Columns: TTFT of each, their ratio, the prompt tokens
+reused, and whether the warm answer equals the same prompt generated without a prefix cache.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ import torch
 from leapdecode.bench.data import SPEC_BENCH
 from leapdecode.cpu import cpu_model
 from leapdecode.drafters import available
-from leapdecode.engine import Engine
+from leapdecode.engine import Engine, GenerationConfig
+from leapdecode.prefix_cache import DEFAULT_MB
 from leapdecode.server import BackgroundServer, ServerConfig, build_app
 
 
@@ -120,7 +128,12 @@ async def drive(url: str, model: str, questions: list[str], level: Level, max_to
 
 
 def run_level(engine: Engine, drafter: str, clients: int, questions: list[str], args) -> Level:
-    config = ServerConfig(drafter=drafter, max_concurrency=args.max_concurrency, max_queue=1024)
+    config = ServerConfig(
+        drafter=drafter,
+        max_concurrency=args.max_concurrency,
+        max_queue=1024,
+        prefix_cache_mb=args.prefix_cache_mb,
+    )
     level = Level(drafter, clients)
     with BackgroundServer(build_app(engine, config)) as srv:
         asyncio.run(drive(srv.url, engine.name, questions, level, args.max_tokens))
@@ -168,6 +181,99 @@ def table(levels: list[Level], engine: Engine, args) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class PrefixPair:
+    drafter: str
+    prompt_tokens: int = 0
+    ttft: dict[str, float] = field(default_factory=dict)  # "cold", "warm" -> seconds
+    reused: int = 0  # prompt tokens the warm request took from the cache
+    warm: list[dict] = field(default_factory=list)  # the warm request's messages
+    text: str = ""  # the warm request's answer
+    same: bool = False
+
+
+def shared_prefixes(engine: Engine, questions: list[str], tokens: int, n: int) -> list[str]:
+    """n system messages of `tokens` tokens each (cut from questions), none starting like another."""
+    out, pool, tok = [], list(questions), engine.tokenizer
+    for i in range(n):
+        ids = tok.encode(f"Reference notes, set {i + 1}:")
+        while len(ids) < tokens and pool:
+            ids += tok.encode("\n" + pool.pop(0))
+        out.append(tok.decode(ids[:tokens]))
+    return out
+
+
+def short_questions(engine: Engine, questions: list[str], most: int = 40) -> list[str]:
+    """The questions of at most `most` tokens: a new turn after a long shared context."""
+    return [q for q in questions if len(engine.tokenizer.encode(q)) <= most]
+
+
+async def timed_chat(client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, str, dict]:
+    """TTFT, text and leap_stats of one streamed greedy chat request."""
+    t0, first, pieces, stats = time.perf_counter(), None, [], {}
+    stream = await client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
+        stats = (chunk.model_extra or {}).get("leap_stats", stats)
+    return (first or time.perf_counter()) - t0, "".join(pieces), stats
+
+
+async def drive_pairs(url: str, model: str, prefixes: list[str], asks: list[str], pairs, max_tokens):
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        await timed_chat(client, model, [{"role": "user", "content": "Hi"}], 4)  # warm the server path
+        for i, (system, pair) in enumerate(zip(prefixes, pairs)):
+            order = (asks[2 * i], asks[2 * i + 1]) if i % 2 == 0 else (asks[2 * i + 1], asks[2 * i])
+            for kind, ask in zip(("cold", "warm"), order):
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": ask}]
+                pair.ttft[kind], text, stats = await timed_chat(client, model, messages, max_tokens)
+            pair.prompt_tokens, pair.reused = stats["prompt_tokens"], stats["prefix_cached_tokens"]
+            pair.warm, pair.text = messages, text
+
+
+def run_prefix(engine: Engine, drafter: str, questions: list[str], args) -> list[PrefixPair]:
+    n, asks = args.requests, short_questions(engine, questions)[: 2 * args.requests]
+    prefixes = shared_prefixes(engine, [q for q in questions if q not in asks], args.prefix, n)
+    pairs = [PrefixPair(drafter) for _ in range(n)]
+    config = ServerConfig(drafter=drafter, max_queue=1024, prefix_cache_mb=args.prefix_cache_mb)
+    with BackgroundServer(build_app(engine, config)) as srv:
+        asyncio.run(drive_pairs(srv.url, engine.name, prefixes, asks, pairs, args.max_tokens))
+    engine.prefix_cache = None  # the reference: the warm prompts generated from scratch
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, drafter=drafter)
+    for pair in pairs:
+        pair.same = engine.generate(pair.warm, gen).text == pair.text
+    return pairs
+
+
+def prefix_table(rows: list[PrefixPair], engine: Engine, args) -> str:
+    lines = [
+        (
+            f"Model {engine.name} ({engine.backend}, kernels {engine.kernels}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; {cpu_model()}, {os.cpu_count()} logical CPUs; shared system "
+            f"message of ~{args.prefix} tokens, {args.requests} pairs per drafter, max_tokens "
+            f"{args.max_tokens}, greedy; one request at a time."
+        ),
+        "",
+        "| drafter | pair | prompt tokens | reused | TTFT cold (s) | TTFT warm (s) | warm/cold | same |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows):
+        ratio = r.ttft["warm"] / r.ttft["cold"]
+        lines.append(
+            f"| {r.drafter} | {i % args.requests + 1} | {r.prompt_tokens} | {r.reused} | "
+            f"{r.ttft['cold']:.3f} | {r.ttft['warm']:.3f} | {ratio:.3f} | {'yes' if r.same else 'NO'} |"
+        )
+    for drafter in dict.fromkeys(r.drafter for r in rows):
+        mine = [r for r in rows if r.drafter == drafter]
+        cold = statistics.median(r.ttft["cold"] for r in mine)
+        warm = statistics.median(r.ttft["warm"] for r in mine)
+        lines.append(f"| {drafter} | median | | | {cold:.3f} | {warm:.3f} | {warm / cold:.3f} | |")
+    return "\n".join(lines)
+
+
 def default_drafters() -> list[str]:
     spec = next((d for d in ("auto", "suffix", "pld", "recycling", "copy") if d in available()), None)
     return ["none"] + ([spec] if spec else [])
@@ -192,11 +298,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-concurrency", type=int, default=4, help="server slots (the server's default: 4)")
+    p.add_argument(
+        "--prefix", type=int, default=0, help="measure the prefix cache with a shared prefix of ~N tokens"
+    )
+    p.add_argument(
+        "--prefix-cache-mb", type=int, default=DEFAULT_MB, help=f"the server's (default: {DEFAULT_MB})"
+    )
     args = p.parse_args(argv)
     drafters = args.drafters or default_drafters()
     if "none" not in drafters:
         drafters = ["none"] + drafters  # the baseline every ratio needs
     engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads)
+    if args.prefix:
+        questions = load_questions(args.data.resolve(), 10_000)
+        rows = [row for d in drafters for row in run_prefix(engine, d, questions, args)]
+        print(prefix_table(rows, engine, args))
+        return 0
     args.questions = load_questions(args.data.resolve(), args.requests)
     levels = [run_level(engine, d, c, args.questions, args) for d in drafters for c in args.concurrency]
     print(table(levels, engine, args))

@@ -44,7 +44,7 @@ def random_head(engine: Engine, kind: str, path, seed: int = 0, vocab: int | Non
 
 def with_head(engine: Engine, kind: str, tmp_path, seed: int = 0, **options) -> Drafter:
     path = random_head(engine, kind, tmp_path / f"{kind}-{seed}.safetensors", seed)
-    engine.drafter_options[kind] = {"path": path, **options}
+    engine.drafter_options[kind] = {"path": path, "size": "fixed", **options}
     try:
         return engine.new_drafter(kind)
     finally:
@@ -151,3 +151,24 @@ def test_sampled_eagle_drafts_carry_their_rows(tmp_path):
     params = SamplingParams(temperature=0.8, seed=1)
     out = engine.generate([1, 2, 3], GenerationConfig(max_new_tokens=20, sampling=params), drafter=d)
     assert out.stats.drafted > 0
+
+
+def test_auto_takes_the_eagle_head_as_a_source_and_stays_lossless(tmp_path):
+    engine = ENGINES[0]
+    path = random_head(engine, "eagle", tmp_path / "auto-eagle.safetensors")
+    engine.drafter_options["eagle"] = {"path": path}
+    try:
+        auto = engine.new_drafter("auto")
+    finally:
+        del engine.drafter_options["eagle"]
+    assert "eagle" in auto.sources and auto.wants_hidden
+    rng = random.Random(5)
+    for _ in range(3):
+        prompt = [rng.randrange(V) for _ in range(rng.randint(1, 20))]
+        ref = plain(engine, prompt, 30)
+        assert engine.generate(prompt, GenerationConfig(max_new_tokens=30), drafter=auto).token_ids == ref
+
+
+def test_auto_without_a_head_for_the_model_has_no_eagle_source():
+    auto = ENGINES[0].new_drafter("auto")  # the shipped head is the bundled model's, not this one's
+    assert "eagle" not in auto.sources and not auto.wants_hidden

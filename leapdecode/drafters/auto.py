@@ -22,7 +22,8 @@ A source whose proposing is itself costly (a draft model: one forward per drafte
 while it pays: on each step that calls it, the best tree's expected rate is compared with the best tree
 without its nodes and without its drafting time; when the average gain turns negative the source rests,
 and is tried again every `probe_every` steps. With a draft model configured on the host, `auto`
-includes it among its default sources.
+includes it among its default sources; so it does the eagle head where one is shipped or configured for
+the model (it reads the target's hidden states, so `auto` asks for them when a source does).
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class Auto(Drafter):
         self._spent = 0.0  # moving average, as `overhead`, of costly sources' time per step
         self.overhead = 0.0  # moving average of a step's time outside the verification forward
         self._proposed_at = 0.0  # when the current step's proposal began
+        self._proposing = False
 
     def bind(self, host: DrafterHost) -> None:
         if host.make is None:
@@ -152,13 +154,28 @@ class Auto(Drafter):
         if self._default_sources and "draft-model" in host.options:
             names.append("draft-model")  # a draft model was configured: let it prove itself
         self.sources = {name: host.make(name) for name in names}
+        if self._default_sources:
+            self.sources |= self._trained(host)
+        self.wants_hidden = any(getattr(d, "wants_hidden", False) for d in self.sources.values())
+
+    @staticmethod
+    def _trained(host: DrafterHost) -> dict[str, Drafter]:
+        """The eagle head when one is shipped or configured for this model: a costly source like the
+        draft model, called while it pays."""
+        if host.target is None:  # a head reads a model's states
+            return {}
+        try:
+            return {"eagle": host.make("eagle")}
+        except LeapError:  # no head for this model
+            return {}
 
     def start(self, ctx: RequestContext) -> None:
+        self._proposing = False  # until the first proposal, steps are the prefill's (for trained heads)
         for d in self.sources.values():
             d.start(ctx)
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
-        self._proposed_at = time.perf_counter()
+        self._proposed_at, self._proposing = time.perf_counter(), True
         budget = min(max_nodes, self.options.max_nodes)
         called = [name for name in self.sources if self._should_call(name)]
         nodes = self._merge(tokens, budget, called)
@@ -279,6 +296,10 @@ class Auto(Drafter):
         ]
 
     def observe(self, step: StepResult) -> None:
+        if not self._proposing:  # the prefill, for sources that read hidden states
+            for d in self.sources.values():
+                d.observe(step)
+            return
         took = time.perf_counter() - self._proposed_at - step.forward_s
         self.overhead += 0.05 * (took - self.overhead)
         accepted = set(step.accepted)

@@ -18,6 +18,7 @@ The target verifies every token, so the head only decides how many are accepted,
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,8 +29,18 @@ from torch import nn
 from leapdecode.checks import check_int
 from leapdecode.draft import Draft, StepResult
 from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, parse_options, register
-from leapdecode.drafters.draft_model import Picker, draft_nodes
-from leapdecode.drafters.trained import HeadVocab, TargetParts, bundled_path, head_config, load_head
+from leapdecode.drafters.draft_model import Picker, check_fraction, draft_nodes
+from leapdecode.drafters.trained import (
+    SIZES,
+    HeadVocab,
+    Sizer,
+    TargetParts,
+    bundled_path,
+    head_config,
+    load_head,
+    on_kernels,
+)
+from leapdecode.errors import LeapError
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,15 @@ class EagleOptions:
     nodes: int = 32  # most draft nodes per step
     depth: int = 6  # deepest draft
     topk: int = 8  # children per expanded node, and nodes expanded per depth
+    # "cost": verify the best N nodes, N maximising expected tokens per second on this machine's measured
+    # verification cost (see `trained.Sizer`); "fixed": all `nodes`
+    size: str = "cost"
+    min_prob: float = 0.02  # stop deepening once no new node's path probability reaches this
 
     def __post_init__(self):
+        if self.size not in SIZES:
+            raise LeapError(f"eagle option size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        check_fraction("eagle", "min_prob", self.min_prob)
         check_int("eagle option nodes", self.nodes, 1)
         check_int("eagle option depth", self.depth, 1)
         check_int("eagle option topk", self.topk, 1)
@@ -147,6 +165,7 @@ def committed_rows(step: StepResult) -> list[int]:
 class EagleDrafter(Drafter):
     name = "eagle"
     wants_hidden = True
+    uses_cost = True
 
     def __init__(self, **options):
         self.options = parse_options(EagleOptions, options, self.name)
@@ -161,11 +180,13 @@ class EagleDrafter(Drafter):
         self.layer = EagleLayer(self.cfg).to(self.dtype)
         self.layer.load_state_dict(head.tensors)
         self.layer.requires_grad_(False)
+        on_kernels(self.layer, host.target)
         self.norm = RMS(self.cfg.dim, self.cfg.eps).to(self.dtype)
         self.norm.weight.data.copy_(head.norm)
         self.norm.requires_grad_(False)
         self.vocab = HeadVocab(host.target, head.vocab)
         self.vocab_size = host.target.cfg.vocab_size
+        self.sizer = Sizer(self.options.size, host)
 
     def start(self, ctx: RequestContext) -> None:
         self.ctx = ctx
@@ -173,9 +194,12 @@ class EagleDrafter(Drafter):
         self.last: torch.Tensor | None = None  # [D] predicted feature after the newest committed pair
         self.vocab.reset(ctx.prompt_ids)
         self.picker = Picker(ctx.sampling, salt=ctx.seq_id)
+        self.proposed: list[float] = []  # path probabilities of the nodes of the last draft
 
     @torch.inference_mode()
     def observe(self, step: StepResult) -> None:
+        if step.draft.source == self.name:
+            self.sizer.observe(self.proposed, len(step.accepted))
         if step.hidden is None:
             return
         rows = committed_rows(step)
@@ -196,6 +220,7 @@ class EagleDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
+        self.t0, self.proposed = time.perf_counter(), []
         budget = min(max_nodes, self.options.nodes)
         if self.last is None or budget <= 0:
             return Draft()
@@ -227,7 +252,10 @@ class EagleDrafter(Drafter):
         expanded: list[int] = []  # node index of each row of the tree keys, in order
         tree_k: list[torch.Tensor] = []
         tree_v: list[torch.Tensor] = []
+        floor = math.log(self.options.min_prob) if self.options.min_prob > 0 else -math.inf
         for depth in range(1, self.options.depth):
+            if max(scores[f] for f in frontier) < floor:
+                break
             anc = torch.tensor(
                 [[self._is_ancestor(e, f, parents) for e in expanded] for f in frontier], dtype=torch.bool
             ).view(len(frontier), len(expanded))
@@ -262,7 +290,11 @@ class EagleDrafter(Drafter):
     def _best(self, tokens, parents, scores, budget) -> Draft:
         """The `budget` best nodes (by score, shallower first on ties: a tree), renumbered in order."""
         depth = Draft(tokens, parents).depths()
-        best = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], depth[i]))[:budget])
+        order = sorted(range(len(tokens)), key=lambda i: (-scores[i], depth[i]))[:budget]
+        spent = time.perf_counter() - self.t0
+        n = self.sizer.choose([math.exp(scores[i]) for i in order], self.cache.n, spent)
+        best = sorted(order[:n])
+        self.proposed = [math.exp(scores[i]) for i in best]
         new = {old: i for i, old in enumerate(best)}
         return Draft(
             [tokens[i] for i in best], [new.get(parents[i], -1) for i in best], source=self.name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,17 @@ from leapdecode.checks import check_int
 from leapdecode.draft import Draft, StepResult
 from leapdecode.drafters.base import Drafter, DrafterHost, RequestContext, parse_options, register
 from leapdecode.drafters.draft_model import Picker, draft_nodes
-from leapdecode.drafters.trained import HeadVocab, TargetParts, bundled_path, head_config, load_head
+from leapdecode.drafters.trained import (
+    SIZES,
+    HeadVocab,
+    Sizer,
+    TargetParts,
+    bundled_path,
+    head_config,
+    load_head,
+    on_kernels,
+)
+from leapdecode.errors import LeapError
 from leapdecode.model.llama import RMSNorm
 
 
@@ -57,8 +68,11 @@ class MedusaOptions:
     path: str | None = None  # head file (default: the one shipped for the bundled model)
     nodes: int = 32  # most draft nodes per step
     topk: int = 8  # candidates per head
+    size: str = "cost"  # as eagle's: "cost" sizes the tree by the measured verification cost, or "fixed"
 
     def __post_init__(self):
+        if self.size not in SIZES:
+            raise LeapError(f"medusa option size must be one of {', '.join(SIZES)}, got {self.size!r}")
         check_int("medusa option nodes", self.nodes, 1)
         check_int("medusa option topk", self.topk, 1)
 
@@ -87,6 +101,7 @@ def best_paths(logp: list[list[float]], budget: int) -> tuple[list[tuple[int, ..
 class MedusaDrafter(Drafter):
     name = "medusa"
     wants_hidden = True
+    uses_cost = True
 
     def __init__(self, **options):
         self.options = parse_options(MedusaOptions, options, self.name)
@@ -99,21 +114,27 @@ class MedusaDrafter(Drafter):
         self.heads = MedusaHeads(self.cfg).to(self.dtype)
         self.heads.load_state_dict(head.tensors)
         self.heads.requires_grad_(False)
+        on_kernels(self.heads, host.target)
         self.norm = RMSNorm(head.norm.to(self.dtype), host.target.cfg.norm_eps)
         self.vocab = HeadVocab(host.target, head.vocab)
         self.vocab_size = host.target.cfg.vocab_size
+        self.sizer = Sizer(self.options.size, host)
 
     def start(self, ctx: RequestContext) -> None:
         self.hidden: torch.Tensor | None = None  # [D] the newest committed row's state
         self.vocab.reset(ctx.prompt_ids)
         self.picker = Picker(ctx.sampling, salt=ctx.seq_id)
+        self.proposed: list[float] = []
 
     def observe(self, step: StepResult) -> None:
+        if step.draft.source == self.name:
+            self.sizer.observe(self.proposed, len(step.accepted))
         if step.hidden is not None:
             self.hidden = step.hidden[-1].to(self.dtype)
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
+        t0, self.proposed = time.perf_counter(), []
         budget = min(max_nodes, self.options.nodes)
         if self.hidden is None or budget <= 0:
             return Draft()
@@ -123,11 +144,14 @@ class MedusaDrafter(Drafter):
             return self._chain(logits, budget)
         top = torch.topk(torch.log_softmax(logits.float(), -1), min(self.options.topk, logits.shape[1]), -1)
         paths, scores = best_paths(top.values.tolist(), budget)
+        probs = [math.exp(s) for s in scores]
+        n = self.sizer.choose(probs, len(tokens), time.perf_counter() - t0)
+        paths, probs, self.proposed = paths[:n], probs[:n], probs[:n]
         ids = self.vocab.ids[top.indices]  # [K, k]
         index = {p: i for i, p in enumerate(paths)}
         tokens = [int(ids[len(p) - 1, p[-1]]) for p in paths]
         parents = [index[p[:-1]] if len(p) > 1 else -1 for p in paths]
-        return Draft(tokens, parents, source=self.name, scores=[math.exp(s) for s in scores])
+        return Draft(tokens, parents, source=self.name, scores=probs)
 
     def _chain(self, logits: torch.Tensor, budget: int) -> Draft:
         """Sampling: `topk` independent draws per head's distribution, the chain continuing from the first."""

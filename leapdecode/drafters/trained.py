@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from leapdecode.errors import LeapError
+from leapdecode.model import quant as Q
+from leapdecode.model.linear import NativeLinear
 from leapdecode.model.runner import Head, Plan, Runner
 
 CHECK_IDS = (0, 1, 2, 3, 100, 1000)  # ids whose embeddings identify the target (those below its vocab)
@@ -143,3 +145,57 @@ def head_config(cls, d: dict):
 
 def as_dict(cfg) -> dict:
     return asdict(cfg)
+
+
+def on_kernels(module: torch.nn.Module, runner: Runner) -> torch.nn.Module:
+    """On the native backend, the head's linear layers run on the compiled kernels as 8-bit weights:
+    a draft step reads a quarter of the float32 bytes. The head's precision changes which tokens are
+    proposed, never the output. Other backends keep the float layers."""
+    if runner.backend != "native":
+        return module
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            w = child.weight.detach().float()
+            bias = None if child.bias is None else child.bias.detach()
+            setattr(module, name, NativeLinear([Q.quantize(w, "q8_0")], bias, "int8"))
+        else:
+            on_kernels(child, runner)
+    return module
+
+
+SIZES = ("cost", "fixed")
+
+
+class Sizer:
+    """How many of a head's best nodes to verify. `fixed`: all it was allowed. `cost`: the N maximising
+
+        (1 + trust * sum of the N best path probabilities) / (cost(1 + N) + drafting time so far)
+
+    with `cost` the measured time of verifying 1 + N tokens after the current context (as `auto` sizes
+    its trees), and `trust` the head's calibration on this request's steps: a moving ratio of the nodes
+    accepted to the path probabilities proposed (the head's confidence is its own estimate)."""
+
+    def __init__(self, size: str, host) -> None:
+        self.size, self.host = size, host
+        self.accepted = self.predicted = 1.0
+
+    @property
+    def trust(self) -> float:
+        return min(2.0, max(0.2, self.accepted / self.predicted))
+
+    def choose(self, probs: list[float], context: int, spent: float) -> int:
+        """How many of `probs` (descending path probabilities) to keep."""
+        if self.size == "fixed" or self.host.cost is None:
+            return len(probs)
+        curve, trust = self.host.cost(), self.trust
+        best_n, best, expected = 0, 1.0 / (curve(1, context) + spent), 1.0
+        for n, p in enumerate(probs, start=1):
+            expected += min(1.0, trust * p)
+            rate = expected / (curve(1 + n, context) + spent)
+            if rate > best:
+                best_n, best = n, rate
+        return best_n
+
+    def observe(self, proposed: list[float], accepted: int) -> None:
+        self.predicted += 0.05 * (sum(proposed) - self.predicted)
+        self.accepted += 0.05 * (accepted - self.accepted)

@@ -71,9 +71,17 @@ class Target:
         s[self.vocab] = torch.arange(len(self.vocab))
         return s
 
+    def __post_init__(self):
+        self.out_bf16 = self.out.to(torch.bfloat16)  # converted once, not at every product
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:  # [S, D] after the final norm -> [S, N]
+        if torch.is_autocast_cpu_enabled():
+            return h.to(torch.bfloat16) @ self.out_bf16.T
+        return h @ self.out.to(h.dtype).T
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [S, D] features -> [S, N]
         h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.norm * h).to(x.dtype) @ self.out.to(x.dtype).T
+        return self.head(self.norm * h)
 
 
 def labels_at(ex: Example, slot: torch.Tensor, ahead: int, rows: int) -> torch.Tensor:
@@ -115,7 +123,7 @@ def eagle_losses(layer: EagleLayer, t: Target, ex: Example, cfg: TrainConfig, sl
         ce = F.cross_entropy(logits.float(), lab[use].clamp(min=-100).masked_fill(lab[use] < 0, -100))
         reg = F.smooth_l1_loss(o[valid].float() / t.scale, f[1:][valid] / t.scale)
         loss = (0.0 if math.isnan(ce.item()) else ce) + cfg.reg * reg
-        out.append((loss, logits.argmax(-1), lab[use]))
+        out.append((loss, logits.detach().argmax(-1) if not layer.training else None, lab[use]))
         feat_in = torch.cat([o[:1], o[:-1]])  # row j now reads its predecessor's prediction
     return out
 
@@ -128,9 +136,10 @@ def medusa_losses(heads: MedusaHeads, t: Target, ex: Example, cfg: TrainConfig, 
     for i in range(cfg.heads):
         lab = labels_at(ex, slot, i + 2, len(ex.ids))
         use = lab != -100
-        logits = z[i][use] @ t.out.to(z.dtype).T  # [U, N]
+        logits = t.head(z[i][use])  # [U, N]
         ce = F.cross_entropy(logits.float(), lab[use].masked_fill(lab[use] < 0, -100))
-        out.append((0.0 if math.isnan(ce.item()) else ce, logits.argmax(-1), lab[use]))
+        pred = logits.detach().argmax(-1) if not heads.training else None
+        out.append((0.0 if math.isnan(ce.item()) else ce, pred, lab[use]))
     return out
 
 

@@ -162,7 +162,7 @@ class Auto(Drafter):
     def _trained(host: DrafterHost) -> dict[str, Drafter]:
         """The eagle head when one is shipped or configured for this model: a costly source like the
         draft model, called while it pays."""
-        if host.target is None:  # a head reads a model's states
+        if host.target is None or host.make is None:  # a head reads a model's states
             return {}
         try:
             return {"eagle": host.make("eagle")}

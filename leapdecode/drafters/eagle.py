@@ -193,6 +193,9 @@ class EagleDrafter(Drafter):
         self.cache = EagleCache(self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype)
         self.last: torch.Tensor | None = None  # [D] predicted feature after the newest committed pair
         self.vocab.reset(ctx.prompt_ids)
+        self.table = self.parts.embed(self.vocab.ids).to(self.dtype)  # [N, D]: the drafted tokens'
+        self.slot = torch.full((self.vocab_size,), -1, dtype=torch.long)  # id -> row of the table
+        self.slot[self.vocab.ids] = torch.arange(len(self.vocab.ids))
         self.picker = Picker(ctx.sampling, salt=ctx.seq_id)
         self.proposed: list[float] = []  # path probabilities of the nodes of the last draft
 
@@ -213,7 +216,13 @@ class EagleDrafter(Drafter):
         self.last = out[-1]
 
     def embed(self, ids: Sequence[int]) -> torch.Tensor:  # -> [m, D]
-        return self.parts.embed(torch.tensor(list(ids), dtype=torch.long)).to(self.dtype)
+        """From the request's table when every id is in the head's vocabulary (drafted tokens always
+        are), else from the target."""
+        t = torch.tensor(list(ids), dtype=torch.long)
+        slots = self.slot[t]
+        if bool((slots >= 0).all()):
+            return self.table[slots]
+        return self.parts.embed(t).to(self.dtype)
 
     def logits(self, feats: torch.Tensor) -> torch.Tensor:  # [m, D] predicted features -> [m, N]
         return self.vocab(self.norm(feats)).to(self.dtype)

@@ -14,6 +14,13 @@ our q4_1 and q8_0, `--copies` distinct copies in turn (more bytes than the cache
 read rate of one row and the cost of more rows relative to one:
 
     .venv/bin/python benchmarks/kernel_speed.py --threads 2 --layer 17920,1536 --ms 1,8
+
+With `--isas avx512,amx` the layer mode times the K-quant formats in each kernel build the CPU runs,
+interleaved in one process, every cost relative to the first build's one row (the builds give the same bits;
+they differ in speed only):
+
+    .venv/bin/python benchmarks/kernel_speed.py --threads 2 --layer 17920,1536 --ms 1,2,4,8,16 \
+        --isas avx512,amx
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from leapdecode.kernels import native
 from leapdecode.kernels.native import kernel_args, run_linear
 from leapdecode.model import quant as Q
 from leapdecode.model.config import ModelConfig
@@ -128,6 +136,35 @@ def time_layer(args: argparse.Namespace) -> None:
         print(f"| {f} | {mb:.0f} | {cells} | {mb / 1e3 / med[ms[0]]:.1f} | {ratios} |")
 
 
+def time_builds(args: argparse.Namespace) -> None:
+    """K-quant formats of one layer shape in several kernel builds, interleaved: ms per copy and the ratio
+    to the first build's one row."""
+    n, k = (int(v) for v in args.layer.split(","))
+    isas, ms = args.isas.split(","), [int(m) for m in args.ms.split(",")]
+    formats = {f: ws for f, ws in layer_formats(n, k, args.copies).items() if f in ("q4_k", "q6_k")}
+    times: dict[tuple[str, str, int], list[float]] = {}
+    xs = {m: (torch.randn(m, k), torch.empty(m, n)) for m in ms}
+    for r in range(args.repeats + 1):  # every configuration once per round, so drift hits them alike
+        for m, (x, y) in xs.items():
+            for f, ws in formats.items():
+                for isa in isas:
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        native.linear_into(y, x, f, "int8", n, k, qs=w.qs, threads=args.threads, isa=isa)
+                    if r:
+                        times.setdefault((f, isa, m), []).append((time.perf_counter() - t0) / len(ws))
+    print(
+        f"layer [{n}, {k}], int8 activations, {args.threads} threads, median of {args.repeats}, ms per copy\n"
+    )
+    print("| format | build | " + " | ".join(f"M={m}" for m in ms) + " |")
+    print("|---|---|" + "---|" * len(ms))
+    for f in formats:
+        one = statistics.median(times[(f, isas[0], ms[0])])
+        for isa in isas:
+            cells = [statistics.median(times[(f, isa, m)]) for m in ms]
+            print(f"| {f} | {isa} | " + " | ".join(f"{c * 1e3:.2f} ({c / one:.2f}x)" for c in cells) + " |")
+
+
 def read_bandwidth(gb: float = 0.5) -> float:
     """Bytes per second of a streaming read (a float32 sum over `gb` GB, best of 5)."""
     x = torch.ones(int(gb * 1e9 / 4))
@@ -153,10 +190,11 @@ def main() -> None:
     )
     ap.add_argument("--layer", default="", help="N,K: time one layer shape per format instead (see above)")
     ap.add_argument("--copies", type=int, default=24, help="with --layer: distinct copies of the layer")
+    ap.add_argument("--isas", default="", help="with --layer: kernel builds to compare, e.g. avx512,amx")
     args = ap.parse_args()
     if args.layer:
         torch.set_num_threads(args.threads)
-        return time_layer(args)
+        return time_builds(args) if args.isas else time_layer(args)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures one thread: use it with --threads 1")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter

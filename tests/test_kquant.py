@@ -192,7 +192,9 @@ def test_every_build_gives_the_same_bits(fmt):
 
 
 @needs_native
-@pytest.mark.skipif("amx" not in ISAS, reason="needs a CPU with AMX int8 tiles that the OS lets this process use")
+@pytest.mark.skipif(
+    "amx" not in ISAS, reason="needs a CPU with AMX int8 tiles that the OS lets this process use"
+)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_amx_tiles_past_one_pass_of_64_rows_give_the_bits_of_one_row(fmt):
     """Chunks of 16 rows, passes of 64 and a last partial tile of weight rows (fewer than 16)."""

@@ -462,8 +462,10 @@ struct Plan {
     int amx = -1;  // AMX build: kq_index of a K-quant format run through the tile unit (amx.h)
 };
 
-// Rows of x from which the AMX build runs K-quant weights through the tile unit (fewer: VNNI tiles).
-constexpr int64_t AMX_MIN_M = 2;
+// Rows of x from which the AMX build runs K-quant weights through the tile unit; with fewer, the VNNI
+// tiles (same bits) cost less: the tile path's unpacking and scaling per weight row is paid once for up
+// to 8 rows, and Q6_K's VNNI tiles are cheap (benchmarks/kernel_speed.py --layer, BENCHMARKS.md).
+inline int64_t amx_min_rows(int fmt) { return fmt == Q6_K ? 12 : 6; }
 
 Plan plan_for(int fmt, int act, int64_t M) {
     // The shape is a speed choice only: any shape gives bit-identical outputs.
@@ -474,7 +476,7 @@ Plan plan_for(int fmt, int act, int64_t M) {
         const int64_t most = LD_VNNI512 ? 8 : 3, tiles = (M + most - 1) / most;
         return {T_F32, 4, (int)((M + tiles - 1) / tiles)};
     }
-    if (LD_AMX && is_kquant(fmt) && act == ACT_INT8 && M >= AMX_MIN_M) return {nullptr, 16, 16, kq_index(fmt)};
+    if (LD_AMX && is_kquant(fmt) && act == ACT_INT8 && M >= amx_min_rows(fmt)) return {nullptr, 16, 16, kq_index(fmt)};
     if (is_kquant(fmt)) {  // one weight row against up to 8 (float32: 4) rows of x
         if (act == ACT_INT8) return {T_KQ_Q8[kq_index(fmt)], 1, M >= 8 ? 8 : (int)M};
         return {T_KQ_F32[kq_index(fmt)], 1, M >= 4 ? 4 : (int)M};
@@ -641,7 +643,7 @@ void linear(int fmt, int act, int64_t M, int64_t N, int64_t K, const float* x, i
 #if LD_AMX
         if (p.amx >= 0) {
             int8_t* xv = (int8_t*)(((uintptr_t)(qx + M * K) + 63) & ~(uintptr_t)63);
-            amx_pack_act(qx, M, K, xv);
+            amx_pack_act(fmt, j.in.a, M, K, xv);
             j.xv = xv;
         }
 #endif

@@ -1,6 +1,7 @@
 """The one door to a model: a runner per backend, with one forward.
 
     forward(tokens [S], positions [S], cache, mask=None, plan=Plan()) -> Output(logits, hidden)
+    forward_batch(runner, [BatchItem(tokens, positions, cache, mask, plan), ...]) -> [Output, ...]
 
 `tokens` are one sequence's new rows after `cache.length` cached ones, `positions` their rope positions
 (a draft tree's nodes sit at their depth), `mask` a bool [S, cache.length + S] attention mask (None:
@@ -17,8 +18,8 @@ chosen by building its runner, not by swapping modules of a live model. Backends
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -60,6 +61,35 @@ class Plan:
 
 
 NO_LOGITS = torch.empty(0)  # the logits of a plan that asks for none
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One sequence's part of a batched forward: the arguments of `Runner.forward` for it (its own
+    cache, rows, positions, mask and plan)."""
+
+    tokens: torch.Tensor  # [S]
+    positions: torch.Tensor  # [S]
+    cache: KVCache
+    mask: torch.Tensor | None = None  # bool [S, cache.length + S]; None: causal
+    plan: Plan = field(default_factory=Plan)
+
+
+def forward_each(runner: Runner, items: Sequence[BatchItem]) -> list[Output]:
+    """A batched forward as one forward per sequence: the contract's reference and the fallback of a
+    runner without a batched kernel (each row is computed exactly as it would be alone)."""
+    return [runner.forward(i.tokens, i.positions, i.cache, i.mask, i.plan) for i in items]
+
+
+def forward_batch(runner: Runner, items: Sequence[BatchItem]) -> list[Output]:
+    """Several sequences' forwards, each with its own cache, in one call where the runner has a batched
+    forward (`TorchRunner.forward_batch`: one weight pass for every row), else one forward per item.
+    The outputs equal one `forward` per item, row for row (bit for bit where the backend is
+    row-invariant)."""
+    batched = getattr(runner, "forward_batch", None)
+    return batched(items) if batched is not None else forward_each(runner, items)
+
+
 FULL = Plan()
 LAST = Plan(rows="last")
 

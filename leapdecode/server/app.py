@@ -29,6 +29,7 @@ from leapdecode.drafters import available, make_drafter
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.errors import LeapError
 from leapdecode.prefix_cache import DEFAULT_MB, MAX_MB, PrefixCache
+from leapdecode.server.batching import DEFAULT_CHUNK
 from leapdecode.server.errors import ApiError, from_status, invalid
 from leapdecode.server.intake import LOOPBACK_HOSTS, CheckHost, authorize, host_name, read_json
 from leapdecode.server.metrics import CONTENT_TYPE
@@ -61,6 +62,9 @@ class ServerConfig:
     max_connections: int = 256  # open connections; more are answered 503 and closed
     # MiB of keys and values kept to reuse prompt prefixes across requests (0: no prefix cache)
     prefix_cache_mb: int = DEFAULT_MB
+    # the active requests' forwards batched into one per round (leapdecode.server.batching)
+    batching: bool = False
+    prefill_chunk: int = DEFAULT_CHUNK  # with batching: prompt rows per round (a long prompt's share)
 
     def __post_init__(self):
         if self.drafter not in available():
@@ -73,6 +77,7 @@ class ServerConfig:
             "max_messages": (self.max_messages, 1, 1_000_000),
             "max_connections": (self.max_connections, 1, 1_000_000),
             "prefix_cache_mb": (self.prefix_cache_mb, 0, MAX_MB),
+            "prefill_chunk": (self.prefill_chunk, 1, 1 << 20),
             "default_max_tokens": (
                 1 if self.default_max_tokens is None else self.default_max_tokens,
                 1,
@@ -100,7 +105,12 @@ class ServerState:
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine, self.config = engine, config
         engine.prefix_cache = PrefixCache.from_mb(config.prefix_cache_mb)  # this server's, from empty
-        self.scheduler = Scheduler(engine, config.max_concurrency, config.max_queue)
+        self.scheduler = Scheduler(
+            engine,
+            config.max_concurrency,
+            config.max_queue,
+            prefill_chunk=config.prefill_chunk if config.batching else None,
+        )
         self.model_name = config.model_name or engine.name
         self.model_names = {self.model_name, engine.name}
         self.created = int(time.time())

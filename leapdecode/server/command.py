@@ -9,6 +9,7 @@ from pathlib import Path
 
 from leapdecode.commands.common import add_model_arguments, add_prefix_cache_argument, load_engine
 from leapdecode.errors import LeapError
+from leapdecode.server.batching import DEFAULT_CHUNK
 
 
 def _int_at_least(lo: int):
@@ -129,6 +130,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "event (streams: then data: [DONE]) (default: 30)",
     )
     add_prefix_cache_argument(g)
+    g.add_argument(
+        "--batch",
+        action="store_true",
+        help="run the active requests' forwards as one batched forward per step, long prompts in chunks "
+        "(default: one request's step after another)",
+    )
+    g.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        default=DEFAULT_CHUNK,
+        help=f"with --batch, prompt tokens prefilled per step (default: {DEFAULT_CHUNK})",
+    )
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(p)
 
@@ -184,6 +197,8 @@ def run(args) -> int:
         body_timeout=args.body_timeout,
         max_connections=args.max_connections,
         prefix_cache_mb=args.prefix_cache_mb,
+        batching=args.batch,
+        prefill_chunk=args.prefill_chunk,
     )  # validated before the model loads
     sock = bind(args.host, args.port)
     engine = load_engine(args)

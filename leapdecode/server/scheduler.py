@@ -33,10 +33,12 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 
 from leapdecode.drafters.base import Drafter
 from leapdecode.engine import Engine, Generation, GenerationConfig, Result
 from leapdecode.errors import LeapError
+from leapdecode.server.batching import Cancelled, Lane, batching_engine, run_round
 from leapdecode.server.errors import ApiError
 from leapdecode.server.metrics import ServerMetrics
 
@@ -104,9 +106,18 @@ def _shutting_down() -> ApiError:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_concurrency: int, max_queue: int):
+    def __init__(
+        self, engine: Engine, max_concurrency: int, max_queue: int, prefill_chunk: int | None = None
+    ):
+        """`prefill_chunk`: batching on (`leapdecode.server.batching`): the active requests' forwards
+        run as one batched forward per round, prompts `prefill_chunk` rows per round; None: one
+        request's step after another."""
         self.engine, self.max_concurrency, self.max_queue = engine, max_concurrency, max_queue
         self.pool = DrafterPool(engine)
+        self.batching = prefill_chunk is not None
+        # what generations run on: with batching, the engine with its runner behind a BatchingRunner
+        self._generator = engine if prefill_chunk is None else batching_engine(engine, prefill_chunk)
+        self._lanes: dict[Job, Lane] = {}
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -193,45 +204,83 @@ class Scheduler:
         self._cond.notify()
 
     def _run(self) -> None:
+        if self.batching:
+            return self._conduct()
         while True:
-            with self._cond:
-                while not self._active and not self._stopping:
-                    self._cond.wait()
-                if not self._active:
-                    return
-                batch = list(self._active)
-            for job in batch:
+            jobs = self._wait_for_jobs()
+            if jobs is None:
+                return
+            for job in jobs:
                 self._step(job)
 
-    def _step(self, job: Job) -> None:
+    def _wait_for_jobs(self) -> list[Job] | None:
+        """The active jobs, once there is one; None when the scheduler stops with none left."""
+        with self._cond:
+            while not self._active and not self._stopping:
+                self._cond.wait()
+            return list(self._active) if self._active else None
+
+    def _conduct(self) -> None:
+        """Batched rounds (`leapdecode.server.batching`): every active job runs in its lane until it
+        parks a forward, then one batched forward serves them all."""
+        with self.engine.compute_scope():  # held throughout: the lanes' own scopes nest inside it
+            while (jobs := self._wait_for_jobs()) is not None:
+                for job in jobs:
+                    if job not in self._lanes:
+                        self._lanes[job] = Lane(partial(self._drive, job), f"leap-lane-{job.id[:8]}")
+                lanes = [self._lanes[j] for j in jobs]
+                run_round(lanes, self.engine.model, lambda lane: self._cancelled(lane))
+                for job in jobs:
+                    if self._lanes[job].done:
+                        del self._lanes[job]
+
+    def _cancelled(self, lane: Lane) -> bool:
+        return any(job.cancelled for job, mine in self._lanes.items() if mine is lane)
+
+    def _drive(self, job: Job) -> None:
+        """A lane's body: the job's steps until it ends."""
+        while self._step(job):
+            pass
+
+    def _step(self, job: Job) -> bool:
+        """One step of the job's generation; False once the job has finished."""
         if job.cancelled:
-            return self._finish(job, "cancelled")
+            self._finish(job, "cancelled")
+            return False
         try:
             generation = job.generation or self._begin(job)
             piece = next(generation)
         except StopIteration:
             assert generation.result is not None  # set when the pieces run out
-            return self._finish(job, generation.result.stats.finish_reason or "stop")
+            self._finish(job, generation.result.stats.finish_reason or "stop")
+            return False
+        except Cancelled:  # dropped mid-step (batching): the drafter stopped mid-step, not reused
+            self._finish(job, "cancelled", keep_drafter=False)
+            return False
         except LeapError as exc:
-            return self._finish(job, "error", ApiError(400, str(exc)))
+            self._finish(job, "error", ApiError(400, str(exc)))
+            return False
         except Exception:  # a bug must cost one request, not the server
             log.exception("generation %s failed", job.id)
-            return self._finish(
-                job, "error", ApiError(500, "internal error during generation", code="internal")
-            )
+            error = ApiError(500, "internal error during generation", code="internal")
+            self._finish(job, "error", error)
+            return False
         if job.first_text is None:
             job.first_text = time.perf_counter()
             self.metrics.ttft.observe(job.first_text - job.arrived, drafter=job.config.drafter)
         if job.stream:
             job.emit(Event("piece", text=piece))
+        return True
 
     def _begin(self, job: Job) -> Generation:
         job.drafter = self.pool.acquire(job.config.drafter)
-        job.generation = self.engine.stream(job.prompt_ids, job.config, raw=True, drafter=job.drafter)
+        job.generation = self._generator.stream(job.prompt_ids, job.config, raw=True, drafter=job.drafter)
         return job.generation
 
-    def _finish(self, job: Job, outcome: str, error: ApiError | None = None) -> None:
-        result = self._close(job, keep_drafter=error is None)
+    def _finish(
+        self, job: Job, outcome: str, error: ApiError | None = None, keep_drafter: bool = True
+    ) -> None:
+        result = self._close(job, keep_drafter=keep_drafter and error is None)
         # one update under the metrics' lock: /metrics never shows the job counted yet still active
         with self._cond, self.metrics.registry.lock:  # the order `submit` takes them in too
             if result is not None:

@@ -1,0 +1,206 @@
+"""Batched decoding: the torch runner's ragged batched forward equals one forward per sequence, lanes
+and rounds (parked forwards, cancellation, chunked prefill), and `leap serve --batch` answering each
+request exactly as it would alone (tiny float64 models; the native backend bit for bit)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_engine_for
+
+from leapdecode.draft import Draft, tree_inputs
+from leapdecode.drafters import available
+from leapdecode.engine import GenerationConfig
+from leapdecode.errors import LeapError
+from leapdecode.model.linear import LinearSpec, available_backends
+from leapdecode.model.runner import LAST, BatchItem, Plan, forward_each
+from leapdecode.server import BackgroundServer, ServerConfig, build_app
+from leapdecode.server.batching import BatchingRunner, Cancelled, Lane, batching_engine, run_round
+
+DRAFTERS = [d for d in ("none", "pld", "suffix", "recycling") if d in available()]
+
+
+def runner_pair(seed: int = 0):
+    return tiny_engine_for(seed=seed).model, tiny_engine_for(seed=seed).model
+
+
+def primed(runner, tokens: list[int]):
+    cache = runner.new_cache(128)
+    if tokens:
+        runner.forward(torch.tensor(tokens), torch.arange(len(tokens)), cache)
+    return cache
+
+
+def items_for(runner, rng: torch.Generator) -> list[BatchItem]:
+    """Ragged items: a prompt, one-token steps after different contexts, a draft tree, hidden states."""
+    items = []
+    for n, s in [(0, 9), (5, 1), (12, 1), (3, 4)]:
+        cache = primed(runner, torch.randint(0, 64, (n,), generator=rng).tolist())
+        tokens = torch.randint(0, 64, (s,), generator=rng)
+        plan = LAST if s == 9 else Plan(hidden=s == 4)
+        items.append(BatchItem(tokens, torch.arange(n, n + s), cache, None, plan))
+    cache = primed(runner, [1, 2, 3])
+    tokens, positions, mask = tree_inputs(Draft([4, 5, 6], [-1, -1, 0]), 7, 3, "cpu")
+    items.append(BatchItem(tokens, positions, cache, mask))
+    skip = Plan(layers=((True, False), (False, False)))  # runs alone, in the same call
+    items.append(BatchItem(torch.tensor([3, 4]), torch.arange(2), runner.new_cache(8), None, skip))
+    return items
+
+
+def test_torch_batched_forward_equals_one_forward_per_sequence():
+    batched, alone = runner_pair()
+    a = items_for(batched, torch.Generator().manual_seed(1))
+    b = items_for(alone, torch.Generator().manual_seed(1))
+    for x, y, ia, ib in zip(batched.forward_batch(a), forward_each(alone, b), a, b):
+        torch.testing.assert_close(x.logits, y.logits, rtol=0, atol=1e-12)
+        assert (x.hidden is None) == (y.hidden is None)
+        if x.hidden is not None:
+            torch.testing.assert_close(x.hidden, y.hidden, rtol=0, atol=1e-12)
+        assert ia.cache.length == ib.cache.length
+        torch.testing.assert_close(ia.cache.k, ib.cache.k, rtol=0, atol=1e-12)
+
+
+def test_a_full_context_fails_the_batch_before_any_row_is_written():
+    runner, _ = runner_pair()
+    full = runner.new_cache(4)
+    ok = runner.new_cache(8)
+    items = [
+        BatchItem(torch.arange(3), torch.arange(3), ok),
+        BatchItem(torch.arange(5), torch.arange(5), full),
+    ]
+    with pytest.raises(LeapError, match="context full"):
+        runner.forward_batch(items)
+    assert ok.length == 0
+
+
+# ---------------------------------------------------------------- lanes and rounds
+
+
+class Recorder:
+    """A runner that records the rows of every batched forward (and runs them batched)."""
+
+    def __init__(self, runner):
+        self.runner, self.batches = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def forward_batch(self, items):
+        self.batches.append([len(i.tokens) for i in items])
+        return self.runner.forward_batch(items)
+
+
+def test_lanes_park_their_forwards_and_share_a_round():
+    runner = Recorder(tiny_engine_for(seed=1).model)
+    proxy = BatchingRunner(runner, chunk=4)
+    seen: dict[str, object] = {}
+
+    def body(name: str, n: int):
+        cache = runner.new_cache(32)
+        try:
+            for t in range(n):
+                proxy.forward(torch.tensor([t]), torch.tensor([t]), cache)
+            seen[name] = cache.length
+        except Cancelled:
+            seen[name] = "cancelled"
+
+    lanes = [Lane(lambda n=n: body(f"l{n}", n), f"test-{n}") for n in (1, 3, 5)]
+    rounds = 0
+    while not all(lane.done for lane in lanes):
+        run_round(
+            [lane for lane in lanes if not lane.done],
+            runner,
+            lambda lane, r=rounds: lane is lanes[2] and r >= 2,
+        )
+        rounds += 1
+    assert runner.batches == [[1, 1, 1], [1, 1], [1]]  # the cancelled lane's rows left in round 3
+    assert seen == {"l1": 1, "l3": 3, "l5": "cancelled"}
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result():
+    runner, reference = runner_pair(seed=3)
+    recorder = Recorder(runner)
+    proxy = BatchingRunner(recorder, chunk=4)
+    prompt = torch.randint(0, 64, (11,), generator=torch.Generator().manual_seed(0))
+    out: dict[str, object] = {}
+
+    def body():
+        cache = runner.new_cache(16)
+        out["out"] = proxy.forward(prompt, torch.arange(11), cache, plan=Plan(hidden=True))
+        out["cache"] = cache
+
+    lane = Lane(body, "test-chunks")
+    while not lane.done:
+        run_round([lane], recorder, lambda _: False)
+    assert recorder.batches == [[4], [4], [3]]
+    ref_cache = reference.new_cache(16)
+    ref = reference.forward(prompt, torch.arange(11), ref_cache, plan=Plan(hidden=True))
+    torch.testing.assert_close(out["out"].logits, ref.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["out"].hidden, ref.hidden, rtol=0, atol=1e-12)
+    assert out["cache"].length == 11
+
+
+NATIVE = pytest.mark.skipif(
+    "native" not in available_backends(), reason="the native backend needs AVX2+FMA+F16C and a C++ compiler"
+)
+
+
+@NATIVE
+def test_native_batched_generation_is_bit_for_bit_generation_alone():
+    """The native fallback (one forward per sequence) and chunked prefill change no bit: greedy
+    generations run in lanes, three at a time, equal generations alone in float32."""
+    cfg = tiny_config(dim=64, inter=128, vocab=96, layers=3)
+    spec = LinearSpec("native", "int8", "int8")
+    engine = tiny_engine_for(cfg, seed=5, dtype=torch.float32, spec=spec)
+    lanes_engine = batching_engine(engine, chunk=5)
+    prompts = [[1, 2, 3, 4, 1, 2, 3] * 3, [7, 8, 9], [5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 11, 12]]
+    config = GenerationConfig(max_new_tokens=20, drafter="pld")
+    results: dict[int, list[int]] = {}
+    lanes = [
+        Lane(lambda i=i, p=p: results.__setitem__(i, lanes_engine.generate(p, config).token_ids), f"n{i}")
+        for i, p in enumerate(prompts)
+    ]
+    while not all(lane.done for lane in lanes):
+        run_round([lane for lane in lanes if not lane.done], engine.model, lambda _: False)
+    assert [results[i] for i in range(3)] == [engine.generate(p, config).token_ids for p in prompts]
+
+
+# ---------------------------------------------------------------- the server
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def test_batched_server_answers_each_request_as_it_would_alone():
+    engine, cold = tiny_engine_for(seed=6), tiny_engine_for(seed=6)
+    recorder = Recorder(engine.model)
+    engine.model = recorder  # the scheduler's rounds go through it
+    prompts = [[(7 * i + 3 * k) % 64 for k in range(5 + 3 * i)] for i in range(8)]
+    jobs = [(p, DRAFTERS[i % len(DRAFTERS)]) for i, p in enumerate(prompts)]
+    config = ServerConfig(drafter="none", max_concurrency=8, batching=True, prefill_chunk=6)
+    answers: dict[int, str] = {}
+    with BackgroundServer(build_app(engine, config)) as srv:
+
+        def client(i: int):
+            prompt, drafter = jobs[i]
+            body = {"model": "tiny-6", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+            answers[i] = post(srv.url, body | {"leap": {"drafter": drafter}})["choices"][0]["text"]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    for i, (prompt, drafter) in enumerate(jobs):
+        ref = cold.generate(prompt, GenerationConfig(max_new_tokens=24, drafter=drafter))
+        assert answers[i] == ref.text, (i, drafter)
+    assert max(map(len, recorder.batches)) > 1  # rounds did share forwards

@@ -75,7 +75,7 @@ class Target:
         self.out_bf16 = self.out.to(torch.bfloat16)  # converted once, not at every product
 
     def head(self, h: torch.Tensor) -> torch.Tensor:  # [S, D] after the final norm -> [S, N]
-        if torch.is_autocast_cpu_enabled():
+        if torch.is_autocast_enabled("cpu"):
             return h.to(torch.bfloat16) @ self.out_bf16.T
         return h @ self.out.to(h.dtype).T
 
@@ -89,8 +89,8 @@ def labels_at(ex: Example, slot: torch.Tensor, ahead: int, rows: int) -> torch.T
     lab = torch.full((rows,), -100, dtype=torch.long)
     j = torch.arange(rows)
     ok = (j + ahead < len(ex.ids)) & (j + ahead >= ex.start)
-    lab[ok] = slot[ex.ids[j[ok] + ahead]]
-    lab[lab < 0] = -101  # generated but outside the trimmed vocabulary: a miss, never a target
+    covered = slot[ex.ids[j[ok] + ahead]]
+    lab[ok] = covered.masked_fill(covered < 0, -101)  # generated but outside the trimmed vocabulary: a miss
     return lab
 
 

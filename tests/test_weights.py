@@ -300,3 +300,19 @@ def test_a_hugging_face_folder_with_other_tensors_is_refused(tmp_path):
     (tmp_path / "n").mkdir()
     with pytest.raises(LeapError, match="no config.json"):
         HFSource(tmp_path / "n")
+
+
+def test_released_pages_of_a_memory_map_read_back_the_same_bytes(tmp_path):
+    """Loading drops a memory map's pages once copied (gguf.release_pages); reading them again must give
+    the file's bytes, for aligned, unaligned and tiny views."""
+    from leapdecode.model.gguf import release_pages
+
+    data = np.random.default_rng(0).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8)
+    path = tmp_path / "blob.bin"
+    data.tofile(path)
+    mapped = np.memmap(path, mode="r")
+    for view in (mapped, mapped[5:9000], mapped[4096:8192], mapped[10:20]):
+        before = np.array(view)
+        release_pages(view)
+        assert np.array_equal(np.array(view), before)
+    assert np.array_equal(np.array(mapped), data)

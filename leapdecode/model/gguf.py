@@ -9,6 +9,8 @@ both paths permute whole rows back, which moves values (or whole blocks) without
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,20 @@ def stored_types(reader: Any) -> dict[str, str]:
     return types
 
 
+_MADV_DONTNEED = 4
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Drop the memory map's pages under `view` from this process once its bytes are copied: the file
+    stays in the page cache, but the pages no longer count as this process's memory, so loading holds one
+    copy of the weights rather than two (peak resident memory of the 1.5B Qwen: BENCHMARKS.md)."""
+    page = mmap.PAGESIZE
+    start = -(-view.ctypes.data // page) * page
+    end = (view.ctypes.data + view.nbytes) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
 class GGUFSource:
     """A GGUF file as a `WeightSource`: opened and checked once, tensors read on demand."""
 
@@ -205,6 +221,7 @@ class GGUFSource:
         if t.tensor_type.name not in GGUF_TYPES or len(shape) != 2:
             return None
         raw = np.array(t.data).reshape(shape[0], -1)  # a copy out of the memory map, one row per row
+        release_pages(t.data)
         heads = self._qk_heads(name)
         if heads is not None:
             raw = unpermute_qk(torch.from_numpy(raw), heads).numpy()

@@ -20,8 +20,12 @@ decoding is lossless whatever the drafter and however many requests share the se
 --prefix N: the prefix cache instead. Each pair of requests shares a system message of N tokens (cut
 from Spec-Bench questions, different for every pair) and asks two different short questions (at most 40
 tokens, as a new chat turn would be): the first request finds nothing cached (cold), the second reuses
-the first's prefix (warm). Pairs alternate which question goes first, one request at a time. Columns: TTFT of each, their ratio, the prompt tokens
-reused, and whether the warm answer equals the same prompt generated without a prefix cache.
+the first's prefix (warm). Pairs alternate which question goes first, one request at a time. Columns:
+TTFT of each, their ratio, the prompt tokens reused, and whether the warm answer equals the same prompt
+generated without a prefix cache.
+
+--batch on|both: the server batches the active requests' forwards (`leap serve --batch`); "x fewest
+clients" = a row's throughput over the same drafter and batch mode with the fewest clients.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from leapdecode.server import BackgroundServer, ServerConfig, build_app
 class Level:
     drafter: str
     clients: int
+    batch: bool = False  # the server batches the active requests' forwards (--batch)
     wall_s: float = 0.0
     ttft: list[float] = field(default_factory=list)
     tokens: int = 0
@@ -127,18 +132,20 @@ async def drive(url: str, model: str, questions: list[str], level: Level, max_to
         level.wall_s = time.perf_counter() - t0
 
 
-def run_level(engine: Engine, drafter: str, clients: int, questions: list[str], args) -> Level:
+def run_level(engine: Engine, drafter: str, clients: int, batch: bool, questions: list[str], args) -> Level:
     config = ServerConfig(
         drafter=drafter,
-        max_concurrency=args.max_concurrency,
+        max_concurrency=slots(args, clients, batch),
         max_queue=1024,
         prefix_cache_mb=args.prefix_cache_mb,
+        batching=batch,
     )
-    level = Level(drafter, clients)
+    level = Level(drafter, clients, batch)
     with BackgroundServer(build_app(engine, config)) as srv:
         asyncio.run(drive(srv.url, engine.name, questions, level, args.max_tokens))
     print(
-        f"serve_bench: {drafter:>10} x{clients:<3} {level.throughput:7.1f} tok/s, "
+        f"serve_bench: {drafter:>10} x{clients:<3} batch {'on ' if batch else 'off'} "
+        f"{level.throughput:7.1f} tok/s, "
         f"TTFT p50 {_stat(statistics.median, level.ttft):.2f}s",
         file=sys.stderr,
         flush=True,
@@ -146,33 +153,43 @@ def run_level(engine: Engine, drafter: str, clients: int, questions: list[str], 
     return level
 
 
+def slots(args, clients: int, batch: bool) -> int:
+    """Server slots: --max-concurrency, else 4 (the server's default) unbatched and one per client
+    batched (a batch holds the active requests only)."""
+    return args.max_concurrency or (clients if batch else 4)
+
+
 def _stat(fn, values: list[float]) -> float:
     return fn(values) if values else float("nan")
 
 
 def table(levels: list[Level], engine: Engine, args) -> str:
-    plain = {lv.clients: lv for lv in levels if lv.drafter == "none"}
+    plain = {(lv.clients, lv.batch): lv for lv in levels if lv.drafter == "none"}
     reference = plain[min(plain)].texts if plain else {}  # plain decoding with the fewest clients
+    single = {(lv.drafter, lv.batch): lv for lv in sorted(levels, key=lambda lv: -lv.clients)}
     lines = [
         (
             f"Model {engine.name}, dtype {args.dtype}, torch {torch.__version__} with "
             f"{torch.get_num_threads()} "
-            f"threads; {cpu_model()}, {os.cpu_count()} logical CPUs; server slots {args.max_concurrency}; "
+            f"threads ({engine.backend}, kernels {engine.kernels}); {cpu_model()}, {os.cpu_count()} logical "
+            f"CPUs; server slots {args.max_concurrency or '4 unbatched, one per client batched'}; "
             f"{len(args.questions)} chat requests per row, max_tokens {args.max_tokens}, greedy."
         ),
         "",
         (
-            "| drafter | clients | tok/s | x none | TTFT mean (s) | TTFT p50 (s) | TTFT max (s) | mean acc | "
-            "same | errors |"
+            "| drafter | batch | clients | tok/s | x none | x fewest clients | TTFT mean (s) | TTFT p50 (s) "
+            "| TTFT max (s) | mean acc | same | errors |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
-        base = plain.get(lv.clients)
+        base, one = plain.get((lv.clients, lv.batch)), single[(lv.drafter, lv.batch)]
         ratio = f"{lv.throughput / base.throughput:.2f}" if base and base.throughput else "-"
+        scale = f"{lv.throughput / one.throughput:.2f}" if one.throughput else "-"
         same = sum(lv.texts.get(i) == t for i, t in reference.items())
         lines.append(
-            f"| {lv.drafter} | {lv.clients} | {lv.throughput:.1f} | {ratio} | "
+            f"| {lv.drafter} | {'on' if lv.batch else 'off'} | {lv.clients} | {lv.throughput:.1f} | "
+            f"{ratio} | {scale} | "
             f"{_stat(statistics.mean, lv.ttft):.2f} | {_stat(statistics.median, lv.ttft):.2f} | "
             f"{_stat(max, lv.ttft):.2f} | "
             f"{lv.mean_accepted:.2f} | {same}/{len(reference)} | "
@@ -297,7 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         "--requests", type=int, default=16, help="requests per row (the same questions in every row)"
     )
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-concurrency", type=int, default=4, help="server slots (the server's default: 4)")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="server slots (default: 4, the server's, unbatched; one per client batched)",
+    )
+    p.add_argument(
+        "--batch",
+        choices=["off", "on", "both"],
+        default="off",
+        help="the server's --batch (both: each row twice)",
+    )
+    p.add_argument("--backend", default="auto", help="auto (native where it runs), native or torch")
     p.add_argument(
         "--prefix", type=int, default=0, help="measure the prefix cache with a shared prefix of ~N tokens"
     )
@@ -308,14 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     drafters = args.drafters or default_drafters()
     if "none" not in drafters:
         drafters = ["none"] + drafters  # the baseline every ratio needs
-    engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads)
+    engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads, backend=args.backend)
     if args.prefix:
         questions = load_questions(args.data.resolve(), 10_000)
         rows = [row for d in drafters for row in run_prefix(engine, d, questions, args)]
         print(prefix_table(rows, engine, args))
         return 0
     args.questions = load_questions(args.data.resolve(), args.requests)
-    levels = [run_level(engine, d, c, args.questions, args) for d in drafters for c in args.concurrency]
+    batches = {"off": [False], "on": [True], "both": [False, True]}[args.batch]
+    levels = [
+        run_level(engine, d, c, b, args.questions, args)
+        for d in drafters
+        for b in batches
+        for c in args.concurrency
+    ]
     print(table(levels, engine, args))
     return 0
 

@@ -204,3 +204,42 @@ def test_batched_server_answers_each_request_as_it_would_alone():
         ref = cold.generate(prompt, GenerationConfig(max_new_tokens=24, drafter=drafter))
         assert answers[i] == ref.text, (i, drafter)
     assert max(map(len, recorder.batches)) > 1  # rounds did share forwards
+
+
+class Faulty:
+    """A runner whose forwards fail on token 99 (a batched forward containing it fails as a whole)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def forward(self, tokens, *args, **kwargs):
+        if 99 in tokens.tolist():
+            raise RuntimeError("simulated fault")
+        return self.runner.forward(tokens, *args, **kwargs)
+
+    def forward_batch(self, items):
+        if any(99 in i.tokens.tolist() for i in items):
+            raise RuntimeError("simulated fault")
+        return self.runner.forward_batch(items)
+
+
+def test_a_forward_that_fails_costs_only_its_own_lane():
+    runner = Faulty(tiny_engine_for(seed=1).model)
+    proxy = BatchingRunner(runner)
+    seen: dict[str, object] = {}
+
+    def body(name: str, token: int):
+        try:
+            seen[name] = proxy.forward(
+                torch.tensor([token]), torch.tensor([0]), runner.new_cache(4)
+            ).logits.shape
+        except RuntimeError as exc:
+            seen[name] = str(exc)
+
+    lanes = [Lane(lambda: body("good", 5), "good"), Lane(lambda: body("bad", 99), "bad")]
+    while not all(lane.done for lane in lanes):
+        run_round([lane for lane in lanes if not lane.done], runner, lambda _: False)
+    assert seen == {"good": torch.Size([1, 64]), "bad": "simulated fault"}

@@ -46,8 +46,9 @@ def wait_for(url: str, condition, timeout: float = 20.0) -> dict[str, float]:
 
 
 def slow_down(engine, delay: float = 0.0, gate: threading.Event | None = None) -> None:
-    """Make every forward of the engine's model wait (a gate) or take longer (a delay)."""
-    forward = engine.model.forward
+    """Make every forward of the engine's model wait (a gate) or take longer (a delay); a batched
+    forward (`--batch`) too."""
+    forward, batched = engine.model.forward, engine.model.forward_batch
 
     def slowed(*args, **kwargs):
         if gate is not None:
@@ -55,7 +56,13 @@ def slow_down(engine, delay: float = 0.0, gate: threading.Event | None = None) -
         time.sleep(delay)
         return forward(*args, **kwargs)
 
-    engine.model.forward = slowed
+    def slowed_batch(items):
+        if gate is not None:
+            assert gate.wait(30), "the test never opened the gate"
+        time.sleep(delay)
+        return batched(items)
+
+    engine.model.forward, engine.model.forward_batch = slowed, slowed_batch
 
 
 async def stream_text(client, kind: str, prompt: str, drafter: str, max_tokens: int) -> tuple[str, dict]:
@@ -81,7 +88,8 @@ async def stream_text(client, kind: str, prompt: str, drafter: str, max_tokens: 
     return "".join(pieces), last.model_extra["leap_stats"]
 
 
-def test_32_concurrent_streams_with_mixed_drafters(tiny_engine):
+@pytest.mark.parametrize("batching", [False, True])
+def test_32_concurrent_streams_with_mixed_drafters(tiny_engine, batching):
     jobs = [
         ("chat" if i % 2 else "completion", prompt_text(i), DRAFTERS[i % len(DRAFTERS)]) for i in range(32)
     ]
@@ -91,7 +99,9 @@ def test_32_concurrent_streams_with_mixed_drafters(tiny_engine):
         ).text
         for kind, p, _ in jobs
     ]
-    app = build_app(tiny_engine, ServerConfig(drafter="none", max_concurrency=4, max_queue=64))
+    app = build_app(
+        tiny_engine, ServerConfig(drafter="none", max_concurrency=4, max_queue=64, batching=batching)
+    )
 
     async def run_all(url):
         async with openai.AsyncOpenAI(
@@ -116,13 +126,16 @@ def test_32_concurrent_streams_with_mixed_drafters(tiny_engine):
     assert all(1 <= n <= 4 for n in pool.created.values()), pool.created  # one instance per slot at most
 
 
-def test_full_queue_answers_429_at_once_and_server_stays_healthy(tiny_engine):
+@pytest.mark.parametrize("batching", [False, True])
+def test_full_queue_answers_429_at_once_and_server_stays_healthy(tiny_engine, batching):
     expected = tiny_engine.generate(
         prompt_text(0), GenerationConfig(max_new_tokens=8, drafter="none"), raw=True
     ).text
     gate = threading.Event()
     slow_down(tiny_engine, gate=gate)  # nothing generates until the gate opens: the queue state is exact
-    app = build_app(tiny_engine, ServerConfig(drafter="none", max_concurrency=2, max_queue=2))
+    app = build_app(
+        tiny_engine, ServerConfig(drafter="none", max_concurrency=2, max_queue=2, batching=batching)
+    )
 
     async def scenario(url):
         async with openai.AsyncOpenAI(
@@ -185,9 +198,12 @@ def first_event(resp: http.client.HTTPResponse) -> dict:
     return json.loads(line[6:])
 
 
-def test_clients_that_disconnect_free_their_slots(tiny_engine):
+@pytest.mark.parametrize("batching", [False, True])
+def test_clients_that_disconnect_free_their_slots(tiny_engine, batching):
     slow_down(tiny_engine, delay=0.02)  # 400 tokens would take 8 s: a cancelled request ends far sooner
-    app = build_app(tiny_engine, ServerConfig(drafter="none", max_concurrency=2, max_queue=4))
+    app = build_app(
+        tiny_engine, ServerConfig(drafter="none", max_concurrency=2, max_queue=4, batching=batching)
+    )
     with BackgroundServer(app) as srv:
         streams = [open_stream(srv.url, prompt_text(i), 400) for i in range(3)]
         for _, resp in streams[:2]:

@@ -13,9 +13,11 @@ request; without it the server's ``--drafter`` applies. ``max_draft`` caps the d
 step. With the official ``openai`` client: ``extra_body={"leap": {"drafter": "none"}}``. Unknown keys or
 names are a 400 error.
 
-Extension to OpenAI's response: ``leap_stats``, the request's speculative statistics (drafter, steps,
+Extension to OpenAI's response: ``leap_stats``, the request's speculative statistics (drafter,
+prompt_tokens, prefix_cached_tokens — prompt tokens reused from the prefix cache, not prefilled —, steps,
 drafted, accepted, mean_accepted — tokens committed per step, bonus included —, accepted_by_depth,
-draft_s, verify_s, prefill_s, decode_s, queue_s, decode_tokens_per_s). Non-streamed responses carry it at
+draft_s, verify_s, prefill_s, decode_s, queue_s, decode_tokens_per_s); ``usage`` carries
+``prompt_tokens_details.cached_tokens`` as OpenAI's does. Non-streamed responses carry it at
 the top level; streamed responses on their last chunk before ``data: [DONE]`` (the usage chunk when
 ``stream_options.include_usage`` is set, else the chunk with the finish reason).
 
@@ -23,8 +25,11 @@ Without ``max_tokens`` a request generates at most ``--default-max-tokens`` (204
 context), because each request preallocates its KV cache; ``max_tokens`` itself may go up to the end of
 the context (beyond it: 400, code ``context_length_exceeded``).
 
-Concurrency: one worker thread interleaves the active generations step by step; see
-`leapdecode.server.scheduler`. Sampling follows OpenAI's defaults (temperature 1 unless given);
+Concurrency: one worker thread interleaves the active generations step by step, or with ``--batch``
+runs their forwards as one batched forward per step (`leapdecode.server.batching`); see
+`leapdecode.server.scheduler`. Prefix cache (``--prefix-cache-mb``, `leapdecode.prefix_cache`): a prompt
+that starts like an earlier prompt or conversation prefills only the rest, with the same output.
+Sampling follows OpenAI's defaults (temperature 1 unless given);
 ``temperature: 0`` (or ``top_p: 0``) is greedy decoding.
 
 Prompts: message texts are tokenized as plain text (special tokens only where the chat template writes

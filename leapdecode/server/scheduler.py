@@ -14,6 +14,10 @@ locks around the model, no two threads contending for the same cores.
   returned one and gives it back when it ends. So with requests one at a time a single instance learns
   from all of them, and with k concurrent requests of one drafter there are at most k instances (at most
   `max_concurrency`), each keeping what it learned for the next request that takes it.
+- Batching (`prefill_chunk`, `leap serve --batch`): the worker becomes the conductor of
+  `leapdecode.server.batching`: each active request runs in a lane (a thread that runs only while the
+  worker hands it the baton, so still one thread at a time) until it parks its next forward; then one
+  batched forward serves every parked forward. The steps, drafters and pool are the same.
 - Cancellation (client gone, shutdown) only sets a flag; the worker closes the generation between steps
   (`Generation.close()`, which runs the drafter's `stop`) and frees the slot.
 - Shutdown comes in two steps, both before the HTTP server cancels any request: `stop_admitting` refuses
@@ -238,9 +242,17 @@ class Scheduler:
         return any(job.cancelled for job, mine in self._lanes.items() if mine is lane)
 
     def _drive(self, job: Job) -> None:
-        """A lane's body: the job's steps until it ends."""
-        while self._step(job):
-            pass
+        """A lane's body: the job's steps until it ends (a bug outside a step still ends the job, so the
+        conductor never starts a second lane for it)."""
+        try:
+            while self._step(job):
+                pass
+        except Exception:
+            log.exception("lane of generation %s failed", job.id)
+            with self._cond:
+                active = job in self._active
+            if active:
+                self._finish(job, "error", ApiError(500, "internal error during generation", code="internal"))
 
     def _step(self, job: Job) -> bool:
         """One step of the job's generation; False once the job has finished."""

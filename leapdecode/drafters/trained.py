@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from leapdecode.model.runner import Head, Plan, Runner
 
 CHECK_IDS = (0, 1, 2, 3, 100, 1000)  # ids whose embeddings identify the target (those below its vocab)
 CHECK_TOLERANCE = 2e-2  # float16 storage of the embeddings, quantized or not
-BUNDLED = "leapdecode.data.drafters"
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "drafters"
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,8 @@ def load_head(path: Path | str, kind: str) -> HeadFile:
 
 
 def bundled_path(kind: str) -> Path:
-    return Path(str(resources.files(BUNDLED) / f"{kind}.safetensors"))
+    """The head shipped in the package for the bundled model."""
+    return BUNDLED / f"{kind}.safetensors"
 
 
 def model_info(runner: Runner, name: str = "") -> dict:

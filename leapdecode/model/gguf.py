@@ -119,11 +119,11 @@ def gguf_config(reader: Any) -> ModelConfig:
 
 
 def open_reader(path: Path) -> Any:
-    """The file's `gguf.GGUFReader` (memory-mapped: tensor data is read from disk when touched)."""
-    from gguf import GGUFReader
+    """The file's header (`GGUFFile`: metadata, and tensors memory-mapped: read from disk when touched)."""
+    from leapdecode.model.gguf_file import GGUFFile
 
     try:
-        return GGUFReader(str(path))
+        return GGUFFile(path)
     except (ValueError, OSError) as exc:
         raise LeapError(f"{path}: not a readable GGUF file ({exc})") from exc
 
@@ -185,7 +185,7 @@ class GGUFSource:
     rope_factors: torch.Tensor | None
 
     def __init__(self, path: str | Path, reader: Any = None):
-        """`reader`: the file's GGUFReader when the caller has opened it already."""
+        """`reader`: the file's header (`GGUFFile`, or gguf-py's reader) when the caller has opened it."""
         self.path = Path(path)
         self.name = self.path.name
         self.reader = open_reader(self.path) if reader is None else reader

@@ -51,6 +51,12 @@ def physical_cores(cpuinfo: str | None = None) -> int | None:
     return len(cores) or None
 
 
+def vendor(cpuinfo: str | None = None) -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, ...), or "" where the file does not say."""
+    names = _fields(cpuinfo, "vendor_id")
+    return names[0] if names else ""
+
+
 def flag_set(cpuinfo: str | None = None) -> frozenset[str] | None:
     """Every instruction-set flag of the first CPU; None when /proc/cpuinfo cannot be read."""
     if cpuinfo is None and (cpuinfo := read_cpuinfo()) is None:

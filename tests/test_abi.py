@@ -199,3 +199,14 @@ def test_the_stack_call_checks_its_arguments_and_names_each_failure():
     call = _Call()
     call.args.head, call.args.head_from = ctypes.pointer(call.blocks[0].w2), 0  # w2 reads I inputs, not D
     assert call.status() == "LD_ERR_LINEAR_SHAPE"
+
+
+def test_the_prefetch_hint_follows_the_cpu_vendor():
+    from leapdecode.cpu import vendor
+
+    assert vendor("vendor_id\t: AuthenticAMD\nflags\t: avx2\n") == "AuthenticAMD"
+    assert vendor("flags: x\n") == ""
+    assert build.hint_flags("AuthenticAMD") == ("-DQ_HINT=_MM_HINT_NTA", "-DF32_HINT=_MM_HINT_NTA")
+    assert build.hint_flags("GenuineIntel") == ("-DQ_HINT=_MM_HINT_T1", "-DF32_HINT=_MM_HINT_T1")
+    assert build.hint_flags("SomethingElse") == ("-DQ_HINT=_MM_HINT_T1", "-DF32_HINT=_MM_HINT_T1")
+    assert set(build.hint_flags()) <= set(build.flags("avx2"))  # every build carries this machine's hint

@@ -137,9 +137,9 @@ inline __m256 kq_step(__m256 acc, __m256i isum, const KScales& w, const KAct& x)
     return acc;
 }
 
-// Software prefetch of the group 16 rows ahead (one-row tiles read rows in turn; see prefetch_rows), into
-// L2 (hint T1): a non-temporal hint, as for float32, held one core's weight stream at about two thirds
-// of this rate (benchmarks/kernels.py --layer).
+// Software prefetch of the group 16 rows ahead (one-row tiles read rows in turn; see prefetch_rows), with
+// the weight streams' hint Q_HINT (per CPU vendor, build.py: into L2 on Intel, where the non-temporal hint
+// held one core's stream to about two thirds of this rate).
 template <int F>
 inline void kq_prefetch(const uint8_t* p, int64_t row_bytes) {
     const uint8_t* q = p + 16 * row_bytes;

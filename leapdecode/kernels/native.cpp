@@ -31,10 +31,13 @@
 // Tile loops over rows and columns must be fully unrolled so accumulator arrays live in registers.
 #define LD_UNROLL _Pragma("GCC unroll 16")
 
-// The hint of the software prefetches of quantized weight streams (prefetch_rows, kq_prefetch); a build
-// with -DQ_HINT=_MM_HINT_NTA (or another) compares hints.
+// The hints of the software prefetches of quantized weight streams (prefetch_rows, kq_prefetch) and of
+// float32 ones (prefetch_f32); build.py chooses them per CPU vendor (hint_flags).
 #ifndef Q_HINT
 #define Q_HINT _MM_HINT_T1
+#endif
+#ifndef F32_HINT
+#define F32_HINT _MM_HINT_T1
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -299,8 +302,8 @@ template <int MR>
 constexpr int64_t f32_ahead() { return MR == 1 ? 512 : 1536; }  // floats
 
 inline void prefetch_f32(const float* p) {  // the two lines one 8-column step of a group reads
-    _mm_prefetch((const char*)p, _MM_HINT_NTA);
-    _mm_prefetch((const char*)(p + 16), _MM_HINT_NTA);
+    _mm_prefetch((const char*)p, F32_HINT);
+    _mm_prefetch((const char*)(p + 16), F32_HINT);
 }
 
 // Each register holds one row's 8-column run; a lane sums every 8th product of its row.

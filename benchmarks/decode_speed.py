@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("--backend", default="torch", help="torch (default: the reference path) or native")
     ap.add_argument("--quant", default="none")
     ap.add_argument("--activations", default="float32")
+    ap.add_argument("--peers", default="hf", help="comma-separated peers to run beside ours, or 'none'")
     args = ap.parse_args()
     args.out = args.out or time.strftime("bench_results/decode_speed-%Y%m%d-%H%M%S")
     if Path(args.out, "records.jsonl").exists():  # checked before minutes of loading, not after
@@ -93,7 +94,7 @@ def main() -> int:
         engine,
         questions,
         ["none"],
-        make_peers(["hf"], ctx),
+        make_peers([] if args.peers == "none" else args.peers.split(","), ctx),
         max_new_tokens=args.max_new_tokens,
         out_dir=args.out,
     )
@@ -159,7 +160,14 @@ def table(records: list[dict], engine: Engine, bw: dict[int, float], args) -> st
         rs = [r for r in records if r["method"] == "none"]
         return sum(r["new_tokens"] - 1 for r in rs) / sum(r["wall_s"] - r["prefill_s"] for r in rs)
 
-    ours, hf = tps("none"), tps("hf")
+    ours = tps("none")
+    hf = tps("hf") if any(r["method"] == "hf" for r in records) else None
+    rows = [f"| leapdecode plain (`--drafter none`) | {ours:.1f} | - |"]
+    if hf is not None:
+        rows = [
+            f"| transformers `generate` | {hf:.1f} | 1.00x |",
+            f"| leapdecode plain (`--drafter none`) | {ours:.1f} | {ours / hf:.2f}x |",
+        ]
     wbytes = weight_bytes_per_token(engine)
     bound = bw[args.threads] * 1e9 / wbytes
     m = describe_machine(engine)
@@ -168,14 +176,13 @@ def table(records: list[dict], engine: Engine, bw: dict[int, float], args) -> st
             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['logical_cpus']} CPUs, "
             f"threads {args.threads}, "
             f"dtype {m['dtype']}, backend {engine.backend}, torch {m['torch']}, model {m['model']}, "
-            f"{len(records) // 2} Spec-Bench prompts, "
+            f"{len({r['question_id'] for r in records})} Spec-Bench prompts, "
             f"{args.max_new_tokens} new tokens, greedy, one warm-up run each."
         ),
         "",
         "| engine | tokens/s (prefill included) | ratio vs transformers |",
         "|---|---|---|",
-        f"| transformers `generate` | {hf:.1f} | 1.00x |",
-        f"| leapdecode plain (`--drafter none`) | {ours:.1f} | {ours / hf:.2f}x |",
+        *rows,
         "",
         (
             f"Decode-only: {decode_tps():.1f} tokens/s. Weights read per token: {wbytes / 1e6:.0f} MB; read "

@@ -348,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [
         run_level(engine, d, c, b, args.questions, args)
         for d in drafters
-        for b in batches
         for c in args.concurrency
+        for b in batches  # side by side: the two modes of one level run one after the other
     ]
     print(table(levels, engine, args))
     return 0

@@ -169,6 +169,12 @@ def test_auto_takes_the_eagle_head_as_a_source_and_stays_lossless(tmp_path):
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=30), drafter=auto).token_ids == ref
 
 
-def test_auto_without_a_head_for_the_model_has_no_eagle_source():
-    auto = ENGINES[0].new_drafter("auto")  # the shipped head is the bundled model's, not this one's
+def test_auto_without_a_head_for_the_model_has_no_eagle_source(tmp_path):
+    auto = ENGINES[0].new_drafter("auto")  # no eagle configured: not a default source
+    assert "eagle" not in auto.sources and not auto.wants_hidden
+    ENGINES[0].drafter_options["eagle"] = {}  # configured, but the shipped head is another model's
+    try:
+        auto = ENGINES[0].new_drafter("auto")
+    finally:
+        del ENGINES[0].drafter_options["eagle"]
     assert "eagle" not in auto.sources and not auto.wants_hidden

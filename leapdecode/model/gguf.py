@@ -10,6 +10,7 @@ both paths permute whole rows back, which moves values (or whole blocks) without
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,12 @@ def release_pages(view: np.ndarray) -> None:
     start = -(-view.ctypes.data // page) * page
     end = (view.ctypes.data + view.nbytes) // page * page
     if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
 
 
 class GGUFSource:

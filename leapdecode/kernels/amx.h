@@ -13,8 +13,8 @@
 // activations share) and B = 8 rows of x packed by amx_pack_act so that C's 16 columns are two halves of
 // the product's span times 8 rows: a product over 64 weights yields the sums of both sub-blocks of 32
 // (Q6_K: over 32 weights, both halves of 16, whose scales differ) for 8 rows, one register per weight row.
-// The two sub-blocks of product q are exactly the one-row accumulator's lanes q and q + 4 (kq_unpack's register order and ORDER),
-// the pair hsum8 adds first, so accumulators hold [lane q | lane q + 4] x 8 rows.
+// The two sub-blocks of product q are exactly the one-row accumulator's lanes q and q + 4 (kq_unpack's
+// register order and ORDER), the pair hsum8 adds first, so accumulators hold [lane q | lane q + 4] x 8 rows.
 // The OS must have granted this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM) before the
 // library is used; the Python side asks once (build.py).
 #pragma once

@@ -170,8 +170,10 @@ class _Call:
             8,
         )
         self.x, self.cache = torch.empty(len(tokens), d), torch.empty(layers, hkv, 8, hd)
-        self.args = abi.LdForwardArgs(x=self.x.data_ptr(), S=len(tokens), Tmax=8, threads=1)
-        self.args.kc = self.args.vc = self.cache.data_ptr()
+        self.seqs = (abi.LdSeq * 2)()  # one sequence of every row, and room for a second
+        self.seqs[0] = abi.LdSeq(S=len(tokens), kc=self.cache.data_ptr(), vc=self.cache.data_ptr(), Tmax=8)
+        self.args = abi.LdForwardArgs(x=self.x.data_ptr(), S=len(tokens), nseq=1, threads=1)
+        self.args.seqs = ctypes.cast(self.seqs, ctypes.POINTER(abi.LdSeq))
 
     def status(self, args=True) -> str:
         fn = native.lib().ld_stack_forward
@@ -197,8 +199,26 @@ def test_the_stack_call_checks_its_arguments_and_names_each_failure():
     call.args.nfeat, call.args.feat_layers, call.args.feats = 2, layers.data_ptr(), call.x.data_ptr()
     assert call.status() == "LD_ERR_FEATURE_LAYER"
     call = _Call()
-    call.args.head, call.args.head_from = ctypes.pointer(call.blocks[0].w2), 0  # w2 reads I inputs, not D
+    call.args.head = ctypes.pointer(call.blocks[0].w2)  # w2 reads I inputs, not D
     assert call.status() == "LD_ERR_LINEAR_SHAPE"
+
+
+def test_the_stack_call_checks_each_sequence():
+    call = _Call()
+    call.args.nseq = 2  # the second sequence's rows are missing from the call's
+    call.seqs[1] = abi.LdSeq(S=1, kc=call.cache.data_ptr(), vc=call.cache.data_ptr(), Tmax=8)
+    assert call.status() == "LD_ERR_SEQ_ROWS"
+    call.args.S = 3
+    call.seqs[1].n = 8  # its row does not fit after its 8 cached ones
+    assert call.status() == "LD_ERR_CACHE_FULL"
+    call.seqs[1].n, call.seqs[1].vc = 0, None
+    assert call.status() == "LD_ERR_NULL"
+    call = _Call()
+    call.args.head, call.seqs[0].head_from = ctypes.pointer(call.blocks[0].w2), 3  # past its 2 rows
+    assert call.status() == "LD_ERR_HEAD_ROWS"
+    call = _Call()
+    call.args.seqs = None
+    assert call.status() == "LD_ERR_NULL"
 
 
 def test_the_prefetch_hint_follows_the_cpu_vendor():

@@ -46,7 +46,7 @@ def items_for(runner, rng: torch.Generator) -> list[BatchItem]:
     cache = primed(runner, [1, 2, 3])
     tokens, positions, mask = tree_inputs(Draft([4, 5, 6], [-1, -1, 0]), 7, 3, "cpu")
     items.append(BatchItem(tokens, positions, cache, mask))
-    skip = Plan(layers=((True, False), (False, False)))  # runs alone, in the same call
+    skip = Plan(layers=((True, False),) + ((False, False),) * (runner.cfg.n_layers - 1))  # runs alone
     items.append(BatchItem(torch.tensor([3, 4]), torch.arange(2), runner.new_cache(8), None, skip))
     return items
 
@@ -150,9 +150,44 @@ NATIVE = pytest.mark.skipif(
 
 
 @NATIVE
+@pytest.mark.parametrize(
+    "quant,acts", [("int8", "int8"), ("int4", "int8"), ("int4", "float32"), ("none", "float32")]
+)
+def test_native_batched_forward_is_bit_for_bit_one_forward_per_sequence(quant, acts):
+    """One kernel call over ragged sequences (a prompt, one-token steps after different contexts, a draft
+    tree with its mask, hidden states; a plan that skips blocks runs alone) gives every sequence exactly
+    the logits, hidden states and cache of its own forward."""
+    cfg = tiny_config(dim=64, inter=128, vocab=96, layers=3)
+    spec = LinearSpec("native", quant, acts)
+    batched, alone = (tiny_engine_for(cfg, seed=3, dtype=torch.float32, spec=spec).model for _ in range(2))
+    a = items_for(batched, torch.Generator().manual_seed(2))
+    b = items_for(alone, torch.Generator().manual_seed(2))
+    for x, y, ia, ib in zip(batched.forward_batch(a), forward_each(alone, b), a, b):
+        assert torch.equal(x.logits, y.logits)
+        assert (x.hidden is None) == (y.hidden is None)
+        assert x.hidden is None or torch.equal(x.hidden, y.hidden)
+        assert ia.cache.length == ib.cache.length
+        assert torch.equal(ia.cache.k, ib.cache.k) and torch.equal(ia.cache.v, ib.cache.v)
+
+
+@NATIVE
+def test_a_native_batch_refuses_two_rows_sets_on_one_cache():
+    runner = tiny_engine_for(
+        tiny_config(dim=64, inter=128, vocab=96),
+        dtype=torch.float32,
+        spec=LinearSpec("native", "int8", "int8"),
+    ).model
+    cache = runner.new_cache(8)
+    item = BatchItem(torch.tensor([1]), torch.tensor([0]), cache)
+    with pytest.raises(LeapError, match="distinct caches"):
+        runner.forward_batch([item, item])
+    assert cache.length == 0
+
+
+@NATIVE
 def test_native_batched_generation_is_bit_for_bit_generation_alone():
-    """The native fallback (one forward per sequence) and chunked prefill change no bit: greedy
-    generations run in lanes, three at a time, equal generations alone in float32."""
+    """Batched kernel calls and chunked prefill change no bit: greedy generations run in lanes, three at
+    a time, equal generations alone in float32."""
     cfg = tiny_config(dim=64, inter=128, vocab=96, layers=3)
     spec = LinearSpec("native", "int8", "int8")
     engine = tiny_engine_for(cfg, seed=5, dtype=torch.float32, spec=spec)

@@ -11,6 +11,7 @@ from leapdecode.errors import LeapError
 from leapdecode.model.linear import LinearSpec, available_backends
 from leapdecode.model.llama import MLP, Attention, Block, RMSNorm, Transformer
 from leapdecode.model.runner import Plan
+from leapdecode.model.stack import SeqRows
 from leapdecode.model.torch_runner import TorchRunner
 
 pytestmark = pytest.mark.skipif(
@@ -187,7 +188,8 @@ def test_feature_outputs_are_copies_of_the_residual_stream_after_their_blocks():
     ids = torch.randint(0, 96, (7,), generator=torch.Generator().manual_seed(11))
 
     def call(layers=None, head=None, features=()):
-        return model.stack(ids, torch.arange(7), model.new_cache(64), None, layers, head, False, features)
+        seq = SeqRows(ids, torch.arange(7), model.new_cache(64))
+        return model.stack([seq], layers, head, features)
 
     x, _, none = call()  # [7, D]
     assert none is None
@@ -201,6 +203,8 @@ def test_feature_outputs_are_copies_of_the_residual_stream_after_their_blocks():
     assert torch.equal(logits, call(head=head)[1]) and torch.equal(last[0], x)
     with pytest.raises(LeapError, match="features: block 4 is outside the model's 4 blocks"):
         call(features=(0, 4))
+    with pytest.raises(LeapError, match="plan layers: 3 .* for the model's 4 blocks"):
+        call(layers=[(False, False)] * 3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

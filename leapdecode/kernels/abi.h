@@ -18,7 +18,7 @@
 
 #include <type_traits>
 
-#define LD_ABI_VERSION 5
+#define LD_ABI_VERSION 6
 #define LD_MAX_PARTS 4  // parts of one fused linear layer
 
 // X(name, code, message): codes run 0, -1, -2, ... without gaps (checked below).
@@ -39,7 +39,8 @@
     X(LD_ERR_POSITION, -13, "a position is beyond the rope tables (the model's context)")      \
     X(LD_ERR_FEATURE_LAYER, -14, "a feature layer is outside the model's blocks")               \
     X(LD_ERR_NULL, -15, "a required pointer is null")                                          \
-    X(LD_ERR_SUPER_BLOCK_K, -16, "in_features must be a multiple of 256 for K-quant formats")
+    X(LD_ERR_SUPER_BLOCK_K, -16, "in_features must be a multiple of 256 for K-quant formats")  \
+    X(LD_ERR_SEQ_ROWS, -17, "the sequences' rows do not add up to the call's rows")
 
 #define LD_STATUS_ENUM(name, code, message) name = code,
 enum LdStatus { LD_STATUSES(LD_STATUS_ENUM) };
@@ -128,22 +129,32 @@ struct LdInputs {
     LD_INPUTS_FIELDS(LD_DECLARE_FIELD)
 };
 
-// One call of ld_stack_forward: S new rows after n cached ones.
+// One sequence's part of a call: its S rows (consecutive in the call's rows) after its n cached ones, in its
+// own cache. Sequences share the weight pass and nothing else: each row attends only to its own sequence.
+#define LD_SEQ_FIELDS(F)                                                                          \
+    F(int64_t, S, )                                                                               \
+    F(int64_t, n, )                                                                               \
+    F(float*, kc, )           /* [L, Hkv, Tmax, hd] key cache */                                  \
+    F(float*, vc, )           /* [L, Hkv, Tmax, hd] value cache */                                \
+    F(int64_t, Tmax, )                                                                            \
+    F(const uint8_t*, mask, ) /* [S, n + S] (row stride mask_stride), or null for causal */       \
+    F(int64_t, mask_stride, )                                                                     \
+    F(int64_t, head_from, )   /* with a head: logits of rows [head_from, S) (S: none) */
+struct LdSeq {
+    LD_SEQ_FIELDS(LD_DECLARE_FIELD)
+};
+
+// One call of ld_stack_forward: S new rows, the rows of nseq sequences one after another.
 #define LD_FORWARD_ARGS_FIELDS(F)                                                                    \
     F(float*, x, )                   /* [S, D] out: the residual stream after the last block */      \
-    F(int64_t, S, )                                                                                  \
-    F(int64_t, n, )                                                                                  \
-    F(float*, kc, )                  /* [L, Hkv, Tmax, hd] key cache (batch 1) */                    \
-    F(float*, vc, )                  /* [L, Hkv, Tmax, hd] value cache */                            \
-    F(int64_t, Tmax, )                                                                               \
-    F(const uint8_t*, mask, )        /* [S, n + S] (row stride mask_stride), or null for causal */   \
-    F(int64_t, mask_stride, )                                                                        \
+    F(int64_t, S, )                  /* every sequence's rows together */                            \
+    F(const LdSeq*, seqs, )          /* [nseq] */                                                    \
+    F(int64_t, nseq, )                                                                               \
     F(const uint8_t*, skip, )        /* [L, 2] (attention, MLP) or null */                           \
     F(const float*, norm_w, )        /* [D] the final RMSNorm's weight, with head */                 \
     F(float, norm_eps, )                                                                             \
     F(const LdLinear*, head, )       /* the output layer, or null: no logits */                      \
-    F(int64_t, head_from, )          /* logits of rows [head_from, S) */                             \
-    F(float*, logits, )              /* [S - head_from, head->N] */                                  \
+    F(float*, logits, )              /* [sum of the sequences' head rows, head->N], in their order */ \
     F(int64_t, nfeat, )              /* feature outputs (0: none) */                                 \
     F(const int64_t*, feat_layers, ) /* [nfeat] block indices */                                     \
     F(float*, feats, )               /* [nfeat, S, D]: x after block feat_layers[j] into feats[j] */ \
@@ -158,6 +169,7 @@ struct LdForwardArgs {
     X(LdBlock, LD_BLOCK_FIELDS)              \
     X(LdStack, LD_STACK_FIELDS)              \
     X(LdInputs, LD_INPUTS_FIELDS)            \
+    X(LdSeq, LD_SEQ_FIELDS)                  \
     X(LdForwardArgs, LD_FORWARD_ARGS_FIELDS)
 
 // ------------------------------------------------------------------ layout tables

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from leapdecode.errors import LeapError
 
-ABI_VERSION = 5  # LD_ABI_VERSION in abi.h
+ABI_VERSION = 6  # LD_ABI_VERSION in abi.h
 MAX_PARTS = 4  # LD_MAX_PARTS
 FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "q5_0": 6}  # LD_FORMATS
 ACT_CODES = {"float32": 0, "int8": 1}  # LD_ACTS: LdPart.act
@@ -78,9 +78,8 @@ class LdInputs(ctypes.Structure):
     ]
 
 
-class LdForwardArgs(ctypes.Structure):
+class LdSeq(ctypes.Structure):
     _fields_ = [
-        ("x", _P),
         ("S", _I64),
         ("n", _I64),
         ("kc", _P),
@@ -88,11 +87,20 @@ class LdForwardArgs(ctypes.Structure):
         ("Tmax", _I64),
         ("mask", _P),
         ("mask_stride", _I64),
+        ("head_from", _I64),
+    ]
+
+
+class LdForwardArgs(ctypes.Structure):
+    _fields_ = [
+        ("x", _P),
+        ("S", _I64),
+        ("seqs", ctypes.POINTER(LdSeq)),
+        ("nseq", _I64),
         ("skip", _P),
         ("norm_w", _P),
         ("norm_eps", _F32),
         ("head", ctypes.POINTER(LdLinear)),
-        ("head_from", _I64),
         ("logits", _P),
         ("nfeat", _I64),
         ("feat_layers", _P),
@@ -101,7 +109,15 @@ class LdForwardArgs(ctypes.Structure):
     ]
 
 
-STRUCTS: tuple[type[ctypes.Structure], ...] = (LdPart, LdLinear, LdBlock, LdStack, LdInputs, LdForwardArgs)
+STRUCTS: tuple[type[ctypes.Structure], ...] = (
+    LdPart,
+    LdLinear,
+    LdBlock,
+    LdStack,
+    LdInputs,
+    LdSeq,
+    LdForwardArgs,
+)
 
 
 def bind(dll: ctypes.CDLL) -> None:

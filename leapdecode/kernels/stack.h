@@ -13,14 +13,15 @@ namespace {
 
 // The structs passed in (LdStack, LdInputs, LdForwardArgs, ...) are declared in abi.h.
 
-struct StepArgs {  // one call: S new rows after n cached ones
-    float* x;                        // [S, D] residual stream, updated in place
-    int64_t S, n, Tmax;              // cache slots: [L, Hkv, Tmax, hd] (batch 1)
-    const float *cos, *sin;          // [S, hd]
-    float *kc, *vc;
-    const uint8_t* mask;             // [S, n + S] (row stride mask_stride), or null for causal
-    int64_t mask_stride;
-    const uint8_t* skip;             // [L, 2] (attention, MLP) or null
+struct StepArgs {  // one call: S new rows, the rows of nseq sequences one after another
+    float* x;                 // [S, D] residual stream, updated in place
+    int64_t S;
+    const LdSeq* seqs;        // [nseq], each with its own cache slots [L, Hkv, Tmax, hd]
+    int64_t nseq;
+    const int64_t* start;     // [nseq + 1]: the first row of each sequence, then S
+    const int64_t* seq_of;    // [S]: the sequence of each row
+    const float *cos, *sin;   // [S, hd]
+    const uint8_t* skip;      // [L, 2] (attention, MLP) or null
     int threads;
 };
 
@@ -120,28 +121,38 @@ struct Buffers {  // per call, sized for S rows
     void* scratch;  // int8 activations
 };
 
+// Attention of sequence j's rows over its own cache (keys and values of block l already written).
+LdStatus seq_attention(const LdStack& st, const StepArgs& a, int64_t l, int64_t j, Buffers& b) {
+    const LdSeq& q = a.seqs[j];
+    const int64_t hd = st.hd, Nq = st.H * hd, Nqkv = Nq + 2 * st.Hkv * hd, r0 = a.start[j];
+    if (q.S == 0) return LD_OK;
+    const int64_t qst[3] = {0, hd, Nqkv}, kst[3] = {0, q.Tmax * hd, hd}, ost[3] = {0, hd, Nq};
+    float *kc = q.kc + l * st.Hkv * q.Tmax * hd, *vc = q.vc + l * st.Hkv * q.Tmax * hd;  // [Hkv, Tmax, hd]
+    const AttnArgs at{b.qkv + r0 * Nqkv, kc, vc, b.att + r0 * Nq, 1, st.H, st.Hkv, q.S, q.n + q.S, hd, qst, kst,
+                      kst, ost, q.mask, q.mask_stride, (float)pow((double)hd, -0.5)};  // as d ** -0.5
+    return attention(at, attention_threads(at, a.threads), b.attn);
+}
+
 LdStatus attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
     const int64_t S = a.S, hd = st.hd, Nq = st.H * hd, Nkv = st.Hkv * hd, Nqkv = Nq + 2 * Nkv;
     const LdBlock& blk = st.blocks[l];
     auto norm = [&](int64_t i) { rmsnorm_row(a.x + i * st.D, blk.attn_norm, b.h + i * st.D, st.D, st.eps); };
     for_rows(S, a.threads, norm);
     run_linear_parts(blk.qkv, S, b.h, b.qkv, a.threads, b.scratch);
-    float* kc = a.kc + l * st.Hkv * a.Tmax * hd;  // [Hkv, Tmax, hd]
-    float* vc = a.vc + l * st.Hkv * a.Tmax * hd;
     auto rope = [&](int64_t i) {
+        const LdSeq& q = a.seqs[a.seq_of[i]];
+        const int64_t slot = q.n + i - a.start[a.seq_of[i]], layer = l * st.Hkv * q.Tmax * hd;
         float* row = b.qkv + i * Nqkv;
         const float *cos = a.cos + i * hd, *sin = a.sin + i * hd;
         for (int64_t h = 0; h < st.H + st.Hkv; ++h) rope_head(row + h * hd, cos, sin, hd);
         for (int64_t h = 0; h < st.Hkv; ++h) {
-            memcpy(kc + (h * a.Tmax + a.n + i) * hd, row + Nq + h * hd, sizeof(float) * hd);
-            memcpy(vc + (h * a.Tmax + a.n + i) * hd, row + Nq + Nkv + h * hd, sizeof(float) * hd);
+            memcpy(q.kc + layer + (h * q.Tmax + slot) * hd, row + Nq + h * hd, sizeof(float) * hd);
+            memcpy(q.vc + layer + (h * q.Tmax + slot) * hd, row + Nq + Nkv + h * hd, sizeof(float) * hd);
         }
     };
     for_rows(S, a.threads, rope);
-    const int64_t qst[3] = {0, hd, Nqkv}, kst[3] = {0, a.Tmax * hd, hd}, ost[3] = {0, hd, Nq};
-    const AttnArgs at{b.qkv, kc, vc, b.att, 1, st.H, st.Hkv, S, a.n + S, hd, qst, kst, kst, ost,
-                      a.mask, a.mask_stride, (float)pow((double)hd, -0.5)};  // as d ** -0.5
-    if (const LdStatus rc = attention(at, attention_threads(at, a.threads), b.attn)) return rc;
+    for (int64_t j = 0; j < a.nseq; ++j)
+        if (const LdStatus rc = seq_attention(st, a, l, j, b)) return rc;
     run_linear_parts(blk.o, S, b.att, b.tmp, a.threads, b.scratch);
     auto residual = [&](int64_t i) {
         for (int64_t c = 0; c < st.D; ++c) a.x[i * st.D + c] += b.tmp[i * st.D + c];
@@ -170,12 +181,12 @@ LdStatus check_head(const LdStack& st, const LdLinear& head) {
     return head.K == st.D && head.N > 0 ? LD_OK : LD_ERR_LINEAR_SHAPE;
 }
 
-// The final RMSNorm and the output layer over rows [from, S) of the residual stream.
-void head_part(const LdStack& st, const StepArgs& a, const float* norm_w, float eps, const LdLinear& head,
-               int64_t from, float* logits, Buffers& b) {
-    auto norm = [&](int64_t i) { rmsnorm_row(a.x + (from + i) * st.D, norm_w, b.h + i * st.D, st.D, eps); };
-    for_rows(a.S - from, a.threads, norm);
-    run_linear_parts(head, a.S - from, b.h, logits, a.threads, b.scratch);
+// The final RMSNorm and the output layer over the R rows `rows` of the residual stream, into logits [R, N].
+void head_part(const LdStack& st, const StepArgs& a, const LdForwardArgs& f, const int64_t* rows, int64_t R,
+               Buffers& b) {
+    auto norm = [&](int64_t i) { rmsnorm_row(a.x + rows[i] * st.D, f.norm_w, b.h + i * st.D, st.D, f.norm_eps); };
+    for_rows(R, a.threads, norm);
+    run_linear_parts(*f.head, R, b.h, f.logits, a.threads, b.scratch);
 }
 
 LdStatus check_inputs(const LdInputs& in, int64_t S) {
@@ -187,21 +198,60 @@ LdStatus check_inputs(const LdInputs& in, int64_t S) {
     return LD_OK;
 }
 
+// Each sequence's rows, cache and head rows; their rows must add up to the call's.
+LdStatus check_seqs(const LdForwardArgs& f) {
+    if (f.nseq < 0) return LD_ERR_EMPTY;
+    if (f.nseq > 0 && !f.seqs) return LD_ERR_NULL;
+    int64_t rows = 0;
+    for (int64_t j = 0; j < f.nseq; ++j) {
+        const LdSeq& q = f.seqs[j];
+        if (q.S < 0 || q.n < 0) return LD_ERR_EMPTY;
+        if (q.n + q.S > q.Tmax) return LD_ERR_CACHE_FULL;
+        if (q.S > 0 && (!q.kc || !q.vc)) return LD_ERR_NULL;  // (no rows: empty tensors may be null)
+        if (f.head && (q.head_from < 0 || q.head_from > q.S)) return LD_ERR_HEAD_ROWS;
+        rows += q.S;
+    }
+    return rows == f.S ? LD_OK : LD_ERR_SEQ_ROWS;
+}
+
+// The rows whose logits a call returns (with a head), in sequence order.
+int64_t head_rows(const LdForwardArgs& f, int64_t* rows) {
+    int64_t R = 0, r0 = 0;
+    for (int64_t j = 0; j < f.nseq; r0 += f.seqs[j++].S)
+        for (int64_t i = f.seqs[j].head_from; f.head && i < f.seqs[j].S; ++i) rows[R++] = r0 + i;
+    return R;
+}
+
 // Everything of one call that is not the model or its inputs.
 LdStatus check_args(const LdStack& st, const LdForwardArgs& f) {
     if (f.S < 0 || f.nfeat < 0) return LD_ERR_EMPTY;
+    if (const LdStatus rc = check_seqs(f)) return rc;
     if (f.head) {
         if (const LdStatus rc = check_head(st, *f.head)) return rc;
-        if (f.head_from < 0 || f.head_from >= f.S) return LD_ERR_HEAD_ROWS;
         if (!f.norm_w || !f.logits) return LD_ERR_NULL;
     }
     if (f.nfeat > 0 && !f.feat_layers) return LD_ERR_NULL;
     for (int64_t j = 0; j < f.nfeat; ++j)
         if (f.feat_layers[j] < 0 || f.feat_layers[j] >= st.L) return LD_ERR_FEATURE_LAYER;
-    if (f.n < 0 || f.n + f.S > f.Tmax) return LD_ERR_CACHE_FULL;
     // (no rows: nothing is written, and empty tensors may have null pointers)
-    if (f.S > 0 && (!f.x || !f.kc || !f.vc || (f.nfeat > 0 && !f.feats))) return LD_ERR_NULL;
+    if (f.S > 0 && (!f.x || (f.nfeat > 0 && !f.feats))) return LD_ERR_NULL;
     return LD_OK;
+}
+
+// Where each sequence's rows start (`start` [nseq + 1]) and which sequence each row is in (`seq_of` [S]).
+void row_index(const LdForwardArgs& f, int64_t* start, int64_t* seq_of) {
+    start[0] = 0;
+    for (int64_t j = 0; j < f.nseq; ++j) {
+        start[j + 1] = start[j] + f.seqs[j].S;
+        for (int64_t i = start[j]; i < start[j + 1]; ++i) seq_of[i] = j;
+    }
+}
+
+// Attention's scratch for the longest sequence (sequences take their turns with it).
+size_t seq_attention_bytes(const LdStack& st, const LdForwardArgs& f, int threads) {
+    int64_t T = 0;
+    for (int64_t j = 0; j < f.nseq; ++j) T = std::max(T, f.seqs[j].n + f.seqs[j].S);
+    return attention_scratch_bytes(T, st.H / st.Hkv, threads);
 }
 
 // The residual stream after block l into every feature output asking for it (a copy: x is unchanged).
@@ -223,14 +273,15 @@ void gather_inputs(const LdInputs& in, int64_t S, int64_t D, int64_t hd, float* 
 
 extern "C" {
 
-// Runs every block of `st` over the S new rows given as token ids and positions (`in`), leaving the
-// residual stream in args->x [S, D]; with args->head, then also the final RMSNorm and the output layer over
-// rows [head_from, S) into args->logits; with feature layers, a copy of x after each of those blocks.
+// Runs every block of `st` over the S new rows given as token ids and positions (`in`), the rows of
+// args->nseq sequences one after another, each in its own cache; leaves the residual stream in args->x
+// [S, D]; with args->head, then also the final RMSNorm and the output layer over each sequence's rows
+// [head_from, S) into args->logits; with feature layers, a copy of x after each of those blocks.
 // Returns LD_OK, or the LdStatus of the first check that failed (nothing written then).
 LdStatus ld_stack_forward(const LdStack* st, const LdInputs* in, const LdForwardArgs* args) {
     if (!st || !in || !args) return LD_ERR_NULL;
     const LdForwardArgs& f = *args;
-    const int64_t S = f.S, n = f.n;
+    const int64_t S = f.S;
     if (const LdStatus rc = check_stack(*st)) return rc;
     if (const LdStatus rc = check_args(*st, f)) return rc;
     if (S == 0) return LD_OK;
@@ -238,12 +289,16 @@ LdStatus ld_stack_forward(const LdStack* st, const LdInputs* in, const LdForward
     const int threads = f.threads;
     const int64_t D = st->D, I = st->I, Nqkv = (st->H + 2 * st->Hkv) * st->hd;
     const int64_t floats = S * (D + Nqkv + st->H * st->hd + 2 * I + I + D + 2 * st->hd);
+    const int64_t ints = f.nseq + 1 + 2 * S;  // row_index's start and seq_of, head_rows
     const int64_t k_max = std::max({D, I, st->H * st->hd});  // widest input of a linear layer
-    const size_t attn_bytes = attention_scratch_bytes(n + S, st->H / st->Hkv, threads);
-    float* mem = (float*)malloc(sizeof(float) * floats + attn_bytes + act_scratch_bytes(S, k_max));
+    const size_t attn_bytes = seq_attention_bytes(*st, f, threads);
+    char* mem = (char*)malloc(sizeof(int64_t) * ints + sizeof(float) * floats + attn_bytes +
+                              act_scratch_bytes(S, k_max));
     if (!mem) return LD_ERR_NO_MEMORY;
+    int64_t* start = (int64_t*)mem;  // 8-byte aligned first, then the floats
+    int64_t *seq_of = start + f.nseq + 1, *rows = seq_of + S;
     Buffers b;
-    b.h = mem;
+    b.h = (float*)(rows + S);
     b.qkv = b.h + S * D;
     b.att = b.qkv + S * Nqkv;
     b.gu = b.att + S * st->H * st->hd;
@@ -253,15 +308,17 @@ LdStatus ld_stack_forward(const LdStack* st, const LdInputs* in, const LdForward
     float* sin = cos + S * st->hd;
     b.attn = (void*)(sin + S * st->hd);
     b.scratch = (void*)((char*)b.attn + attn_bytes);
+    row_index(f, start, seq_of);
     gather_inputs(*in, S, D, st->hd, f.x, cos, sin);
-    const StepArgs a{f.x, S, n, f.Tmax, cos, sin, f.kc, f.vc, f.mask, f.mask_stride, f.skip, threads};
+    const StepArgs a{f.x, S, f.seqs, f.nseq, start, seq_of, cos, sin, f.skip, threads};
     LdStatus rc = LD_OK;
     for (int64_t l = 0; l < st->L && rc == LD_OK; ++l) {
         if (!(f.skip && f.skip[2 * l])) rc = attention_part(*st, a, l, b);
         if (rc == LD_OK && !(f.skip && f.skip[2 * l + 1])) mlp_part(*st, a, l, b);
         if (rc == LD_OK) copy_features(f, l, D);
     }
-    if (f.head && rc == LD_OK) head_part(*st, a, f.norm_w, f.norm_eps, *f.head, f.head_from, f.logits, b);
+    const int64_t R = head_rows(f, rows);
+    if (f.head && R > 0 && rc == LD_OK) head_part(*st, a, f, rows, R, b);
     free(mem);
     return rc;
 }

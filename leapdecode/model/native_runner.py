@@ -7,6 +7,8 @@ of rows, so verifying a draft gives bit for bit the logits of one-token steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from leapdecode.cache import KVCache
@@ -16,8 +18,17 @@ from leapdecode.model import quant as Q
 from leapdecode.model.config import ModelConfig
 from leapdecode.model.linear import LinearSpec, NativeLinear
 from leapdecode.model.llama import RMSNorm, Rope
-from leapdecode.model.runner import FULL, NO_LOGITS, Head, Output, Plan, check_inputs, new_cache
-from leapdecode.model.stack import NativeBlock, NativeStack
+from leapdecode.model.runner import (
+    FULL,
+    NO_LOGITS,
+    BatchItem,
+    Head,
+    Output,
+    Plan,
+    check_inputs,
+    new_cache,
+)
+from leapdecode.model.stack import NativeBlock, NativeStack, SeqRows
 from leapdecode.model.weights import EMBED, LAYER_NORMS, NORM, WeightSource, layer_prefix, linear_groups
 
 
@@ -60,17 +71,43 @@ class NativeRunner:
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask=None, plan: Plan = FULL
     ) -> Output:
-        s = check_inputs(self.cfg, tokens, positions, cache, mask)
+        return self._run([BatchItem(tokens, positions, cache, mask, plan)], plan)[0]
+
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[Output]:
+        """Several sequences in one kernel call (one pass over the weights; each row attends to its own
+        sequence's cache, with the arithmetic of its own forward: bit for bit the same outputs). Items whose
+        plan skips blocks, swaps the head or asks for features run alone."""
+        shared = [i for i, item in enumerate(items) if _plain(item.plan)]
+        outs: list[Output | None] = [None] * len(items)
+        if shared:
+            for i, out in zip(shared, self._run([items[i] for i in shared], FULL)):
+                outs[i] = out
+        for i, item in enumerate(items):
+            if outs[i] is None:
+                outs[i] = self.forward(item.tokens, item.positions, item.cache, item.mask, item.plan)
+        return [o for o in outs if o is not None]
+
+    def _run(self, items: Sequence[BatchItem], plan: Plan) -> list[Output]:
+        """One kernel call over `items`, which share `plan`'s blocks, head and features (each item's own
+        plan says its rows and whether its cache advances)."""
+        sizes = [check_inputs(self.cfg, i.tokens, i.positions, i.cache, i.mask) for i in items]
         head = plan.head if plan.head is not None else self.lm_head
-        inside = isinstance(head, NativeLinear) and plan.rows != "none"  # the kernel call runs the head
-        norm_head = (self.norm, head) if inside else None
-        last = plan.rows == "last"
-        rows = self._embed_rows(tokens)
-        x, logits, feats = self.stack(
-            tokens, positions, cache, mask, plan.layers, norm_head, last, plan.features, rows
-        )
-        if plan.advance:
-            cache.advance(s)
+        inside = isinstance(head, NativeLinear)  # the kernel call runs the head
+        seqs = [
+            SeqRows(i.tokens, i.positions, i.cache, i.mask, i.plan.rows if inside else "none") for i in items
+        ]
+        rows = self._embed_rows(torch.cat([i.tokens for i in items]))
+        x, logits, feats = self.stack(seqs, plan.layers, (self.norm, head), plan.features, rows)
+        heads = logits.split([q.head_rows for q in seqs]) if logits is not None else [None] * len(items)
+        xs, fs = x.split(sizes), (feats.split(sizes, dim=1) if feats is not None else [None] * len(items))
+        outs = []
+        for item, xi, li, fi in zip(items, xs, heads, fs):
+            if item.plan.advance:
+                item.cache.advance(len(item.tokens))
+            outs.append(self._output(item.plan, head, xi, li, fi))
+        return outs
+
+    def _output(self, plan: Plan, head, x: torch.Tensor, logits, feats) -> Output:
         if plan.rows == "none":
             logits = NO_LOGITS
         elif logits is None:  # another output layer (a drafter's head): after the final norm here
@@ -128,3 +165,8 @@ def build_native(source: WeightSource, spec: LinearSpec) -> NativeRunner:
     stack = NativeStack(cfg, blocks, table, rope.cos, rope.sin)
     norm = RMSNorm(_norm(source, NORM), cfg.norm_eps)
     return NativeRunner(cfg, stack, norm, linears[-1], spec, embed=stored)
+
+
+def _plain(plan: Plan) -> bool:
+    """Whether a plan runs the whole model through its own head (so its rows can share a call)."""
+    return plan.layers is None and plan.head is None and not plan.features

@@ -101,6 +101,13 @@ class Output:
     features: torch.Tensor | None = None  # [F, S, D]: the plan's `features`, in its order
 
 
+def check_layers(layers: tuple[tuple[bool, bool], ...] | None, n_blocks: int) -> None:
+    if layers is not None and len(layers) != n_blocks:
+        raise LeapError(
+            f"plan layers: {len(layers)} (skip_attn, skip_mlp) pairs for the model's {n_blocks} blocks"
+        )
+
+
 def check_features(features: tuple[int, ...], n_blocks: int) -> None:
     bad = [f for f in features if not 0 <= f < n_blocks]
     if bad:

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from leapdecode.cache import KVCache
 from leapdecode.errors import LeapError
-from leapdecode.kernels.abi import MAX_PARTS, LdBlock, LdForwardArgs, LdInputs, LdLinear, LdPart, LdStack
+from leapdecode.kernels.abi import (
+    MAX_PARTS,
+    LdBlock,
+    LdForwardArgs,
+    LdInputs,
+    LdLinear,
+    LdPart,
+    LdSeq,
+    LdStack,
+)
 from leapdecode.kernels.native import ACT_CODES, FORMAT_CODES, kernel_threads, lib, status_message
 from leapdecode.model.config import ModelConfig
 from leapdecode.model.linear import NativeLinear
-from leapdecode.model.runner import check_features
+from leapdecode.model.runner import check_features, check_layers
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -143,40 +154,36 @@ class NativeStack:
 
     def __call__(
         self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache,
-        mask: torch.Tensor | None = None,
+        seqs: Sequence[SeqRows],
         layers=None,
         head: tuple | None = None,
-        last_only: bool = False,
         features: tuple[int, ...] = (),
         embed_rows: torch.Tensor | None = None,
     ) -> tuple:
-        """tokens [S], positions [S] (rope positions), mask bool [S, n + S] or None (causal), layers:
-        (skip_attn, skip_mlp) per block or None; head: (final RMSNorm, native output layer) or None.
-        Returns (x [S, D], logits [S or 1 (last_only), V] or None, feats [F, S, D] or None): feats[j] is
-        the residual stream after block features[j] (None without `features`). `embed_rows` [S, D]: the
-        rows' embeddings, looked up by the caller (a stack without a table needs them). The caller checked
-        the shapes (`runner.check_inputs`); the cache must be one contiguous float32 sequence."""
-        s, n = tokens.shape[0], cache.length
-        if cache.k.shape[1] != 1 or not cache.k.is_contiguous() or cache.k.dtype != torch.float32:
-            raise LeapError("the native block stack needs a contiguous float32 cache of one sequence")
+        """The rows of `seqs`, one sequence after another, in one call (one pass over the weights; each row
+        attends to its own sequence only). layers: (skip_attn, skip_mlp) per block or None; head: (final
+        RMSNorm, native output layer) or None. Returns (x [S, D], logits [R, V] or None, feats [F, S, D] or
+        None): S every sequence's rows, R the rows whose logits the sequences ask for, in order; feats[j] is
+        the residual stream after block features[j]. `embed_rows` [S, D]: the rows' embeddings, looked up by
+        the caller (a stack without a table needs them). The caller checked each sequence's shapes
+        (`runner.check_inputs`); each cache must be a distinct contiguous float32 one of one sequence."""
+        _check_caches(seqs)
+        check_layers(layers, self._stack.L)
+        s = sum(len(q.tokens) for q in seqs)
+        tokens, positions = torch.cat([q.tokens for q in seqs]), torch.cat([q.positions for q in seqs])
         feats = self._features(tuple(features), s)
         inputs, _alive = self._inputs(tokens, positions, embed_rows)  # the tensors stay alive for the call
         x = torch.empty(s, self._stack.D)  # [S, D]
-        args = LdForwardArgs(x=x.data_ptr(), S=s, n=n, Tmax=cache.max_len, threads=kernel_threads())
-        args.kc, args.vc = cache.k.data_ptr(), cache.v.data_ptr()
-        if mask is not None:
-            mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-            args.mask, args.mask_stride = mask.data_ptr(), mask.stride(0)
+        with_head = head is not None and any(q.logits != "none" for q in seqs)
+        arr, _masks = _seq_array(seqs, with_head)  # the masks stay alive for the call
+        seq_ptr = ctypes.cast(arr, ctypes.POINTER(LdSeq))
+        args = LdForwardArgs(x=x.data_ptr(), S=s, seqs=seq_ptr, nseq=len(seqs), threads=kernel_threads())
         skip = None if layers is None else torch.tensor(layers, dtype=torch.uint8).contiguous()
         args.skip = _ptr(skip)
         out = None
-        if head is not None:
+        if head is not None and with_head:
             norm, layer = head
-            args.head_from = s - 1 if last_only else 0
-            out = torch.empty(s - args.head_from, layer.out_features)  # [S or 1, V]
+            out = torch.empty(sum(q.head_rows for q in seqs), layer.out_features)  # [R, V]
             args.norm_w, args.norm_eps, args.logits = norm.weight.data_ptr(), norm.eps, out.data_ptr()
             args.head = ctypes.pointer(self._head_struct(layer))
         if feats is not None:
@@ -185,3 +192,42 @@ class NativeStack:
         if rc:
             raise LeapError(f"native block stack: {status_message(rc)}")
         return x, out, None if feats is None else feats[1]
+
+
+@dataclass(frozen=True)
+class SeqRows:
+    """One sequence's part of a stack call: its new rows after its cache's committed ones."""
+
+    tokens: torch.Tensor  # [S]
+    positions: torch.Tensor  # [S] rope positions
+    cache: KVCache
+    mask: torch.Tensor | None = None  # bool [S, n + S]; None: causal
+    logits: str = "all"  # whose logits come back: "all" rows, the "last", or "none"
+
+    @property
+    def head_rows(self) -> int:
+        return {"all": len(self.tokens), "last": min(1, len(self.tokens)), "none": 0}[self.logits]
+
+
+def _check_caches(seqs: Sequence[SeqRows]) -> None:
+    for q in seqs:
+        k = q.cache.k
+        if k.shape[1] != 1 or not k.is_contiguous() or k.dtype != torch.float32:
+            raise LeapError("the native block stack needs a contiguous float32 cache of one sequence")
+    if len({id(q.cache) for q in seqs}) != len(seqs):
+        raise LeapError("the sequences of one native call need distinct caches")
+
+
+def _seq_array(seqs: Sequence[SeqRows], with_head: bool) -> tuple[ctypes.Array, list]:
+    """The kernel's LdSeq records of `seqs`, and the mask tensors they point into (kept alive)."""
+    arr, alive = (LdSeq * max(1, len(seqs)))(), []
+    for j, q in enumerate(seqs):
+        s, c = len(q.tokens), q.cache
+        rec = LdSeq(S=s, n=c.length, kc=c.k.data_ptr(), vc=c.v.data_ptr(), Tmax=c.max_len)
+        rec.head_from = s - q.head_rows if with_head else s
+        if q.mask is not None:
+            mask = q.mask if q.mask.stride(-1) == 1 else q.mask.contiguous()
+            rec.mask, rec.mask_stride = mask.data_ptr(), mask.stride(0)
+            alive.append(mask)
+        arr[j] = rec
+    return arr, alive

@@ -20,6 +20,7 @@ from leapdecode.model.runner import (
     Plan,
     check_features,
     check_inputs,
+    check_layers,
     new_cache,
 )
 
@@ -58,6 +59,7 @@ class TorchRunner:
     ) -> Output:
         s = check_inputs(self.cfg, tokens, positions, cache, mask)
         check_features(plan.features, len(self.model.blocks))
+        check_layers(plan.layers, len(self.model.blocks))
         outs: list[torch.Tensor] | None = [] if plan.features else None
         x = self.model(tokens[None], positions, cache, mask, plan.layers, outs)[0]  # [S, D]
         feats = None if outs is None else torch.stack([outs[f][0] for f in plan.features])  # [F, S, D]

@@ -102,15 +102,19 @@ class ServerConfig:
 
 
 class ServerState:
-    def __init__(self, engine: Engine, config: ServerConfig):
+    def __init__(self, engine: Engine, config: ServerConfig, scheduler: Any = None):
+        """`scheduler`: None, a `Scheduler` of the engine; else an object with its interface (the
+        replica router of `leap serve --replicas`, `leapdecode.server.ray_router`)."""
         self.engine, self.config = engine, config
         engine.prefix_cache = PrefixCache.from_mb(config.prefix_cache_mb)  # this server's, from empty
-        self.scheduler = Scheduler(
-            engine,
-            config.max_concurrency,
-            config.max_queue,
-            prefill_chunk=config.prefill_chunk if config.batching else None,
-        )
+        if scheduler is None:
+            scheduler = Scheduler(
+                engine,
+                config.max_concurrency,
+                config.max_queue,
+                prefill_chunk=config.prefill_chunk if config.batching else None,
+            )
+        self.scheduler = scheduler
         self.model_name = config.model_name or engine.name
         self.model_names = {self.model_name, engine.name}
         self.created = int(time.time())
@@ -379,9 +383,10 @@ class CountRequests:
             self.state.scheduler.metrics.requests.inc(route=route, status=str(status[0]))
 
 
-def build_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
-    """The ASGI app serving `engine`. Its lifespan starts the generation worker and stops it on shutdown."""
-    state = ServerState(engine, config or ServerConfig())
+def build_app(engine: Engine, config: ServerConfig | None = None, scheduler: Any = None) -> Starlette:
+    """The ASGI app serving `engine`. Its lifespan starts the generation worker and stops it on shutdown.
+    `scheduler`: see `ServerState`."""
+    state = ServerState(engine, config or ServerConfig(), scheduler)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

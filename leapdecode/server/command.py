@@ -143,6 +143,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"with --batch, prompt tokens prefilled per step (default: {DEFAULT_CHUNK})",
     )
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    r = p.add_argument_group("replicas (Ray Serve; pip install 'leapdecode[serve]')")
+    r.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=1,
+        help="engine replicas behind this endpoint, each a process of its own on Ray Serve; a conversation "
+        "stays on the replica holding its prefix (default: 1: this process alone, without Ray)",
+    )
+    r.add_argument(
+        "--replica-cpus",
+        type=_positive_int,
+        default=None,
+        help="CPUs (kernel threads) of each replica (default: 1)",
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (auto: the one `ray start` runs here) instead of starting a local one",
+    )
     add_model_arguments(p)
 
 
@@ -200,6 +219,10 @@ def run(args) -> int:
         batching=args.batch,
         prefill_chunk=args.prefill_chunk,
     )  # validated before the model loads
+    if args.replicas > 1:
+        return _run_replicas(args, config)
+    if args.replica_cpus is not None or args.ray_address is not None:
+        raise LeapError("--replica-cpus and --ray-address need --replicas 2 or more")
     sock = bind(args.host, args.port)
     engine = load_engine(args)
     app = build_app(engine, config)
@@ -212,3 +235,15 @@ def run(args) -> int:
     )
     serve(make_server(app, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout), sock)
     return 0
+
+
+def _run_replicas(args, config) -> int:
+    try:  # Ray is an optional extra
+        from leapdecode.server import ray_app
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
+        raise LeapError("leap serve --replicas needs Ray Serve: pip install 'leapdecode[serve]'") from None
+    from leapdecode.server.runner import bind
+
+    return ray_app.run(args, config, bind(args.host, args.port))

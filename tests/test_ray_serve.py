@@ -257,6 +257,22 @@ def test_a_killed_replica_fails_its_streams_cleanly_and_comes_back(served):
     )
 
 
+def test_a_client_that_goes_away_frees_its_replica_slot(served):
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 1500, "stream": True}
+    conn = http.client.HTTPConnection(served.host, served.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body | {"temperature": 0}), AUTH)
+    resp = conn.getresponse()
+    assert read_event(resp)["choices"][0]["text"]
+    m = metrics(served.url)
+    replica = next(i for i in range(2) if m[f'leap_replica_in_flight{{replica="{i}"}}'] == 1)
+    cancelled = f'leap_generations_total{{outcome="cancelled",replica="{replica}"}}'
+    before = m.get(cancelled, 0)
+    conn.close()  # the replica's job is cancelled, not left generating 1500 tokens
+    m = wait_for(served.url, lambda m: m.get(cancelled, 0) == before + 1, timeout=30)
+    assert m[f'leap_replica_in_flight{{replica="{replica}"}}'] == 0
+    assert m[f'leap_active_generations{{replica="{replica}"}}'] == 0
+
+
 def chat(**fields) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4} | fields
 

@@ -48,15 +48,14 @@ BLOCK_TOKENS = 16
 class _Block:
     tokens: tuple[int, ...]
     parent: _Block | None
-    k: torch.Tensor | None = None  # [L, B, Hkv, len(tokens), D], after RoPE as the cache holds them
-    v: torch.Tensor | None = None
+    # the cache's tensors (`KVCache.tensors`) over the block's slots: keys and values
+    # [L, B, Hkv, len(tokens), D] after RoPE as the cache holds them (with an int8 cache, then their scales)
+    kv: tuple[torch.Tensor, ...] = ()
     children: dict[tuple[int, ...], _Block] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        if self.k is None or self.v is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return sum(t.numel() * t.element_size() for t in self.kv)
 
 
 @dataclass
@@ -83,7 +82,8 @@ class PrefixStats:
 class PrefixCache:
     """K/V of earlier sequences by token prefix, under a memory cap with LRU eviction (module docstring).
 
-    One cache belongs to one model runner: the blocks have its layer count, heads, dtype and device."""
+    One cache belongs to one model runner: the blocks have its layer count, heads, dtype, device and key/
+    value format."""
 
     def __init__(self, capacity_bytes: int, block_tokens: int = BLOCK_TOKENS):
         self.capacity_bytes = check_int("prefix cache capacity (bytes)", capacity_bytes, 0)
@@ -112,8 +112,7 @@ class PrefixCache:
         with self._lock:
             path = self._match(ids[:-1])
             for block, m in path:
-                assert block.k is not None and block.v is not None  # only the root has none
-                cache.extend(block.k[:, :, :, :m], block.v[:, :, :, :m])
+                cache.extend(*(t[:, :, :, :m] for t in block.kv))
             self._touch(block for block, _ in path)
             reused = sum(m for _, m in path)
             self._count_lookup(len(ids), reused)
@@ -165,8 +164,7 @@ class PrefixCache:
         for tokens, old in list(node.children.items()):
             if not old.children and len(tokens) < len(chunk) and chunk[: len(tokens)] == tokens:
                 self._drop(old)
-        k, v = cache.read(at, at + len(chunk))
-        child = node.children[chunk] = _Block(chunk, node, k, v)
+        child = node.children[chunk] = _Block(chunk, node, cache.read(at, at + len(chunk)))
         self.nbytes += child.nbytes
         self.stats.stored_blocks += 1
         return child

@@ -18,7 +18,7 @@
 
 #include <type_traits>
 
-#define LD_ABI_VERSION 6
+#define LD_ABI_VERSION 7
 #define LD_MAX_PARTS 4  // parts of one fused linear layer
 
 // X(name, code, message): codes run 0, -1, -2, ... without gaps (checked below).
@@ -27,7 +27,7 @@
     X(LD_ERR_EMPTY, -1, "empty shape or model (a size is zero or negative)")                    \
     X(LD_ERR_BLOCK_K, -2, "in_features must be a multiple of 32 for block formats")             \
     X(LD_ERR_F32_ACT, -3, "float32 weights need float32 activations")                           \
-    X(LD_ERR_FORMAT, -4, "unknown weight format or activation type")                            \
+    X(LD_ERR_FORMAT, -4, "unknown weight format, activation type or key/value cache format")      \
     X(LD_ERR_NO_MEMORY, -5, "out of memory")                                                    \
     X(LD_ERR_HEAD_DIM, -6, "head_dim must be a multiple of 8 and at most 256")                  \
     X(LD_ERR_KV_HEADS, -7, "n_heads must be a positive multiple of n_kv_heads")                 \
@@ -58,10 +58,16 @@ enum LdStatus { LD_STATUSES(LD_STATUS_ENUM) };
 #define LD_ACTS(X) \
     X(LD_ACT_F32, 0, "float32") \
     X(LD_ACT_INT8, 1, "int8")
+// Codes of the key/value cache's formats (LdSeq.kv_fmt): float32, or int8 with one float32 scale per
+// token of each head (symmetric: scale = max |x| / 127, values rounded to nearest, ties to even).
+#define LD_KV_FORMATS(X) \
+    X(LD_KV_F32, 0, "float32") \
+    X(LD_KV_INT8, 1, "int8")
 
 #define LD_CODE_ENUM(name, code, python_name) name = code,
 enum LdFormat { LD_FORMATS(LD_CODE_ENUM) };
 enum LdAct { LD_ACTS(LD_CODE_ENUM) };
+enum LdKvFormat { LD_KV_FORMATS(LD_CODE_ENUM) };
 
 // ------------------------------------------------------------------ structs
 
@@ -134,8 +140,11 @@ struct LdInputs {
 #define LD_SEQ_FIELDS(F)                                                                          \
     F(int64_t, S, )                                                                               \
     F(int64_t, n, )                                                                               \
-    F(float*, kc, )           /* [L, Hkv, Tmax, hd] key cache */                                  \
-    F(float*, vc, )           /* [L, Hkv, Tmax, hd] value cache */                                \
+    F(void*, kc, )            /* [L, Hkv, Tmax, hd] key cache (float or int8: kv_fmt) */          \
+    F(void*, vc, )            /* [L, Hkv, Tmax, hd] value cache */                                \
+    F(float*, ks, )           /* int8: [L, Hkv, Tmax] the keys' scales (float32: unused) */       \
+    F(float*, vs, )           /* int8: [L, Hkv, Tmax] the values' scales */                       \
+    F(int64_t, kv_fmt, )      /* LdKvFormat */                                                    \
     F(int64_t, Tmax, )                                                                            \
     F(const uint8_t*, mask, ) /* [S, n + S] (row stride mask_stride), or null for causal */       \
     F(int64_t, mask_stride, )                                                                     \
@@ -254,11 +263,13 @@ const char* ld_status_message(int status) {
 #define LD_CODE_CASE(name, code, python_name) \
     if (strcmp(value, python_name) == 0) return code;
 
-// The code of weight format `value` (kind "format") or activation type `value` (kind "act"), or -1.
+// The code of weight format `value` (kind "format"), activation type (kind "act") or key/value cache
+// format (kind "kv"), or -1.
 int ld_abi_code(const char* kind, const char* value) {
     if (!kind || !value) return -1;
     if (strcmp(kind, "format") == 0) { LD_FORMATS(LD_CODE_CASE) }
     if (strcmp(kind, "act") == 0) { LD_ACTS(LD_CODE_CASE) }
+    if (strcmp(kind, "kv") == 0) { LD_KV_FORMATS(LD_CODE_CASE) }
     return -1;
 }
 

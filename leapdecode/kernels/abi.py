@@ -3,9 +3,9 @@ the library loads, that they agree with the library's own layout.
 
 abi.h is the one description of the interface. The library reports its version (`ld_abi_version`), the
 layout of every struct it takes (`ld_abi_field`: each field's name, offset, size and kind, in order), the
-codes of the weight formats and activation types (`ld_abi_code`) and the message of every status it
-returns (`ld_status_message`). `check` compares the structs below with
-that report, so a struct edited on one side only is an error naming the struct and the field when the
+codes of the weight formats, activation types and key/value cache formats (`ld_abi_code`) and the
+message of every status it returns (`ld_status_message`). `check` compares the structs below with that
+report, so a struct edited on one side only is an error naming the struct and the field when the
 library is loaded, never a kernel reading the wrong bytes.
 """
 
@@ -16,10 +16,11 @@ from collections.abc import Iterable
 
 from leapdecode.errors import LeapError
 
-ABI_VERSION = 6  # LD_ABI_VERSION in abi.h
+ABI_VERSION = 7  # LD_ABI_VERSION in abi.h
 MAX_PARTS = 4  # LD_MAX_PARTS
 FORMAT_CODES = {"f32": 0, "q8_0": 1, "q4_1": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "q5_0": 6}  # LD_FORMATS
 ACT_CODES = {"float32": 0, "int8": 1}  # LD_ACTS: LdPart.act
+KV_CODES = {"float32": 0, "int8": 1}  # LD_KV_FORMATS: LdSeq.kv_fmt
 
 _I32, _I64, _F32, _P = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -84,6 +85,9 @@ class LdSeq(ctypes.Structure):
         ("n", _I64),
         ("kc", _P),
         ("vc", _P),
+        ("ks", _P),
+        ("vs", _P),
+        ("kv_fmt", _I64),
         ("Tmax", _I64),
         ("mask", _P),
         ("mask_stride", _I64),
@@ -202,8 +206,8 @@ def layout_problem(dll: ctypes.CDLL, cls: type[ctypes.Structure], name: str | No
 
 
 def check(dll: ctypes.CDLL, structs: Iterable[type[ctypes.Structure]] = STRUCTS) -> None:
-    """Raises LeapError unless the library speaks this ABI: its version, the weight format and activation
-    codes, and every struct's layout."""
+    """Raises LeapError unless the library speaks this ABI: its version, the weight format, activation and
+    key/value cache codes, and every struct's layout."""
     try:
         bind(dll)
         version = dll.ld_abi_version()
@@ -211,7 +215,7 @@ def check(dll: ctypes.CDLL, structs: Iterable[type[ctypes.Structure]] = STRUCTS)
         raise LeapError(f"the native kernels' library lacks its ABI description ({exc})") from exc
     if version != ABI_VERSION:
         raise LeapError(f"the native kernels' library has ABI version {version}, this package {ABI_VERSION}")
-    for kind, codes in (("format", FORMAT_CODES), ("act", ACT_CODES)):
+    for kind, codes in (("format", FORMAT_CODES), ("act", ACT_CODES), ("kv", KV_CODES)):
         for name, code in codes.items():
             theirs = dll.ld_abi_code(kind.encode(), name.encode())
             if theirs != code:

@@ -19,6 +19,11 @@
 // query head. Against one head at a time (one call, builds alternating): a 700-token prefill of the 1.5B
 // Qwen (12 and 2 heads, 128) 0.52x the time, 2000 tokens 0.49x, the 0.5B (14 and 2, 64) 0.66x; 7 rows
 // after 300 keys 0.57x; one row after 700-800 keys 0.66x (1.5B), 0.75x (0.5B), 0.88x (bundled).
+//
+// Keys and values are float32, or int8 with one float32 scale per token of each head (LD_KV_INT8, a
+// quarter of the bytes to read at long context). int8 rows are converted to float exactly as they are
+// loaded; a key's scale multiplies its score (the dot product of the query with the key's int8 values),
+// a value's scale its softmax weight, so every row keeps one fixed order of operations as with float32.
 
 #pragma once
 
@@ -41,9 +46,29 @@ inline __m256 exp256(__m256 x) {  // Cephes-style exp for x <= 0, relative error
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {  // D % 8 == 0
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    for (int64_t c = 8; c < D; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+// 8 (16) keys' or values' elements as floats: float32 as stored, int8 converted exactly.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+#if LD_VNNI512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+#endif
+
+// The weight of value row t: p, times the row's scale when the values are int8 (`vs`).
+template <class T>
+inline float value_weight(float p, const float* vs, int32_t t) {
+    if constexpr (std::is_same_v<T, int8_t>) return p * vs[t];
+    else return p;
+}
+
+template <class T>
+inline float dot(const float* a, const T* b, int64_t D) {  // D % 8 == 0
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), load8(b));
+    for (int64_t c = 8; c < D; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), load8(b + c), acc);
     return hsum8(acc);
 }
 
@@ -51,41 +76,47 @@ inline float dot(const float* a, const float* b, int64_t D) {  // D % 8 == 0
 // instead of one after another). Measured against one key at a time, outputs bit-identical: 0.95x the
 // time for one query after 700 keys at head_dim 64, 0.88x at 128, 0.92x for 7 queries, 0.96x for a
 // 700-token prefill (the CPU already overlapped most of the separate chains).
-inline void dot8(const float* q, const float* k, const int32_t* idx, int64_t kstride, int64_t D, float* out) {
+template <class T>
+inline void dot8(const float* q, const T* k, const int32_t* idx, int64_t kstride, int64_t D, float* out) {
     __m256 acc[8];
     const __m256 q0 = _mm256_loadu_ps(q);
-    LD_UNROLL for (int r = 0; r < 8; ++r) acc[r] = _mm256_mul_ps(q0, _mm256_loadu_ps(k + idx[r] * kstride));
+    LD_UNROLL for (int r = 0; r < 8; ++r) acc[r] = _mm256_mul_ps(q0, load8(k + idx[r] * kstride));
     for (int64_t c = 8; c < D; c += 8) {
         const __m256 qc = _mm256_loadu_ps(q + c);
         LD_UNROLL for (int r = 0; r < 8; ++r)
-            acc[r] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + idx[r] * kstride + c), acc[r]);
+            acc[r] = _mm256_fmadd_ps(qc, load8(k + idx[r] * kstride + c), acc[r]);
     }
     LD_UNROLL for (int r = 0; r < 8; ++r) out[r] = hsum8(acc[r]);
 }
 
 struct AttnArgs {
-    const float *q, *k, *v;
+    const float* q;
+    const void *k, *v;  // float, or int8 (kv_fmt)
     float* out;
     int64_t B, H, Hkv, S, T, D;
     const int64_t *qst, *kst, *vst, *ost;  // strides of dims (batch, head, row); the last dim is contiguous
     const uint8_t* mask;                    // [S, T] (row stride mask_stride), or null for causal
     int64_t mask_stride;
     float scale;
+    int64_t kv_fmt = LD_KV_F32;
+    const float *ks = nullptr, *vs = nullptr;  // int8: scales [B, Hkv, T], strides sst (batch, head; rows 1)
+    int64_t sst[2] = {0, 0};
 };
 
 // o = inv * sum_j p[j] v[idx[j]]: each output element accumulates its products in j order, so the vector
 // width (16 columns at a time with AVX-512, else 8) never changes a bit of it.
-inline void weighted_values(const float* v, int64_t vstride, const int32_t* idx, const float* p, int64_t n,
-                            int64_t D, float inv, float* o) {
+template <class T>
+inline void weighted_values(const T* v, int64_t vstride, const float* vs, const int32_t* idx, const float* p,
+                            int64_t n, int64_t D, float inv, float* o) {
 #if LD_VNNI512
     if (D % 16 == 0) {
         __m512 acc[16];  // D <= 256
         const int64_t C = D / 16;
         for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; ++j) {
-            const __m512 pj = _mm512_set1_ps(p[j]);
-            const float* vr = v + idx[j] * vstride;
-            for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * c), acc[c]);
+            const __m512 pj = _mm512_set1_ps(value_weight<T>(p[j], vs, idx[j]));
+            const T* vr = v + idx[j] * vstride;
+            for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pj, load16(vr + 16 * c), acc[c]);
         }
         for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
         return;
@@ -95,9 +126,9 @@ inline void weighted_values(const float* v, int64_t vstride, const int32_t* idx,
     const int64_t C = D / 8;
     for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-        const __m256 pj = _mm256_broadcast_ss(p + j);
-        const float* vr = v + idx[j] * vstride;
-        for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+        const __m256 pj = _mm256_set1_ps(value_weight<T>(p[j], vs, idx[j]));
+        const T* vr = v + idx[j] * vstride;
+        for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, load8(vr + 8 * c), acc[c]);
     }
     for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
 }
@@ -147,14 +178,23 @@ inline void softmax_part(float* p, int64_t m, float scale, float* part) {
     part[1] = hsum8(lsum);
 }
 
-void attend_block(const AttnArgs& a, const float* q, const float* k, const float* v, const int32_t* idx,
-                  int64_t j0, int64_t j1, float* p, float* part) {
+// int8 keys: each score (the dot product with the key's int8 values) times the key's scale.
+template <class T>
+inline void scale_scores(float* p, const float* ks, const int32_t* idx, int64_t m) {
+    if constexpr (std::is_same_v<T, int8_t>)
+        for (int64_t j = 0; j < m; ++j) p[j] *= ks[idx[j]];
+}
+
+template <class T>
+void attend_block(const AttnArgs& a, const float* q, const T* k, const T* v, const float* ks, const float* vs,
+                  const int32_t* idx, int64_t j0, int64_t j1, float* p, float* part) {
     const int64_t D = a.D, m = j1 - j0;
     int64_t j8 = 0;
     for (; j8 + 8 <= m; j8 += 8) dot8(q, k, idx + j0 + j8, a.kst[2], D, p + j8);
     for (int64_t j = j8; j < m; ++j) p[j] = dot(q, k + idx[j0 + j] * a.kst[2], D);
+    scale_scores<T>(p, ks, idx + j0, m);
     softmax_part(p, m, a.scale, part);
-    weighted_values(v, a.vst[2], idx + j0, p, m, D, 1.0f, part + 2);
+    weighted_values(v, a.vst[2], vs, idx + j0, p, m, D, 1.0f, part + 2);
 }
 
 #if LD_VNNI512
@@ -166,19 +206,19 @@ constexpr int kPairs = 3;  // head pairs per pass of scores: 3 x 8 keys = 24 acc
 // Scores of 8 keys for NP pairs of heads: a 512-bit register holds one key's 8-lane sums for both heads
 // of a pair (`qp`: the pair's queries side by side, [D/8][16]) against the key's 8 values broadcast to
 // both halves; each half is `dot8`'s register for that head and key.
-template <int NP>
-inline void dot8_pairs(const float* qp, const float* k, const int32_t* idx, int64_t kstride, int64_t D,
+template <int NP, class T>
+inline void dot8_pairs(const float* qp, const T* k, const int32_t* idx, int64_t kstride, int64_t D,
                        float* const* out, int64_t j) {  // scores of keys idx[0..8) into out[h][j..j+8)
     __m512 acc[NP][8];
     LD_UNROLL for (int r = 0; r < 8; ++r) {
-        const __m512 kv = _mm512_broadcast_f32x8(_mm256_loadu_ps(k + idx[r] * kstride));
+        const __m512 kv = _mm512_broadcast_f32x8(load8(k + idx[r] * kstride));
         LD_UNROLL for (int p = 0; p < NP; ++p) acc[p][r] = _mm512_mul_ps(_mm512_load_ps(qp + p * 2 * D), kv);
     }
     for (int64_t c = 8; c < D; c += 8) {
         __m512 qv[NP];
         LD_UNROLL for (int p = 0; p < NP; ++p) qv[p] = _mm512_load_ps(qp + p * 2 * D + 2 * c);
         LD_UNROLL for (int r = 0; r < 8; ++r) {
-            const __m512 kv = _mm512_broadcast_f32x8(_mm256_loadu_ps(k + idx[r] * kstride + c));
+            const __m512 kv = _mm512_broadcast_f32x8(load8(k + idx[r] * kstride + c));
             LD_UNROLL for (int p = 0; p < NP; ++p) acc[p][r] = _mm512_fmadd_ps(qv[p], kv, acc[p][r]);
         }
     }
@@ -191,17 +231,17 @@ inline void dot8_pairs(const float* qp, const float* k, const int32_t* idx, int6
 
 // part_h + 2 = sum_j p_h[j] v[idx[j]] for NH heads reading each value row once; each element sums in j
 // order from zero, as `weighted_values` does (its factor 1.0f is exact, so it is left out here).
-template <int NH, int C>
-inline void weighted_values_heads(const float* v, int64_t vstride, const int32_t* idx, float* const* p,
-                                  int64_t n, float* const* part) {
+template <int NH, int C, class T>
+inline void weighted_values_heads(const T* v, int64_t vstride, const float* vs, const int32_t* idx,
+                                  float* const* p, int64_t n, float* const* part) {
     __m512 acc[NH][C];
     LD_UNROLL for (int h = 0; h < NH; ++h) LD_UNROLL for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-        const float* vr = v + idx[j] * vstride;
+        const T* vr = v + idx[j] * vstride;
         __m512 pj[NH];
-        LD_UNROLL for (int h = 0; h < NH; ++h) pj[h] = _mm512_set1_ps(p[h][j]);
+        LD_UNROLL for (int h = 0; h < NH; ++h) pj[h] = _mm512_set1_ps(value_weight<T>(p[h][j], vs, idx[j]));
         LD_UNROLL for (int c = 0; c < C; ++c) {
-            const __m512 vc = _mm512_loadu_ps(vr + 16 * c);
+            const __m512 vc = load16(vr + 16 * c);
             LD_UNROLL for (int h = 0; h < NH; ++h) acc[h][c] = _mm512_fmadd_ps(pj[h], vc, acc[h][c]);
         }
     }
@@ -209,26 +249,28 @@ inline void weighted_values_heads(const float* v, int64_t vstride, const int32_t
 }
 
 // Heads [0, nh) of `part`/`p` (nh <= 3 for head_dim 128, <= 6 for 64), C = D / 16.
-template <int C>
-void values_heads(const float* v, int64_t vstride, const int32_t* idx, float* const* p, int64_t n, int nh,
-                  float* const* part) {
+template <int C, class T>
+void values_heads(const T* v, int64_t vstride, const float* vs, const int32_t* idx, float* const* p, int64_t n,
+                  int nh, float* const* part) {
     constexpr int most = C == 8 ? 3 : 6;
     for (int h0 = 0; h0 < nh; h0 += most) {
         switch (nh - h0 < most ? nh - h0 : most) {
-            case 1: weighted_values_heads<1, C>(v, vstride, idx, p + h0, n, part + h0); break;
-            case 2: weighted_values_heads<2, C>(v, vstride, idx, p + h0, n, part + h0); break;
-            case 3: weighted_values_heads<3, C>(v, vstride, idx, p + h0, n, part + h0); break;
-            case 4: weighted_values_heads<4, C>(v, vstride, idx, p + h0, n, part + h0); break;
-            case 5: weighted_values_heads<5, C>(v, vstride, idx, p + h0, n, part + h0); break;
-            default: weighted_values_heads<6, C>(v, vstride, idx, p + h0, n, part + h0); break;
+            case 1: weighted_values_heads<1, C>(v, vstride, vs, idx, p + h0, n, part + h0); break;
+            case 2: weighted_values_heads<2, C>(v, vstride, vs, idx, p + h0, n, part + h0); break;
+            case 3: weighted_values_heads<3, C>(v, vstride, vs, idx, p + h0, n, part + h0); break;
+            case 4: weighted_values_heads<4, C>(v, vstride, vs, idx, p + h0, n, part + h0); break;
+            case 5: weighted_values_heads<5, C>(v, vstride, vs, idx, p + h0, n, part + h0); break;
+            default: weighted_values_heads<6, C>(v, vstride, vs, idx, p + h0, n, part + h0); break;
         }
     }
 }
 
 // Keys [j0, j1) of idx for the G <= 2 * kPairs query heads `q[h]` of one key/value head: scores into
 // p[h], then each head's softmax part and weighted values into part[h].
-void attend_block_heads(const AttnArgs& a, const float* const* q, int G, const float* k, const float* v,
-                        const int32_t* idx, int64_t j0, int64_t j1, float* const* p, float* const* part) {
+template <class T>
+void attend_block_heads(const AttnArgs& a, const float* const* q, int G, const T* k, const T* v, const float* ks,
+                        const float* vs, const int32_t* idx, int64_t j0, int64_t j1, float* const* p,
+                        float* const* part) {
     const int64_t D = a.D, m = j1 - j0, m8 = m / 8 * 8;
     const int np = (G + 1) / 2;
     alignas(64) float qp[kPairs * 2 * 256];  // pair pr: its two heads' queries side by side, [D/8][16]
@@ -249,10 +291,11 @@ void attend_block_heads(const AttnArgs& a, const float* const* q, int G, const f
     }
     for (int h = 0; h < G; ++h)
         for (int64_t j = m8; j < m; ++j) p[h][j] = dot(q[h], k + idx[j0 + j] * a.kst[2], D);
+    for (int h = 0; h < G; ++h) scale_scores<T>(p[h], ks, idx + j0, m);
     for (int h = 0; h < G; ++h) softmax_part(p[h], m, a.scale, part[h]);
-    if (D == 128) return values_heads<8>(v, a.vst[2], idx + j0, p, m, G, part);
-    if (D == 64) return values_heads<4>(v, a.vst[2], idx + j0, p, m, G, part);
-    for (int h = 0; h < G; ++h) weighted_values(v, a.vst[2], idx + j0, p[h], m, D, 1.0f, part[h] + 2);
+    if (D == 128) return values_heads<8>(v, a.vst[2], vs, idx + j0, p, m, G, part);
+    if (D == 64) return values_heads<4>(v, a.vst[2], vs, idx + j0, p, m, G, part);
+    for (int h = 0; h < G; ++h) weighted_values(v, a.vst[2], vs, idx + j0, p[h], m, D, 1.0f, part[h] + 2);
 }
 #endif
 
@@ -264,6 +307,22 @@ struct AttnJob {
     float* parts;     // [B, S, H, kMaxBlocks, 2 + D]: max, sum of exponentials, weighted values
     int64_t* blocks;  // [B, S]: key blocks of each row
 };
+
+// Key/value head g of batch b: its keys and values as stored, and (int8) their scales.
+template <class T>
+inline const T* keys_of(const AttnArgs& a, int64_t b, int64_t g) {
+    return (const T*)a.k + b * a.kst[0] + g * a.kst[1];
+}
+template <class T>
+inline const T* values_of(const AttnArgs& a, int64_t b, int64_t g) {
+    return (const T*)a.v + b * a.vst[0] + g * a.vst[1];
+}
+inline const float* key_scales(const AttnArgs& a, int64_t b, int64_t g) {
+    return a.ks ? a.ks + b * a.sst[0] + g * a.sst[1] : nullptr;
+}
+inline const float* value_scales(const AttnArgs& a, int64_t b, int64_t g) {
+    return a.vs ? a.vs + b * a.sst[0] + g * a.sst[1] : nullptr;
+}
 
 inline float* part_of(const AttnJob& j, int64_t b, int64_t i, int64_t h, int64_t c) {
     return j.parts + (((b * j.a.S + i) * j.a.H + h) * kMaxBlocks + c) * (2 + j.a.D);
@@ -304,25 +363,27 @@ void finish_row(const AttnJob& j, int64_t b, int64_t i, int64_t h, int64_t nb) {
 }
 
 // Block c of the keys in idx (n of them) for query head h of row i, into its part.
+template <class T>
 inline void block_of_row(const AttnJob& j, int64_t b, int64_t h, int64_t i, const int32_t* idx, int64_t n,
                          int64_t c, float* p) {
     const AttnArgs& a = j.a;
     const int64_t g = h / (a.H / a.Hkv), kb = key_block(n), j0 = c * kb, j1 = j0 + kb < n ? j0 + kb : n;
-    attend_block(a, a.q + b * a.qst[0] + h * a.qst[1] + i * a.qst[2], a.k + b * a.kst[0] + g * a.kst[1],
-                 a.v + b * a.vst[0] + g * a.vst[1], idx, j0, j1, p, part_of(j, b, i, h, c));
+    attend_block(a, a.q + b * a.qst[0] + h * a.qst[1] + i * a.qst[2], keys_of<T>(a, b, g), values_of<T>(a, b, g),
+                 key_scales(a, b, g), value_scales(a, b, g), idx, j0, j1, p, part_of(j, b, i, h, c));
 }
 
 // Block c of the n keys in idx for every query head of key/value head g in row i, into their parts; `p`
 // holds room for each head's scores.
-void group_block(const AttnJob& j, int64_t b, int64_t g, int64_t i, const int32_t* idx, int64_t n, int64_t c,
-                 float* p) {
+template <class T>
+void group_block_as(const AttnJob& j, int64_t b, int64_t g, int64_t i, const int32_t* idx, int64_t n, int64_t c,
+                    float* p) {
     const AttnArgs& a = j.a;
     const int64_t G = a.H / a.Hkv;
 #if LD_VNNI512
     constexpr int most = 2 * kPairs;
     const int64_t kb = key_block(n), j0 = c * kb, j1 = j0 + kb < n ? j0 + kb : n;
-    const float* k = a.k + b * a.kst[0] + g * a.kst[1];
-    const float* v = a.v + b * a.vst[0] + g * a.vst[1];
+    const T *k = keys_of<T>(a, b, g), *v = values_of<T>(a, b, g);
+    const float *ks = key_scales(a, b, g), *vs = value_scales(a, b, g);
     for (int64_t h0 = 0; h0 < G; h0 += most) {
         const int nh = (int)(G - h0 < most ? G - h0 : most);
         const float* q[most];
@@ -333,11 +394,17 @@ void group_block(const AttnJob& j, int64_t b, int64_t g, int64_t i, const int32_
             ps[t] = p + (h0 + t) * j.room;
             parts[t] = part_of(j, b, i, h, c);
         }
-        attend_block_heads(a, q, nh, k, v, idx, j0, j1, ps, parts);
+        attend_block_heads(a, q, nh, k, v, ks, vs, idx, j0, j1, ps, parts);
     }
 #else
-    for (int64_t h = g * G; h < (g + 1) * G; ++h) block_of_row(j, b, h, i, idx, n, c, p);
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) block_of_row<T>(j, b, h, i, idx, n, c, p);
 #endif
+}
+
+inline void group_block(const AttnJob& j, int64_t b, int64_t g, int64_t i, const int32_t* idx, int64_t n,
+                        int64_t c, float* p) {
+    if (j.a.kv_fmt == LD_KV_INT8) group_block_as<int8_t>(j, b, g, i, idx, n, c, p);
+    else group_block_as<float>(j, b, g, i, idx, n, c, p);
 }
 
 // One row (several rows per call: draft verification, prefill). Task (b, g, i): every block of the row for

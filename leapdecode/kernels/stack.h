@@ -121,16 +121,43 @@ struct Buffers {  // per call, sized for S rows
     void* scratch;  // int8 activations
 };
 
+// Element e of a sequence's key (value) cache, as stored: float32, or int8 (kv_fmt).
+inline const void* kv_at(const LdSeq& q, const void* c, int64_t e) {
+    return q.kv_fmt == LD_KV_INT8 ? (const void*)((const int8_t*)c + e) : (const void*)((const float*)c + e);
+}
+
 // Attention of sequence j's rows over its own cache (keys and values of block l already written).
 LdStatus seq_attention(const LdStack& st, const StepArgs& a, int64_t l, int64_t j, Buffers& b) {
     const LdSeq& q = a.seqs[j];
     const int64_t hd = st.hd, Nq = st.H * hd, Nqkv = Nq + 2 * st.Hkv * hd, r0 = a.start[j];
     if (q.S == 0) return LD_OK;
     const int64_t qst[3] = {0, hd, Nqkv}, kst[3] = {0, q.Tmax * hd, hd}, ost[3] = {0, hd, Nq};
-    float *kc = q.kc + l * st.Hkv * q.Tmax * hd, *vc = q.vc + l * st.Hkv * q.Tmax * hd;  // [Hkv, Tmax, hd]
-    const AttnArgs at{b.qkv + r0 * Nqkv, kc, vc, b.att + r0 * Nq, 1, st.H, st.Hkv, q.S, q.n + q.S, hd, qst, kst,
-                      kst, ost, q.mask, q.mask_stride, (float)pow((double)hd, -0.5)};  // as d ** -0.5
+    const int64_t layer = l * st.Hkv * q.Tmax;  // [Hkv, Tmax, hd] per layer
+    AttnArgs at{b.qkv + r0 * Nqkv, kv_at(q, q.kc, layer * hd), kv_at(q, q.vc, layer * hd), b.att + r0 * Nq, 1, st.H,
+                st.Hkv, q.S, q.n + q.S, hd, qst, kst, kst, ost, q.mask, q.mask_stride,
+                (float)pow((double)hd, -0.5)};  // as d ** -0.5
+    if (q.kv_fmt == LD_KV_INT8) {
+        at.kv_fmt = LD_KV_INT8, at.ks = q.ks + layer, at.vs = q.vs + layer;
+        at.sst[0] = 0, at.sst[1] = q.Tmax;
+    }
     return attention(at, attention_threads(at, a.threads), b.attn);
+}
+
+// One head's key or value row x [hd] into the cache at element e (int8: its scale at token slot t).
+inline void write_kv(const LdSeq& q, void* c, float* scales, int64_t e, int64_t t, const float* x, int64_t hd) {
+    if (q.kv_fmt != LD_KV_INT8) {
+        memcpy((float*)c + e, x, sizeof(float) * hd);
+        return;
+    }
+    float amax = 0.0f;
+    for (int64_t d = 0; d < hd; ++d) amax = fabsf(x[d]) > amax ? fabsf(x[d]) : amax;
+    const float s = amax / 127.0f;  // symmetric, as leapdecode.cache.quantize
+    int8_t* out = (int8_t*)c + e;
+    for (int64_t d = 0; d < hd; ++d) {
+        const float r = s > 0.0f ? nearbyintf(x[d] / s) : 0.0f;  // ties to even
+        out[d] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+    }
+    scales[t] = s;
 }
 
 LdStatus attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
@@ -141,13 +168,14 @@ LdStatus attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers
     run_linear_parts(blk.qkv, S, b.h, b.qkv, a.threads, b.scratch);
     auto rope = [&](int64_t i) {
         const LdSeq& q = a.seqs[a.seq_of[i]];
-        const int64_t slot = q.n + i - a.start[a.seq_of[i]], layer = l * st.Hkv * q.Tmax * hd;
+        const int64_t slot = q.n + i - a.start[a.seq_of[i]], layer = l * st.Hkv * q.Tmax;
         float* row = b.qkv + i * Nqkv;
         const float *cos = a.cos + i * hd, *sin = a.sin + i * hd;
         for (int64_t h = 0; h < st.H + st.Hkv; ++h) rope_head(row + h * hd, cos, sin, hd);
         for (int64_t h = 0; h < st.Hkv; ++h) {
-            memcpy(q.kc + layer + (h * q.Tmax + slot) * hd, row + Nq + h * hd, sizeof(float) * hd);
-            memcpy(q.vc + layer + (h * q.Tmax + slot) * hd, row + Nq + Nkv + h * hd, sizeof(float) * hd);
+            const int64_t t = layer + h * q.Tmax + slot;  // the token's slot of this head and layer
+            write_kv(q, q.kc, q.ks, t * hd, t, row + Nq + h * hd, hd);
+            write_kv(q, q.vc, q.vs, t * hd, t, row + Nq + Nkv + h * hd, hd);
         }
     };
     for_rows(S, a.threads, rope);
@@ -207,7 +235,9 @@ LdStatus check_seqs(const LdForwardArgs& f) {
         const LdSeq& q = f.seqs[j];
         if (q.S < 0 || q.n < 0) return LD_ERR_EMPTY;
         if (q.n + q.S > q.Tmax) return LD_ERR_CACHE_FULL;
+        if (q.kv_fmt != LD_KV_F32 && q.kv_fmt != LD_KV_INT8) return LD_ERR_FORMAT;
         if (q.S > 0 && (!q.kc || !q.vc)) return LD_ERR_NULL;  // (no rows: empty tensors may be null)
+        if (q.S > 0 && q.kv_fmt == LD_KV_INT8 && (!q.ks || !q.vs)) return LD_ERR_NULL;
         if (f.head && (q.head_from < 0 || q.head_from > q.S)) return LD_ERR_HEAD_ROWS;
         rows += q.S;
     }

@@ -12,6 +12,8 @@ its backend is built from it (`leapdecode.model.backends`):
                auto (gguf on native when the kernels run every linear of the GGUF as stored, int8 when
                they do not, none for float weights or the torch backend)
   activations  float32 | int8 (blocks of 32, per row) | auto (int8 for quantized weights on native)
+  kv_cache     float32 (the model's dtype) | int8 (one scale per token and head): the key/value cache's
+               format (`leapdecode.cache`), which every cache the runner makes has
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leapdecode.cache import check_kv_dtype
 from leapdecode.errors import LeapError
 from leapdecode.kernels.native import kernel_args, run_linear
 from leapdecode.model import quant as Q
@@ -179,8 +182,10 @@ class LinearSpec:
     backend: str = "auto"
     quant: str = "auto"
     activations: str = "auto"
+    kv_cache: str = "float32"
 
     def __post_init__(self):
+        check_kv_dtype(self.kv_cache)
         if self.backend not in ("auto", *PROBLEMS):
             raise LeapError(f"unknown backend {self.backend!r}; expected one of: auto, {', '.join(PROBLEMS)}")
         if self.quant not in QUANTS:
@@ -212,10 +217,11 @@ class LinearSpec:
             raise LeapError("backend 'torch' runs float activations only; use --activations float32")
         if backend == "native" and activations == "int8" and quant == "none":
             raise LeapError("int8 activations need quantized weights (--quant int8, int4 or gguf)")
-        return LinearSpec(backend, quant, activations)
+        return LinearSpec(backend, quant, activations, self.kv_cache)
 
     def describe(self) -> str:
-        return f"{self.backend}/{self.quant}/{self.activations}"
+        kv = "" if self.kv_cache == "float32" else f"/kv-{self.kv_cache}"
+        return f"{self.backend}/{self.quant}/{self.activations}{kv}"
 
     def weight_format(self, head: bool) -> str:
         """The format float weights are quantized to (quant none, int8, int4)."""

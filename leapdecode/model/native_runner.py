@@ -66,7 +66,7 @@ class NativeRunner:
         return Q.dequantize(Q.select_rows(self.embed, tokens))
 
     def new_cache(self, max_len: int) -> KVCache:
-        return new_cache(self.cfg, max_len, self.dtype, self.device)
+        return new_cache(self.cfg, max_len, self.dtype, self.device, self.spec)
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask=None, plan: Plan = FULL

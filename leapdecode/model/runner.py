@@ -160,8 +160,9 @@ def check_inputs(
     return s
 
 
-def new_cache(cfg: ModelConfig, max_len: int, dtype: torch.dtype, device) -> KVCache:
-    """A cache of at most the model's context for one sequence."""
-    return KVCache(
-        cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, min(max_len, cfg.max_seq_len), dtype=dtype, device=device
-    )
+def new_cache(cfg: ModelConfig, max_len: int, dtype: torch.dtype, device, spec: object = None) -> KVCache:
+    """A cache of at most the model's context for one sequence, in the key/value format of `spec` (a
+    `LinearSpec`; float32 without one)."""
+    kv = getattr(spec, "kv_cache", "float32")
+    size = min(max_len, cfg.max_seq_len)
+    return KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, size, dtype=dtype, device=device, kv_dtype=kv)

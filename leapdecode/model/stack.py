@@ -19,6 +19,7 @@ import torch
 from leapdecode.cache import KVCache
 from leapdecode.errors import LeapError
 from leapdecode.kernels.abi import (
+    KV_CODES,
     MAX_PARTS,
     LdBlock,
     LdForwardArgs,
@@ -166,7 +167,8 @@ class NativeStack:
         None): S every sequence's rows, R the rows whose logits the sequences ask for, in order; feats[j] is
         the residual stream after block features[j]. `embed_rows` [S, D]: the rows' embeddings, looked up by
         the caller (a stack without a table needs them). The caller checked each sequence's shapes
-        (`runner.check_inputs`); each cache must be a distinct contiguous float32 one of one sequence."""
+        (`runner.check_inputs`); each cache must be a distinct contiguous one of one sequence (float32,
+        or int8 with float32 scales)."""
         _check_caches(seqs)
         check_layers(layers, self._stack.L)
         s = sum(len(q.tokens) for q in seqs)
@@ -211,9 +213,15 @@ class SeqRows:
 
 def _check_caches(seqs: Sequence[SeqRows]) -> None:
     for q in seqs:
-        k = q.cache.k
-        if k.shape[1] != 1 or not k.is_contiguous() or k.dtype != torch.float32:
-            raise LeapError("the native block stack needs a contiguous float32 cache of one sequence")
+        c = q.cache
+        stored = torch.int8 if c.kv_dtype == "int8" else torch.float32
+        ok = c.k.shape[1] == 1 and all(t.is_contiguous() for t in c.tensors())
+        ok = ok and c.k.dtype == c.v.dtype == stored and c.dtype == torch.float32
+        if not ok:
+            raise LeapError(
+                "the native block stack needs a contiguous cache of one sequence, float32 or int8 (with "
+                "float32 scales)"
+            )
     if len({id(q.cache) for q in seqs}) != len(seqs):
         raise LeapError("the sequences of one native call need distinct caches")
 
@@ -224,6 +232,9 @@ def _seq_array(seqs: Sequence[SeqRows], with_head: bool) -> tuple[ctypes.Array, 
     for j, q in enumerate(seqs):
         s, c = len(q.tokens), q.cache
         rec = LdSeq(S=s, n=c.length, kc=c.k.data_ptr(), vc=c.v.data_ptr(), Tmax=c.max_len)
+        rec.kv_fmt = KV_CODES[c.kv_dtype]
+        if c.ks is not None and c.vs is not None:
+            rec.ks, rec.vs = c.ks.data_ptr(), c.vs.data_ptr()
         rec.head_from = s - q.head_rows if with_head else s
         if q.mask is not None:
             mask = q.mask if q.mask.stride(-1) == 1 else q.mask.contiguous()

@@ -51,7 +51,7 @@ class TorchRunner:
         return sum(w.numel() * w.element_size() for w in weights)
 
     def new_cache(self, max_len: int) -> KVCache:
-        return new_cache(self.cfg, max_len, self.dtype, self.device)
+        return new_cache(self.cfg, max_len, self.dtype, self.device, self.spec)
 
     @torch.inference_mode()
     def forward(

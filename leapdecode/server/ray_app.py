@@ -20,7 +20,8 @@ health check fails, and streams a call's results back (`handle.options(stream=Tr
 A replica that dies fails its in-flight streams with an error event (``replica_failed``, then
 ``[DONE]``; a non-streamed request gets the 503), never a hang; new requests go to live replicas until
 Serve has restarted it. The cluster is a local one started here (`ray.init` with N x `--replica-cpus`
-CPUs on loopback, no dashboard, no usage reporting, warnings only), or an existing one with
+CPUs, no dashboard, no usage reporting, warnings only; Ray binds its own ports to the machine's address,
+not loopback, and requires its cluster token on them), or an existing one with
 `--ray-address` (every node needs leapdecode and the model file at the same path). One `leap serve` per
 cluster: the apps' names are fixed, and a second server would replace the first one's replicas.
 """
@@ -94,7 +95,7 @@ def connect(options: RayOptions) -> bool:
         common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if options.address is None:
             cpus = options.replicas * options.replica_cpus
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+            ray.init(num_cpus=cpus, include_dashboard=False, **common)
             started = True
         else:
             try:

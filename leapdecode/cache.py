@@ -26,9 +26,12 @@ KV_DTYPES = ("float32", "int8")
 INT8_MAX = 127
 
 
-def check_kv_dtype(kv_dtype: str, what: str = "kv cache") -> str:
+def check_kv_dtype(kv_dtype: str) -> str:
     if kv_dtype not in KV_DTYPES:
-        raise LeapError(f"unknown {what} format {kv_dtype!r}; expected one of: {', '.join(KV_DTYPES)}")
+        raise LeapError(
+            f"unknown key/value cache format {kv_dtype!r} (--kv-cache); expected one of: "
+            + ", ".join(KV_DTYPES)
+        )
     return kv_dtype
 
 

@@ -113,11 +113,13 @@ class Engine:
         backend: str = "auto",
         quant: str = "auto",
         activations: str = "auto",
+        kv_cache: str = "float32",
     ) -> Engine:
         """Load a model (None = the bundled default). `drafter_options` maps a drafter name to the
         keyword arguments it is built with (e.g. {"draft-model": {"path": ...}}). `backend`, `quant` and
-        `activations` choose the linear kernels and weight format (see `leapdecode.model.linear`)."""
-        spec = LinearSpec(backend, quant, activations)  # bad names fail before the model loads
+        `activations` choose the linear kernels and weight format, `kv_cache` the key/value cache's format
+        (see `leapdecode.model.linear`)."""
+        spec = LinearSpec(backend, quant, activations, kv_cache)  # bad names fail before the model loads
         if threads is not None:
             torch.set_num_threads(check_int("threads", threads))
         loaded = load_runner(model, dtype, device, spec)

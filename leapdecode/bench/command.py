@@ -147,6 +147,7 @@ def _meta(args, methods: list[str], peers: list[str]) -> dict:
     cmd += ["--model", args.model] if args.model else []
     for flag in ("backend", "quant", "activations"):
         cmd += [f"--{flag}", getattr(args, flag)] if getattr(args, flag) != "auto" else []
+    cmd += ["--kv-cache", args.kv_cache] if args.kv_cache != "float32" else []
     return {
         "command": shlex.join(cmd),
         "data": args.data or "Spec-Bench (bundled)",
@@ -154,6 +155,7 @@ def _meta(args, methods: list[str], peers: list[str]) -> dict:
             "categories": split_list(args.categories) or None,
             "per_category": args.per_category,
             "max_draft": args.max_draft,
+            "kv_cache": args.kv_cache,
             "methods": methods,
             "peers": peers,
         },

@@ -32,6 +32,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--activations", default="auto", help="auto (int8 with quantized weights on native), int8 or float32"
     )
     g.add_argument(
+        "--kv-cache",
+        default="float32",
+        help="key/value cache: float32 (default) or int8 (one scale per token and head: a quarter of the "
+        "bytes attention reads; outputs differ slightly from float32's, see `leap eval --kv-cache`)",
+    )
+    g.add_argument(
         "--draft-model", default=None, help="GGUF/folder of the draft model for --drafter draft-model"
     )
 
@@ -77,6 +83,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
         backend=args.backend,
         quant=args.quant,
         activations=args.activations,
+        kv_cache=args.kv_cache,
     )
 
 

@@ -1,4 +1,5 @@
-"""`leap eval`: what a weight format and activation precision cost in quality, measured on real text.
+"""`leap eval`: what a weight format, activation precision and key/value cache format cost in quality,
+measured on real text.
 
 Every format runs the same token windows as the float32 torch reference. Reported per format:
 perplexity of the text, the mean KL divergence KL(reference || format) of the next-token
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from leapdecode.bench.data import json_lines, spec_bench_path
+from leapdecode.cache import check_kv_dtype
 from leapdecode.checks import int_at_least, positive_int
 from leapdecode.errors import LeapError
 from leapdecode.model.linear import ACTIVATIONS, QUANTS, LinearSpec
@@ -91,6 +93,11 @@ def add_arguments(p) -> None:
         help=f"comma-separated QUANT:ACTIVATIONS to compare with float32 torch (default {DEFAULT_FORMATS})",
     )
     p.add_argument(
+        "--kv-cache",
+        default="float32",
+        help="comma-separated key/value cache formats each format runs with: float32 (default), int8",
+    )
+    p.add_argument(
         "--backend", default="native", help="backend of the formats: native (default), torch or auto"
     )
     p.add_argument(
@@ -127,14 +134,22 @@ def log_probs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits_of(model, ids).double(), dim=-1)
 
 
-def evaluate(source, windows: list[list[int]], formats: list[Format], backend: str) -> dict[str, dict]:
-    """Scores of the reference (float32 torch, the weights as loaded) and of every format, each a runner
-    built from the same opened `source`, one at a time: a 1.5B model in float32 is 6 GB, and holding every
-    format at once took 22 GB. The reference's logits are kept (float32, as computed) to compare with."""
+def evaluate(
+    source,
+    windows: list[list[int]],
+    formats: list[Format],
+    backend: str,
+    kv_caches: tuple[str, ...] = ("float32",),
+) -> dict[str, dict]:
+    """Scores of the reference (float32 torch, the weights as loaded, a float32 cache) and of every format
+    with every key/value cache format, each a runner built from the same opened `source`, one at a time: a
+    1.5B model in float32 is 6 GB, and holding every format at once took 22 GB. The reference's logits are
+    kept (float32, as computed) to compare with. A window is one forward (its keys and values written to
+    the cache, then read back as attention reads them: int8 rows see int8 keys, as in decoding)."""
     from leapdecode.model.backends import build_runner
 
     specs = [LinearSpec("torch", "none", "float32")]
-    specs += [LinearSpec(backend, f.quant, f.activations) for f in formats]
+    specs += [LinearSpec(backend, f.quant, f.activations, kv) for f in formats for kv in kv_caches]
     reference: list[torch.Tensor] = []
     results = {}
     for i, spec in enumerate(specs):
@@ -158,8 +173,8 @@ def evaluate(source, windows: list[list[int]], formats: list[Format], backend: s
 def format_table(results: dict[str, dict]) -> str:
     lines = [
         (
-            "| format (backend/quant/activations) | linear weights MB | perplexity | mean KL vs float32 | "
-            "top-1 agreement | forward s |"
+            "| format (backend/quant/activations[/kv cache]) | linear weights MB | perplexity | "
+            "mean KL vs float32 | top-1 agreement | forward s |"
         ),
         "|---|---|---|---|---|---|",
     ]
@@ -175,12 +190,15 @@ def run(args) -> int:
     from leapdecode.model.source import open_source
 
     formats = [Format.parse(f) for f in args.formats.split(",") if f.strip()]
+    kv_caches = tuple(check_kv_dtype(k.strip()) for k in args.kv_cache.split(",") if k.strip())
+    if not kv_caches:
+        raise LeapError("--kv-cache: name at least one key/value cache format (float32, int8)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     texts = load_texts(Path(args.data) if args.data else spec_bench_path(), args.category, args.docs)
     source, tokenizer, path = open_source(args.model)
     windows = [ids[: args.max_tokens] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
-    results = evaluate(source, windows, formats, args.backend)
+    results = evaluate(source, windows, formats, args.backend, kv_caches)
     if args.json:
         print(json.dumps({"model": path.name, "tokens": results["reference"]["tokens"], "results": results}))
     else:

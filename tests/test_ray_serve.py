@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import importlib.util
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -85,6 +87,30 @@ def test_the_least_loaded_replica_takes_new_conversations_in_turn():
     assert picks == [1, 1, 2, 1]  # ties in turn order from `turn`
 
 
+def test_metrics_carry_every_replica_with_its_label():
+    pytest.importorskip("ray")
+    from leapdecode.server.metrics import ServerMetrics
+    from leapdecode.server.ray_router import Replica, RouterMetrics
+    from leapdecode.stats import Stats
+
+    reps = [Replica(0, handle=None), Replica(1, handle=None)]
+    for rep, outcome in zip(reps, ("stop", "length")):
+        own = ServerMetrics(lambda: 0, lambda: 0, 4)
+        own.observe_generation(Stats(prompt_tokens=5, new_tokens=3, drafter="none"), outcome)
+        rep.metrics_text = own.render()
+    reps[1].up = False
+    merged = RouterMetrics(reps)
+    merged.requests.inc(route="/v1/completions", status="200")
+    text = merged.render()
+    s = parse_samples(text)
+    assert s['leap_generations_total{outcome="stop",replica="0"}'] == 1
+    assert s['leap_generations_total{outcome="length",replica="1"}'] == 1
+    assert s['leap_prompt_tokens_total{replica="1"}'] == 5
+    assert s['leap_requests_total{route="/v1/completions",status="200"}'] == 1  # the front's own
+    assert (s['leap_replica_up{replica="0"}'], s['leap_replica_up{replica="1"}']) == (1, 0)
+    assert text.count("# TYPE leap_generations_total ") == 1  # one family, both replicas' samples
+
+
 # ------------------------------------------------------------------ the command line
 
 
@@ -104,6 +130,9 @@ def test_ray_options_need_replicas(capsys):
 
     rc = main(["serve", "--ray-address", "auto", "--drafter", "none", "--port", "0"])
     assert rc != 0 and "need --replicas 2 or more" in capsys.readouterr().err
+    if importlib.util.find_spec("ray") is not None:  # refused before any cluster starts
+        rc = main(["serve", "--replicas", "2", "--threads", "2", "--drafter", "none", "--port", "0"])
+        assert rc != 0 and "--replica-cpus; drop --threads" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ two replicas on a local cluster
@@ -271,6 +300,16 @@ def test_a_client_that_goes_away_frees_its_replica_slot(served):
     m = wait_for(served.url, lambda m: m.get(cancelled, 0) == before + 1, timeout=30)
     assert m[f'leap_replica_in_flight{{replica="{replica}"}}'] == 0
     assert m[f'leap_active_generations{{replica="{replica}"}}'] == 0
+
+
+def test_health_models_and_metrics_key(served):
+    with urllib.request.urlopen(served.url + "/health", timeout=10) as resp:
+        assert json.loads(resp.read()) == {"status": "ok"}
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(served.url + "/metrics", timeout=10)
+    assert info.value.code == 401
 
 
 def chat(**fields) -> dict:

@@ -205,6 +205,8 @@ class ReplicaServer:
 def load_args(args) -> dict:
     """`Engine.load`'s keyword arguments from `leap serve`'s model options (threads: per replica)."""
     options = {"draft-model": {"path": args.draft_model}} if args.draft_model else {}
+    if args.threads is not None:
+        raise LeapError("with --replicas, each replica's threads are its --replica-cpus; drop --threads")
     if args.drafter == "draft-model" and not args.draft_model:
         raise LeapError("--drafter draft-model needs --draft-model PATH")
     return {

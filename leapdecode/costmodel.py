@@ -18,10 +18,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Cost(Protocol):
+    """What a drafter reads: seconds of a forward of k rows after `context` cached tokens."""
+
+    def __call__(self, k: int, context: int | None = None) -> float: ...
 
 
 @dataclass(frozen=True)

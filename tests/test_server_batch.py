@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_engine_for
 
+from leapdecode.costmodel import CostCurve, CostModel
 from leapdecode.draft import Draft, tree_inputs
 from leapdecode.drafters import available
 from leapdecode.engine import GenerationConfig
@@ -19,7 +20,15 @@ from leapdecode.errors import LeapError
 from leapdecode.model.linear import LinearSpec, available_backends
 from leapdecode.model.runner import LAST, BatchItem, Plan, forward_each
 from leapdecode.server import BackgroundServer, ServerConfig, build_app
-from leapdecode.server.batching import BatchingRunner, Cancelled, Lane, batching_engine, run_round
+from leapdecode.server.batching import (
+    BatchingRunner,
+    Cancelled,
+    Lane,
+    RoundLoad,
+    SharedCost,
+    batching_engine,
+    run_round,
+)
 
 DRAFTERS = [d for d in ("none", "pld", "suffix", "recycling") if d in available()]
 
@@ -278,3 +287,29 @@ def test_a_forward_that_fails_costs_only_its_own_lane():
     while not all(lane.done for lane in lanes):
         run_round([lane for lane in lanes if not lane.done], runner, lambda _: False)
     assert seen == {"good": torch.Size([1, 64]), "bad": "simulated fault"}
+
+
+# ---------------------------------------------------------------- speculation under load
+
+
+def test_a_lane_weighs_its_rows_by_its_share_of_the_round():
+    """Alone, a lane sees the measured curve. In a round of 8 one-row lanes it pays an eighth of the
+    8-row forward plus the marginal cost of its extra rows on top of the others' rows."""
+    curve = CostModel((256,), (CostCurve((1, 8, 16), (1.0, 2.0, 4.0)),))
+    load = RoundLoad()
+    cost = SharedCost(lambda: curve, load)
+    assert cost(4) == curve(4)  # not in a lane, nobody else: the curve
+    seen: dict[str, float] = {}
+
+    def body():
+        seen["k1"], seen["k5"] = cost(1), cost(5)
+
+    lanes = [Lane(body if i == 0 else (lambda: None), f"l{i}") for i in range(8)]
+    for lane in lanes:
+        lane.rows = 1
+    load.note(lanes)
+    lanes[0].resume()
+    assert seen["k1"] == pytest.approx(2.0 / 8)
+    assert seen["k5"] == pytest.approx(2.0 / 8 + curve(12) - curve(8))
+    for lane in lanes[1:]:
+        lane.resume()

@@ -23,7 +23,7 @@ from leapdecode.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from leapdecode.cache import KVCache
-    from leapdecode.costmodel import CostModel
+    from leapdecode.costmodel import Cost
     from leapdecode.model.runner import Runner
     from leapdecode.model.tokenizer import Tokenizer
 
@@ -53,7 +53,7 @@ class DrafterHost:
     target: Runner  # the target model (self-drafting runs it with a reduced plan)
     tokenizer: Tokenizer | None = None
     options: Mapping[str, dict] = field(default_factory=dict)  # drafter name -> options it is built with
-    cost: Callable[[], CostModel] | None = None  # the measured cost of verifying k tokens (None: unknown)
+    cost: Callable[[], Cost] | None = None  # the measured cost of verifying k tokens (None: unknown)
     make: Callable[[str], Drafter] | None = None  # a fresh drafter bound to this host (for `auto`)
 
 

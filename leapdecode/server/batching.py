@@ -17,6 +17,13 @@ delays the others by at most one chunk per round. Cancellation: a cancelled lane
 `Cancelled` raised from its parked forward, so its rows leave the very next round. Forwards that drafters
 make themselves (a self-drafting trial, a draft model) run directly in their lane, one lane at a time.
 
+Speculation under load: a lane's drafters weigh their drafts by `SharedCost`, the cost model as a lane of
+a batch sees it. A round's forward serves every lane, so a lane pays its share of the one-row-per-lane
+round (the round's cost over its lanes) plus the marginal cost of its extra rows on top of the other
+lanes' rows (both read from the measured curve at the last round's rows). While the batch is bound by
+the weight pass, extra rows cost little and drafts stay long; once it is bound by arithmetic, extra rows
+cost what they return and drafts shrink to what pays (down to plain steps).
+
 Exactness: every row's arithmetic is that of its own forward (the native fallback runs one forward per
 sequence; the torch runner shares only the weight pass, float64-equal), and chunking a prefill changes
 no row on a row-invariant backend, so outputs equal serving one request at a time.
@@ -28,9 +35,11 @@ import contextvars
 import copy
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from leapdecode.costmodel import CostModel
 from leapdecode.engine import Engine
 from leapdecode.model.runner import FULL, NO_LOGITS, BatchItem, Output, Plan, forward_batch, forward_each
 
@@ -50,6 +59,7 @@ class Lane:
     def __init__(self, body: Callable[[], None], name: str):
         self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
         self.parked: BatchItem | None = None  # the forward it waits on
+        self.rows = 0  # rows of its forward in the last round
         self.result: Output | BaseException | None = None  # what that forward returns (or raises)
         self.done = False
         context = contextvars.copy_context()  # the conductor's kernel thread count, for direct forwards
@@ -80,6 +90,33 @@ class Lane:
             raise result
         assert result is not None  # the conductor always answers a parked forward
         return result
+
+
+class RoundLoad:
+    """The rows and lanes of the last batched round (what a lane's rows share the weight pass with)."""
+
+    def __init__(self):
+        self.rows, self.lanes = 0, 0
+
+    def note(self, lanes: list[Lane]) -> None:
+        self.rows, self.lanes = sum(lane.rows for lane in lanes), len(lanes)
+
+
+class SharedCost:
+    """The cost model as the current lane sees it (module docstring): seconds of its forward of k rows."""
+
+    def __init__(self, base: Callable[[], CostModel], load: RoundLoad):
+        self.base, self.load = base, load
+
+    def __call__(self, k: int, context: int | None = None) -> float:
+        lane = getattr(_lane, "current", None)
+        curve, mine = self.base(), (lane.rows if lane is not None else 0)
+        others = max(0, self.load.rows - mine)
+        if others == 0:  # alone (or not in a lane): the curve itself
+            return curve(k, context)
+        lanes = self.load.lanes if mine else self.load.lanes + 1
+        one = curve(others + 1, context)
+        return one / lanes + curve(others + k, context) - one
 
 
 class BatchingRunner:
@@ -114,23 +151,32 @@ class BatchingRunner:
         return Output(logits if plan.rows != "none" else NO_LOGITS, hidden)
 
 
-def batching_engine(engine: Engine, chunk: int = DEFAULT_CHUNK) -> Engine:
+def batching_engine(engine: Engine, chunk: int = DEFAULT_CHUNK, load: RoundLoad | None = None) -> Engine:
     """The server's engine with its runner behind a `BatchingRunner` (the same drafter options, cost
     curve, prefix cache and drafter host: forwards made by drafters themselves run directly)."""
     lanes = copy.copy(engine)
     lanes.model = BatchingRunner(engine.model, chunk)  # a Runner by duck typing (`__getattr__`)
     lanes.cost_curve = engine.cost_curve  # type: ignore[method-assign]  # measured once, on the runner
+    cost = SharedCost(engine.cost_curve, load or RoundLoad())
+    lanes.host = replace(engine.host, cost=lambda: cost, make=lanes.new_drafter)  # lanes' drafters
     return lanes
 
 
-def run_round(lanes: list[Lane], runner, cancelled: Callable[[Lane], bool]) -> None:
-    """One round (module docstring): resume every lane, then one batched forward of what they parked."""
+def run_round(
+    lanes: list[Lane], runner, cancelled: Callable[[Lane], bool], load: RoundLoad | None = None
+) -> None:
+    """One round (module docstring): resume every lane, then one batched forward of what they parked
+    (its rows noted in `load`)."""
     for lane in lanes:
         if lane.parked is not None and cancelled(lane):
             lane.result = Cancelled()
         lane.resume()
     parked = [lane for lane in lanes if not lane.done and lane.parked is not None]
-    items = [lane.parked for lane in parked]
+    items = [lane.parked for lane in parked if lane.parked is not None]
+    for lane, item in zip(parked, items):
+        lane.rows = len(item.tokens)
+    if load is not None:
+        load.note(parked)
     for lane, result in zip(parked, _batch(runner, items)):
         lane.result = result
 

@@ -42,7 +42,7 @@ from functools import partial
 from leapdecode.drafters.base import Drafter
 from leapdecode.engine import Engine, Generation, GenerationConfig, Result
 from leapdecode.errors import LeapError
-from leapdecode.server.batching import Cancelled, Lane, batching_engine, run_round
+from leapdecode.server.batching import Cancelled, Lane, RoundLoad, batching_engine, run_round
 from leapdecode.server.errors import ApiError
 from leapdecode.server.metrics import ServerMetrics
 
@@ -117,10 +117,12 @@ class Scheduler:
         run as one batched forward per round, prompts `prefill_chunk` rows per round; None: one
         request's step after another."""
         self.engine, self.max_concurrency, self.max_queue = engine, max_concurrency, max_queue
-        self.pool = DrafterPool(engine)
         self.batching = prefill_chunk is not None
         # what generations run on: with batching, the engine with its runner behind a BatchingRunner
-        self._generator = engine if prefill_chunk is None else batching_engine(engine, prefill_chunk)
+        self._load = RoundLoad()  # the last batched round's rows: lanes' drafters weigh their rows by it
+        lanes = None if prefill_chunk is None else batching_engine(engine, prefill_chunk, self._load)
+        self._generator = engine if lanes is None else lanes
+        self.pool = DrafterPool(self._generator)  # drafters bound to it (lanes weigh shared costs)
         self._lanes: dict[Job, Lane] = {}
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -233,7 +235,7 @@ class Scheduler:
                     if job not in self._lanes:
                         self._lanes[job] = Lane(partial(self._drive, job), f"leap-lane-{job.id[:8]}")
                 lanes = [self._lanes[j] for j in jobs]
-                run_round(lanes, self.engine.model, lambda lane: self._cancelled(lane))
+                run_round(lanes, self.engine.model, lambda lane: self._cancelled(lane), self._load)
                 for job in jobs:
                     if self._lanes[job].done:
                         del self._lanes[job]

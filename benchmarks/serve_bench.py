@@ -13,7 +13,9 @@ shared list, so a level with c clients keeps c requests in flight. Server slots 
 
 Columns: tok/s = completion tokens of all requests / wall time of the level; "x none" = that throughput
 over the plain-decoding row at the same concurrency (a ratio from this run only); TTFT = from sending a
-request to its first text; mean acc = tokens committed per verification step (bonus included);
+request to its first text; ITL = a request's time from its first to its last text per token after the
+first (inter-token latency, mean over requests); mean acc = tokens committed per verification step
+(bonus included);
 same = requests whose text equals plain decoding's (fewest clients) for the same question: greedy
 decoding is lossless whatever the drafter and however many requests share the server.
 
@@ -58,6 +60,7 @@ class Level:
     batch: bool = False  # the server batches the active requests' forwards (--batch)
     wall_s: float = 0.0
     ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)  # per request: seconds per token after the first
     tokens: int = 0
     steps: int = 0
     accepted: int = 0
@@ -97,17 +100,21 @@ async def one_request(client, model: str, question: str, max_tokens: int, level:
         stream=True,
         stream_options={"include_usage": True},
     )
-    pieces, first = [], None
+    pieces, first, last, tokens = [], None, None, 0
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
+            last = time.perf_counter()
+            first = first or last
             pieces.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             stats = chunk.model_extra["leap_stats"]
-            level.tokens += chunk.usage.completion_tokens
+            tokens = chunk.usage.completion_tokens
+            level.tokens += tokens
             level.steps += stats["steps"]
             level.accepted += stats["accepted"]
     level.ttft.append((first or time.perf_counter()) - t0)
+    if first is not None and last is not None and tokens > 1:
+        level.itl.append((last - first) / (tokens - 1))
     level.texts[index] = "".join(pieces)
 
 
@@ -146,7 +153,8 @@ def run_level(engine: Engine, drafter: str, clients: int, batch: bool, questions
     print(
         f"serve_bench: {drafter:>10} x{clients:<3} batch {'on ' if batch else 'off'} "
         f"{level.throughput:7.1f} tok/s, "
-        f"TTFT p50 {_stat(statistics.median, level.ttft):.2f}s",
+        f"TTFT p50 {_stat(statistics.median, level.ttft):.2f}s, "
+        f"ITL {_stat(statistics.mean, level.itl) * 1e3:.1f} ms",
         file=sys.stderr,
         flush=True,
     )
@@ -178,9 +186,9 @@ def table(levels: list[Level], engine: Engine, args) -> str:
         "",
         (
             "| drafter | batch | clients | tok/s | x none | x fewest clients | TTFT mean (s) | TTFT p50 (s) "
-            "| TTFT max (s) | mean acc | same | errors |"
+            "| TTFT max (s) | ITL mean (ms) | mean acc | same | errors |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
         base, one = plain.get((lv.clients, lv.batch)), single[(lv.drafter, lv.batch)]
@@ -191,7 +199,7 @@ def table(levels: list[Level], engine: Engine, args) -> str:
             f"| {lv.drafter} | {'on' if lv.batch else 'off'} | {lv.clients} | {lv.throughput:.1f} | "
             f"{ratio} | {scale} | "
             f"{_stat(statistics.mean, lv.ttft):.2f} | {_stat(statistics.median, lv.ttft):.2f} | "
-            f"{_stat(max, lv.ttft):.2f} | "
+            f"{_stat(max, lv.ttft):.2f} | {_stat(statistics.mean, lv.itl) * 1e3:.1f} | "
             f"{lv.mean_accepted:.2f} | {same}/{len(reference)} | "
             f"{lv.errors} |"
         )

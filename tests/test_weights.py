@@ -19,8 +19,9 @@ from leapdecode.errors import LeapError
 from leapdecode.model import quant as Q
 from leapdecode.model import source as S
 from leapdecode.model.gguf import GGUFSource, stored_types
-from leapdecode.model.linear import LinearSpec
+from leapdecode.model.linear import LinearSpec, available_backends
 from leapdecode.model.loader import HFSource, build_model
+from leapdecode.model.native_runner import build_native
 from leapdecode.model.weights import StateSource, WeightSource, expected_shapes, linear_groups
 
 
@@ -80,6 +81,16 @@ def test_bundled_stored_blocks_hold_the_files_values(bundled):
         types.add((bundled.stored_type(name), qw.fmt))
     assert types == {("Q4_1", "q4_1"), ("Q8_0", "q8_0")}  # the file's own formats, repacked unchanged
     assert bundled.stored("model.norm.weight") is None and bundled.stored_type("model.norm.weight") == "F32"
+
+
+@pytest.mark.skipif("native" not in available_backends(), reason="the native backend is not built here")
+def test_tied_embeddings_are_looked_up_in_the_output_layers_own_blocks(bundled):
+    """A tied model holds its embeddings once: the lookup reads the output layer's blocks, and its rows
+    are the file's values."""
+    runner = build_native(bundled, LinearSpec("native", "gguf", "int8").resolve(torch.float32, "cpu", True))
+    assert bundled.cfg.tie_embeddings and runner.embed is runner.lm_head.parts[0]
+    ids = torch.tensor([0, 7, bundled.cfg.vocab_size - 1])
+    assert torch.equal(runner._embed_rows(ids), bundled.float("model.embed_tokens.weight")[ids])
 
 
 def test_bundled_config_is_the_files(bundled):

@@ -146,6 +146,12 @@ def _norm(source: WeightSource, name: str) -> torch.Tensor:
     return source.float(name).to(torch.float32).contiguous()
 
 
+def _stored_embeddings(source: WeightSource, head: NativeLinear) -> Q.QuantWeight | None:
+    """The embeddings as the file stores them; tied to the output layer, that layer's own copy (a second
+    one would add the largest tensor of a small model to its memory again)."""
+    return head.parts[0] if source.cfg.tie_embeddings and len(head.parts) == 1 else source.stored(EMBED)
+
+
 def build_native(source: WeightSource, spec: LinearSpec) -> NativeRunner:
     """The runner of `source` on the kernels; weights are read one tensor at a time and packed."""
     cfg, groups = source.cfg, linear_groups(source.cfg)
@@ -159,7 +165,7 @@ def build_native(source: WeightSource, spec: LinearSpec) -> NativeRunner:
         blocks.append(NativeBlock(qkv, o, w13, w2, attn_norm=norms[0], mlp_norm=norms[1]))
     rope = Rope(cfg, torch.float32, "cpu", freq_factors=source.rope_factors)
     # the file's blocks are looked up row by row: a float32 table would be several times their bytes
-    stored = source.stored(EMBED) if spec.quant == "gguf" else None
+    stored = _stored_embeddings(source, linears[-1]) if spec.quant == "gguf" else None
     stored = stored if stored is not None and stored.fmt != "f32" else None  # float files keep a table
     table = None if stored is not None else _norm(source, EMBED)  # [V, D]
     stack = NativeStack(cfg, blocks, table, rope.cos, rope.sin)

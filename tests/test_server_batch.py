@@ -37,8 +37,8 @@ def runner_pair(seed: int = 0):
     return tiny_engine_for(seed=seed).model, tiny_engine_for(seed=seed).model
 
 
-def primed(runner, tokens: list[int]):
-    cache = runner.new_cache(128)
+def primed(runner, tokens: list[int], size: int = 128):
+    cache = runner.new_cache(size)
     if tokens:
         runner.forward(torch.tensor(tokens), torch.arange(len(tokens)), cache)
     return cache
@@ -177,6 +177,27 @@ def test_native_batched_forward_is_bit_for_bit_one_forward_per_sequence(quant, a
         assert x.hidden is None or torch.equal(x.hidden, y.hidden)
         assert ia.cache.length == ib.cache.length
         assert torch.equal(ia.cache.k, ib.cache.k) and torch.equal(ia.cache.v, ib.cache.v)
+
+
+@NATIVE
+def test_one_row_sequences_with_long_contexts_batch_bit_for_bit():
+    """Alone, a one-row step splits a long context's keys into blocks across threads; in a batch each
+    sequence's row is one task. Both give the same bits."""
+    cfg = tiny_config(dim=64, inter=128, vocab=96, layers=2)
+    spec = LinearSpec("native", "int8", "int8")
+    batched, alone = (tiny_engine_for(cfg, seed=4, dtype=torch.float32, spec=spec).model for _ in range(2))
+
+    def items(runner):
+        rng, out = torch.Generator().manual_seed(5), []
+        for n in (300, 5, 450, 129):
+            cache = primed(runner, torch.randint(0, 96, (n,), generator=rng).tolist(), size=500)
+            out.append(
+                BatchItem(torch.randint(0, 96, (1,), generator=rng), torch.tensor([n]), cache, None, LAST)
+            )
+        return out
+
+    for x, y in zip(batched.forward_batch(items(batched)), forward_each(alone, items(alone))):
+        assert torch.equal(x.logits, y.logits)
 
 
 @NATIVE

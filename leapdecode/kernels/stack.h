@@ -127,11 +127,20 @@ inline const void* kv_at(const LdSeq& q, const void* c, int64_t e) {
 }
 
 // Attention of sequence j's rows over its own cache (keys and values of block l already written).
-LdStatus seq_attention(const LdStack& st, const StepArgs& a, int64_t l, int64_t j, Buffers& b) {
+// The longest sequence's keys (cached and new): the room of attention's scratch.
+int64_t max_context(const StepArgs& a) {
+    int64_t T = 0;
+    for (int64_t j = 0; j < a.nseq; ++j) T = std::max(T, a.seqs[j].n + a.seqs[j].S);
+    return T;
+}
+
+// Sequence j's attention arguments for block l: its rows' queries and outputs, its cache and mask.
+// `qst`, `ost` [3] and `kst` [3] (this sequence's) are the strides the arguments point to.
+AttnArgs seq_attn_args(const LdStack& st, const StepArgs& a, int64_t l, int64_t j, const Buffers& b,
+                       const int64_t* qst, const int64_t* ost, int64_t* kst) {
     const LdSeq& q = a.seqs[j];
     const int64_t hd = st.hd, Nq = st.H * hd, Nqkv = Nq + 2 * st.Hkv * hd, r0 = a.start[j];
-    if (q.S == 0) return LD_OK;
-    const int64_t qst[3] = {0, hd, Nqkv}, kst[3] = {0, q.Tmax * hd, hd}, ost[3] = {0, hd, Nq};
+    kst[0] = 0, kst[1] = q.Tmax * hd, kst[2] = hd;
     const int64_t layer = l * st.Hkv * q.Tmax;  // [Hkv, Tmax, hd] per layer
     AttnArgs at{b.qkv + r0 * Nqkv, kv_at(q, q.kc, layer * hd), kv_at(q, q.vc, layer * hd), b.att + r0 * Nq, 1, st.H,
                 st.Hkv, q.S, q.n + q.S, hd, qst, kst, kst, ost, q.mask, q.mask_stride,
@@ -140,7 +149,51 @@ LdStatus seq_attention(const LdStack& st, const StepArgs& a, int64_t l, int64_t 
         at.kv_fmt = LD_KV_INT8, at.ks = q.ks + layer, at.vs = q.vs + layer;
         at.sst[0] = 0, at.sst[1] = q.Tmax;
     }
-    return attention(at, attention_threads(at, a.threads), b.attn);
+    return at;
+}
+
+struct SeqsJob {  // every sequence's row tasks in one pool run
+    const AttnJob* jobs;   // [nseq]
+    const int64_t* first;  // [nseq + 1]: each sequence's first task
+    int64_t nseq;
+};
+
+void seqs_row_task(void* ctx, int64_t task, int worker) {
+    const SeqsJob& m = *(const SeqsJob*)ctx;
+    int64_t j = 0;
+    while (task >= m.first[j + 1]) ++j;
+    attn_row_task((void*)&m.jobs[j], task - m.first[j], worker);
+}
+
+// Attention of every sequence's rows over its own cache (keys and values of block l already written).
+// One sequence: attention() itself. Several: one pool run of attention()'s row tasks (a task per
+// sequence, key/value head and row: the bits of its one-row path too, see there), so a batch of
+// one-row sequences pays one dispatch per block rather than two per sequence.
+LdStatus seqs_attention(const LdStack& st, const StepArgs& a, int64_t l, Buffers& b) {
+    const int64_t hd = st.hd, Nq = st.H * hd, qst[3] = {0, hd, Nq + 2 * st.Hkv * hd}, ost[3] = {0, hd, Nq};
+    const int64_t n = a.nseq, per_row = st.H * kMaxBlocks * (2 + hd), T = max_context(a);
+    if (n == 1) {
+        int64_t kst[3];
+        const AttnArgs at = seq_attn_args(st, a, l, 0, b, qst, ost, kst);
+        return attention(at, attention_threads(at, a.threads), b.attn);
+    }
+    char* mem = (char*)malloc(sizeof(AttnJob) * n + sizeof(int64_t) * (4 * n + 1 + a.S) + sizeof(float) * a.S * per_row);
+    if (!mem) return LD_ERR_NO_MEMORY;
+    AttnJob* jobs = (AttnJob*)mem;
+    int64_t *kst = (int64_t*)(jobs + n), *first = kst + 3 * n, *blocks = first + n + 1;
+    float* parts = (float*)(blocks + a.S);
+    const int64_t room = attention_room(T);
+    first[0] = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const AttnArgs at = seq_attn_args(st, a, l, j, b, qst, ost, kst + 3 * j);
+        jobs[j] = AttnJob{at, room, (int32_t*)b.attn, (float*)((int32_t*)b.attn + room * a.threads),
+                          parts + a.start[j] * per_row, blocks + a.start[j]};
+        first[j + 1] = first[j] + a.seqs[j].S * st.Hkv;
+    }
+    SeqsJob m{jobs, first, n};
+    ld::Pool::get().run(first[n], seqs_row_task, &m, first[n] > 1 ? a.threads : 1);
+    free(mem);
+    return LD_OK;
 }
 
 // One head's key or value row x [hd] into the cache at element e (int8: its scale at token slot t).
@@ -179,8 +232,7 @@ LdStatus attention_part(const LdStack& st, const StepArgs& a, int64_t l, Buffers
         }
     };
     for_rows(S, a.threads, rope);
-    for (int64_t j = 0; j < a.nseq; ++j)
-        if (const LdStatus rc = seq_attention(st, a, l, j, b)) return rc;
+    if (const LdStatus rc = seqs_attention(st, a, l, b)) return rc;
     run_linear_parts(blk.o, S, b.att, b.tmp, a.threads, b.scratch);
     auto residual = [&](int64_t i) {
         for (int64_t c = 0; c < st.D; ++c) a.x[i * st.D + c] += b.tmp[i * st.D + c];

@@ -2,9 +2,8 @@
 what prefix affinity keeps of multi-turn conversations. Prints two markdown tables.
 
 Servers, one after the other, each given the same CPUs in all (--cpus, default 2):
-  single    the single-process server (today's `leap serve`), its engine on --cpus threads;
-  ray x1    one replica on Ray Serve with --cpus CPUs (the relay's own cost);
-  ray x2    two replicas with --cpus/2 CPUs each.
+  single    the single-process server (`leap serve`, which is --replicas 1), its engine on --cpus threads;
+  ray x2    two replicas on Ray Serve with --cpus/2 CPUs each (`leap serve --replicas 2`).
 Every server has the server's default slots (4 per process) and the bundled model unless --model. For
 throughput each is `leap serve` in a process of its own; the multi-turn runs serve from this process
 (only they can switch affinity off).
@@ -51,7 +50,7 @@ from leapdecode.server.ray_app import RayOptions, ReplicaServer
 from leapdecode.server.ray_replica import ReplicaSpec
 
 THIRD_TURN = "Now say that again in one sentence."
-KINDS = ("single", "ray x1", "ray x2")
+KINDS = ("single", "ray x2")
 
 
 def questions() -> list[list[str]]:
@@ -102,7 +101,7 @@ def healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def server(kind: str, args, drafter: str, affinity: bool = True) -> Iterator[str]:
-    """The URL of a server of that kind ("single", "ray x1", "ray x2") in this process."""
+    """The URL of a server of that kind ("single", "ray xN") in this process."""
     config = ServerConfig(drafter=drafter, model_name="m", max_queue=1024)
     if kind == "single":
         engine = Engine.load(args.model, threads=args.cpus)
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"CPU: {cpu_model()}, {args.cpus} CPUs per server; --max-tokens {args.max_tokens}\n")
     print("| streams | " + " | ".join(f"{k} tok/s" for k in KINDS) + " |")
-    print("|---:|---:|---:|---:|")
+    print("|---:|" + "---:|" * len(KINDS))
     for level in args.levels:
         print(f"| {level} | " + " | ".join(f"{rates[k, level]:.1f}" for k in KINDS) + " |")
     print(f"\n| {args.conversations} conversations, drafter {args.drafter} | mean acc | cached | same |")

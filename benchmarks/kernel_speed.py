@@ -15,9 +15,9 @@ read rate of one row and the cost of more rows relative to one:
 
     .venv/bin/python benchmarks/kernel_speed.py --threads 2 --layer 17920,1536 --ms 1,8
 
-With `--isas avx512,amx` the layer mode times the K-quant formats in each kernel build the CPU runs,
-interleaved in one process, every cost relative to the first build's one row (the builds give the same bits;
-they differ in speed only):
+With `--isas avx512,amx` the layer mode times the K-quant formats (or `--formats q4_1,q8_0`) in each
+kernel build the CPU runs, interleaved in one process, every cost relative to the first build's one row
+(the builds give the same bits; they differ in speed only):
 
     .venv/bin/python benchmarks/kernel_speed.py --threads 2 --layer 17920,1536 --ms 1,2,4,8,16 \
         --isas avx512,amx
@@ -90,14 +90,17 @@ def random_blocks(fmt: str, n: int, k: int, seed: int) -> Q.QuantWeight:
     return Q.QuantWeight(fmt, n, k, qs=raw.reshape(n, -1))
 
 
-def layer_formats(n: int, k: int, copies: int) -> dict[str, list[Q.QuantWeight]]:
+def layer_formats(
+    n: int, k: int, copies: int, wanted: tuple[str, ...] = ("q4_k", "q6_k", "q4_1", "q8_0")
+) -> dict[str, list[Q.QuantWeight]]:
     w = torch.randn(n, k) * 0.02
-    return {
-        "q4_k": [random_blocks("q4_k", n, k, i) for i in range(copies)],
-        "q6_k": [random_blocks("q6_k", n, k, i) for i in range(copies)],
-        "q4_1": [Q.quantize(w + i * 1e-3, "q4_1") for i in range(copies)],
-        "q8_0": [Q.quantize(w + i * 1e-3, "q8_0") for i in range(copies)],
+    make = {
+        "q4_k": lambda i: random_blocks("q4_k", n, k, i),
+        "q6_k": lambda i: random_blocks("q6_k", n, k, i),
+        "q4_1": lambda i: Q.quantize(w + i * 1e-3, "q4_1"),
+        "q8_0": lambda i: Q.quantize(w + i * 1e-3, "q8_0"),
     }
+    return {f: [make[f](i) for i in range(copies)] for f in wanted}
 
 
 def time_layer(args: argparse.Namespace) -> None:
@@ -137,11 +140,11 @@ def time_layer(args: argparse.Namespace) -> None:
 
 
 def time_builds(args: argparse.Namespace) -> None:
-    """K-quant formats of one layer shape in several kernel builds, interleaved: ms per copy and the ratio
-    to the first build's one row."""
+    """Formats of one layer shape (`--formats`) in several kernel builds, interleaved: ms per copy and the
+    ratio to the first build's one row."""
     n, k = (int(v) for v in args.layer.split(","))
     isas, ms = args.isas.split(","), [int(m) for m in args.ms.split(",")]
-    formats = {f: ws for f, ws in layer_formats(n, k, args.copies).items() if f in ("q4_k", "q6_k")}
+    formats = layer_formats(n, k, args.copies, tuple(args.formats.split(",")))
     times: dict[tuple[str, str, int], list[float]] = {}
     xs = {m: (torch.randn(m, k), torch.empty(m, n)) for m in ms}
     for r in range(args.repeats + 1):  # every configuration once per round, so drift hits them alike
@@ -150,7 +153,9 @@ def time_builds(args: argparse.Namespace) -> None:
                 for isa in isas:
                     t0 = time.perf_counter()
                     for w in ws:
-                        native.linear_into(y, x, f, "int8", n, k, qs=w.qs, threads=args.threads, isa=isa)
+                        native.linear_into(
+                            y, x, f, "int8", n, k, qs=w.qs, d=w.d, m=w.m, threads=args.threads, isa=isa
+                        )
                     if r:
                         times.setdefault((f, isa, m), []).append((time.perf_counter() - t0) / len(ws))
     print(
@@ -191,7 +196,15 @@ def main() -> None:
     ap.add_argument("--layer", default="", help="N,K: time one layer shape per format instead (see above)")
     ap.add_argument("--copies", type=int, default=24, help="with --layer: distinct copies of the layer")
     ap.add_argument("--isas", default="", help="with --layer: kernel builds to compare, e.g. avx512,amx")
+    ap.add_argument(
+        "--formats",
+        default="q4_k,q6_k",
+        help="with --layer --isas: weight formats to time (q4_k, q6_k, q4_1, q8_0)",
+    )
     args = ap.parse_args()
+    unknown = set(args.formats.split(",")) - {"q4_k", "q6_k", "q4_1", "q8_0"}
+    if unknown:
+        ap.error(f"--formats: unknown {', '.join(sorted(unknown))} (expected q4_k, q6_k, q4_1, q8_0)")
     if args.layer:
         torch.set_num_threads(args.threads)
         return time_builds(args) if args.isas else time_layer(args)

@@ -3,6 +3,7 @@ what prefix affinity keeps of multi-turn conversations. Prints two markdown tabl
 
 Servers, one after the other, each given the same CPUs in all (--cpus, default 2):
   single    the single-process server (`leap serve`, which is --replicas 1), its engine on --cpus threads;
+  single 1 thread   the same on one thread (for throughput);
   ray x2    two replicas on Ray Serve with --cpus/2 CPUs each (`leap serve --replicas 2`).
 Every server has the server's default slots (4 per process) and the bundled model unless --model. For
 throughput each is `leap serve` in a process of its own; the multi-turn runs serve from this process
@@ -50,7 +51,7 @@ from leapdecode.server.ray_app import RayOptions, ReplicaServer
 from leapdecode.server.ray_replica import ReplicaSpec
 
 THIRD_TURN = "Now say that again in one sentence."
-KINDS = ("single", "ray x2")
+KINDS = ("single", "single 1 thread", "ray x2")
 
 
 def questions() -> list[list[str]]:
@@ -62,8 +63,8 @@ def serve_argv(kind: str, args, port: int) -> list[str]:
     argv = [sys.executable, "-m", "leapdecode.cli", "serve", "--port", str(port), "--drafter", "none"]
     argv += ["--served-model-name", "m", "--max-queue", "1024", "--log-level", "warning"]
     argv += ["--model", args.model] if args.model else []
-    if kind == "single":
-        return argv + ["--threads", str(args.cpus)]
+    if kind.startswith("single"):
+        return argv + ["--threads", "1" if kind.endswith("1 thread") else str(args.cpus)]
     n = int(kind.split("x")[1])
     return argv + ["--replicas", str(n), "--replica-cpus", str(args.cpus // n)]
 

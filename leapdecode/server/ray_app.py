@@ -13,7 +13,9 @@ a process with an `Engine` and the local server's scheduler, prefix cache and dr
 ``leap-replica-i``. One deployment per replica, rather than one deployment of N, gives the front an
 address for each replica: prefix affinity (`leapdecode.server.ray_routing`) needs to send a
 conversation back to the replica holding its prefix cache and drafter state, and the router's
-decisions stay in this process, visible in /metrics. Serve still does what it is good at: it places
+decisions stay in this process, visible in /metrics (Serve's pluggable request router would choose
+inside the handle, out of sight, through an alpha API; `ray.serve.llm`'s PrefixCacheAffinityRouter
+is built for its own LLM engines). Serve still does what it is good at: it places
 each replica on a node with `--replica-cpus` free CPUs, restarts a replica whose process dies or whose
 health check fails, and streams a call's results back (`handle.options(stream=True)`).
 

@@ -178,3 +178,31 @@ def test_auto_without_a_head_for_the_model_has_no_eagle_source(tmp_path):
     finally:
         del ENGINES[0].drafter_options["eagle"]
     assert "eagle" not in auto.sources and not auto.wants_hidden
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_a_silent_head_keeps_calibrating_on_its_best_guess(kind, tmp_path):
+    """With a cost that never pays, the head proposes nothing; its calibration (trust) must still follow
+    how often its best child of the root is the target's next token, or a low trust would never rise."""
+    engine = ENGINES[0]
+    d = with_head(engine, kind, tmp_path, size="cost")
+    d.sizer.host = type("Host", (), {"cost": lambda self: lambda k, ctx: 10.0 * k})()
+    d.start(RequestContext((1, 2, 3)))
+    dim = engine.model.cfg.dim
+    d.observe(StepResult(Draft(), [1, 2, 3], torch.zeros(1, V), [], 4, hidden=torch.randn(3, dim)))
+    tokens = [1, 2, 3, 4]
+    for right in (True, False):
+        d.sizer.accepted, d.sizer.predicted = (0.2, 1.0) if right else (1.0, 0.5)
+        before = d.sizer.trust
+        for _ in range(10):
+            d.sizer.size = "fixed"  # every node, to read the head's best guess
+            every = d.propose(tokens, 64)
+            d.sizer.size = "cost"
+            draft = d.propose(tokens, 64)
+            assert len(draft) == 0 and every.scores is not None  # never pays
+            guess = every.token_ids[max(range(len(every)), key=lambda i: every.scores[i])]
+            bonus = guess if right else next(t for t in range(V) if t != guess)
+            hidden = torch.randn(1, dim)
+            d.observe(StepResult(draft, [tokens[-1]], torch.zeros(1, V), [], bonus, hidden=hidden))
+            tokens.append(bonus)
+        assert (d.sizer.trust > before) if right else (d.sizer.trust < before)

@@ -197,12 +197,11 @@ class EagleDrafter(Drafter):
         self.slot = torch.full((self.vocab_size,), -1, dtype=torch.long)  # id -> row of the table
         self.slot[self.vocab.ids] = torch.arange(len(self.vocab.ids))
         self.picker = Picker(ctx.sampling, salt=ctx.seq_id)
-        self.proposed: list[float] = []  # path probabilities of the nodes of the last draft
+        self.sizer.remember([], None)
 
     @torch.inference_mode()
     def observe(self, step: StepResult) -> None:
-        if step.draft.source == self.name:
-            self.sizer.observe(self.proposed, len(step.accepted))
+        self.sizer.learn(step, self.name)
         if step.hidden is None:
             return
         rows = committed_rows(step)
@@ -229,7 +228,8 @@ class EagleDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
-        self.t0, self.proposed = time.perf_counter(), []
+        self.t0 = time.perf_counter()
+        self.sizer.remember([], None)
         budget = min(max_nodes, self.options.nodes)
         if self.last is None or budget <= 0:
             return Draft()
@@ -303,7 +303,8 @@ class EagleDrafter(Drafter):
         spent = time.perf_counter() - self.t0
         n = self.sizer.choose([math.exp(scores[i]) for i in order], self.cache.n, spent)
         best = sorted(order[:n])
-        self.proposed = [math.exp(scores[i]) for i in best]
+        guess = (tokens[order[0]], math.exp(scores[order[0]])) if order else None  # a root's child
+        self.sizer.remember([math.exp(scores[i]) for i in best], guess)
         new = {old: i for i, old in enumerate(best)}
         return Draft(
             [tokens[i] for i in best], [new.get(parents[i], -1) for i in best], source=self.name,

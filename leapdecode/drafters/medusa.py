@@ -124,17 +124,17 @@ class MedusaDrafter(Drafter):
         self.hidden: torch.Tensor | None = None  # [D] the newest committed row's state
         self.vocab.reset(ctx.prompt_ids)
         self.picker = Picker(ctx.sampling, salt=ctx.seq_id)
-        self.proposed: list[float] = []
+        self.sizer.remember([], None)
 
     def observe(self, step: StepResult) -> None:
-        if step.draft.source == self.name:
-            self.sizer.observe(self.proposed, len(step.accepted))
+        self.sizer.learn(step, self.name)
         if step.hidden is not None:
             self.hidden = step.hidden[-1].to(self.dtype)
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
-        t0, self.proposed = time.perf_counter(), []
+        t0 = time.perf_counter()
+        self.sizer.remember([], None)
         budget = min(max_nodes, self.options.nodes)
         if self.hidden is None or budget <= 0:
             return Draft()
@@ -146,8 +146,9 @@ class MedusaDrafter(Drafter):
         paths, scores = best_paths(top.values.tolist(), budget)
         probs = [math.exp(s) for s in scores]
         n = self.sizer.choose(probs, len(tokens), time.perf_counter() - t0)
-        paths, probs, self.proposed = paths[:n], probs[:n], probs[:n]
         ids = self.vocab.ids[top.indices]  # [K, k]
+        self.sizer.remember(probs[:n], (int(ids[0, 0]), probs[0]))  # path (0,): head 0's best
+        paths, probs = paths[:n], probs[:n]
         index = {p: i for i, p in enumerate(paths)}
         tokens = [int(ids[len(p) - 1, p[-1]]) for p in paths]
         parents = [index[p[:-1]] if len(p) > 1 else -1 for p in paths]

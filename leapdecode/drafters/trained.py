@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from leapdecode.draft import StepResult
 from leapdecode.errors import LeapError
 from leapdecode.model import quant as Q
 from leapdecode.model.linear import NativeLinear
@@ -172,12 +173,16 @@ class Sizer:
         (1 + trust * sum of the N best path probabilities) / (cost(1 + N) + drafting time so far)
 
     with `cost` the measured time of verifying 1 + N tokens after the current context (as `auto` sizes
-    its trees), and `trust` the head's calibration on this request's steps: a moving ratio of the nodes
-    accepted to the path probabilities proposed (the head's confidence is its own estimate)."""
+    its trees), and `trust` the head's calibration: a moving ratio of the nodes accepted to the path
+    probabilities proposed (the head's confidence is its own estimate). A step where the head proposed
+    nothing still counts its best guess (a child of the root) against the target's bonus token, which is
+    the token after the root then: without that evidence a trust that once fell below what pays would
+    never rise again, and the head would stay silent for good."""
 
     def __init__(self, size: str, host) -> None:
         self.size, self.host = size, host
         self.accepted = self.predicted = 1.0
+        self.remember([], None)
 
     @property
     def trust(self) -> float:
@@ -195,6 +200,19 @@ class Sizer:
             if rate > best:
                 best_n, best = n, rate
         return best_n
+
+    def remember(self, proposed: list[float], guess: tuple[int, float] | None) -> None:
+        """What this step's draft holds: the proposed nodes' path probabilities, and the head's best
+        child of the root (token, probability), the shadow guess when nothing is proposed."""
+        self.proposed, self.guess = proposed, guess
+
+    def learn(self, step: StepResult, name: str) -> None:
+        """Update the calibration from a verified step of the drafter `name`."""
+        if step.draft.source == name and self.proposed:
+            self.observe(self.proposed, len(step.accepted))
+        elif not step.draft.token_ids and self.guess is not None:  # the bonus follows the root
+            self.observe([self.guess[1]], int(step.bonus == self.guess[0]))
+        self.remember([], None)
 
     def observe(self, proposed: list[float], accepted: int) -> None:
         self.predicted += 0.05 * (sum(proposed) - self.predicted)

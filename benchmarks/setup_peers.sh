@@ -5,11 +5,16 @@
 #   llamacpp, llamacpp-pld  llama-cpp-python, which compiles llama.cpp from source
 #                           (about 15 minutes on a 2-core machine)
 #
-# Usage: benchmarks/setup_peers.sh [PYTHON]    (default: .venv/bin/python, else python3)
+#   --speculative           only llama.cpp's own tools (llama-speculative-simple, llama-completion)
+#                           from the same llama.cpp source, for benchmarks/llamacpp_speculative.py
+#
+# Usage: benchmarks/setup_peers.sh [--speculative] [PYTHON]    (default: .venv/bin/python, else python3)
 # Set LEAP_BUILD_NICE=19 to build at the lowest CPU priority beside other work.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+speculative=0
+if [[ "${1:-}" == --speculative ]]; then speculative=1; shift; fi
 python="${1:-}"
 if [[ -z "$python" ]]; then
   if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python=python3; fi
@@ -17,21 +22,61 @@ fi
 nice_level="${LEAP_BUILD_NICE:-0}"
 LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 
-echo "peers: installing into $("$python" -c 'import sys; print(sys.prefix)')"
-"$python" -m pip install "transformers>=5" "matplotlib" "tqdm"
-
 # llama.cpp is built for this CPU (GGML_NATIVE) so its kernels use the instructions it has. On CPUs with
 # AMX, llama-cpp-python 0.3.36's AMX path repacks the weights and then crashes (segmentation fault) on
 # the first decode, for Q4_1 and Q4_K_M files alike: there it is built without AMX (AVX-512 and VNNI
 # stay), and the build says so in a marker file that `leap bench` reports. LEAP_LLAMA_AMX=1 keeps AMX.
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 flavour="native"
+no_amx=""
 if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && [[ "${LEAP_LLAMA_AMX:-0}" != 1 ]]; then
   no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'"
   flavour="native without AMX (its AMX path crashes on this CPU)"
   echo "peers: this CPU has AMX; building llama.cpp without it ($no_amx)"
 fi
+
+# --speculative: llama.cpp's own command-line tools, built from the llama.cpp that the
+# llama-cpp-python sdist vendors (the same source as the `llamacpp` peer), with the same flags, into
+# $LEAPDECODE_CACHE/peers (default ~/.cache/leapdecode/peers). A finished build is kept and reused.
+build_llamacpp_tools() {
+  local cache="${LEAPDECODE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/leapdecode}/peers"
+  local src="$cache/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
+  local build="$src/build-tools"
+  local stamp="$build/leap_build.txt"
+  local targets=(llama-speculative-simple llama-completion)
+  if [[ -f "$stamp" && "$(head -n1 "$stamp")" == "$flavour" ]] && all_built "$build/bin" "${targets[@]}"; then
+    echo "peers: llama.cpp tools already built ($flavour): $build/bin (${targets[*]})"
+    return
+  fi
+  mkdir -p "$cache"
+  if [[ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]]; then
+    "$python" -m pip download --no-binary :all: --no-deps -d "$cache" \
+      "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
+    tar -xzf "$cache/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}.tar.gz" -C "$cache"
+    mv "$cache/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}" "$src"
+  fi
+  nice -n "$nice_level" cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" -DLLAMA_CURL=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+  nice -n "$nice_level" cmake --build "$build" --config Release --target "${targets[@]}"
+  printf '%s\nllama-cpp-python %s, Release, GGML_NATIVE=ON, C/C++ flags "%s"\n' \
+    "$flavour" "$LLAMA_CPP_PYTHON_VERSION" "$no_amx" > "$stamp"
+  echo "peers: llama.cpp tools ($flavour): $build/bin (${targets[*]})"
+}
+
+all_built() {
+  local dir="$1"; shift
+  for name in "$@"; do [[ -x "$dir/$name" ]] || return 1; done
+}
+
+if [[ "$speculative" == 1 ]]; then
+  build_llamacpp_tools
+  exit 0
+fi
+
+echo "peers: installing into $("$python" -c 'import sys; print(sys.prefix)')"
+"$python" -m pip install "transformers>=5" "matplotlib" "tqdm"
 nice -n "$nice_level" "$python" -m pip install --no-cache-dir --force-reinstall --no-deps \
   "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
 "$python" -m pip install "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"  # its dependencies, if missing

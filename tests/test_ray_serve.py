@@ -339,3 +339,15 @@ def test_bad_requests_get_the_single_process_errors(served, name, body, headers,
     conn.close()
     assert resp.status == status and set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and (code is None or error["code"] == code)
+
+
+def test_replicas_load_the_model_with_every_model_option():
+    """What `leap serve --replicas` hands each replica's `Engine.load` follows the model options (the
+    key/value cache format included), checked without starting Ray."""
+    pytest.importorskip("ray", reason="ray[serve] is not installed (the serve extra)")
+    from leapdecode.cli import build_parser
+    from leapdecode.server.ray_app import load_args
+
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--kv-cache", "int8", "--quant", "int4"])
+    got = load_args(args)
+    assert got["kv_cache"] == "int8" and got["quant"] == "int4"

@@ -219,6 +219,7 @@ def load_args(args) -> dict:
         "backend": args.backend,
         "quant": args.quant,
         "activations": args.activations,
+        "kv_cache": args.kv_cache,
     }
 
 

@@ -466,9 +466,9 @@ struct Plan {
 };
 
 // Rows of x from which the AMX build runs K-quant weights through the tile unit; with fewer, the VNNI
-// tiles (same bits) cost less: the tile path's unpacking and scaling per weight row is paid once for up
-// to 8 rows, and Q6_K's VNNI tiles are cheap (benchmarks/kernel_speed.py --layer, BENCHMARKS.md).
-inline int64_t amx_min_rows(int fmt) { return fmt == Q6_K ? 12 : 6; }
+// tiles (same bits) cost less: the tile path's unpacking of 16 weight rows and its tile loads and stores
+// are paid once for up to 8 rows (benchmarks/kernel_speed.py --layer, BENCHMARKS.md).
+inline int64_t amx_min_rows(int fmt) { return fmt == Q6_K ? 6 : 5; }
 
 Plan plan_for(int fmt, int act, int64_t M) {
     // The shape is a speed choice only: any shape gives bit-identical outputs.

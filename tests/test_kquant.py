@@ -216,7 +216,8 @@ def test_amx_tiles_with_any_scales_and_short_rows_give_the_bits_of_one_row(fmt):
     few and odd row counts, and for Q5_0 rows of 1, 3, 5 and 9 blocks (partial groups, odd last blocks)."""
     for k in (32, 96, 160, 288) if fmt == "q5_0" else (256, 768):
         qw = weight(fmt, 48, k, seed=k, small=False)
-        x = torch.randn(11, k, generator=torch.Generator().manual_seed(k)) * torch.logspace(-2, 2, 11)[:, None]
+        gen = torch.Generator().manual_seed(k)
+        x = torch.randn(11, k, generator=gen) * torch.logspace(-2, 2, 11)[:, None]
         alone = torch.cat([run(qw, x[i : i + 1].clone(), "int8", "amx") for i in range(11)])
         for m in (2, 3, 4, 5, 7, 9, 11):
             assert torch.equal(run(qw, x[:m].clone(), "int8", "amx"), alone[:m]), (k, m)

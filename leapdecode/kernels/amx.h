@@ -15,7 +15,8 @@
 // in C's row h*8 + m the sums of one sub-block (Q6_K: one group of 16) for x row m and 16 weight rows:
 // one register, in which the 16 rows' scales of that sub-block are one register too (decoded for 16 rows
 // at once) and x's scale is one broadcast value. The weights reach the interleaved layout by 16 x 16
-// transposes of their packed dwords (nibbles and high bits are unpacked after the transpose, in place).
+// transposes of their packed dwords (nibbles and high bits are unpacked after the transpose, in place;
+// Q5_0's 22-byte blocks are gathered a dword of 16 rows at a time).
 // The OS must have granted this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM) before the
 // library is used; the Python side asks once (build.py).
 #pragma once

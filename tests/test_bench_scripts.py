@@ -147,10 +147,8 @@ def test_summary_steps_and_acceptance_over_the_turns():
     s = llamacpp_speculative.summarize([plain, spec], "llama.cpp draft-model")
     assert s["tokens_per_step"] == 2.5 and s["acceptance"] == 6 / 9 and s["same_prompt"] == 0
     text = llamacpp_speculative.table([plain, spec], ["llama.cpp plain", "llama.cpp draft-model"])
-    assert (
-        "| llama.cpp draft-model | 1 | 4.00 | 2.00x | 6.67 | 2.67x | 2.50 | 66.7% (6 / 9) | 1/1 | 0/1 |"
-        in text
-    )
+    row = "| 1 | 4.00 | 2.00x | 2.00x | 6.67 | 2.67x | 2.50 | 66.7% (6 / 9) | 1/1 | 0/1 |"
+    assert f"| llama.cpp draft-model {row}" in text
 
 
 def test_answers_agree_up_to_the_shorter_one():
@@ -164,3 +162,21 @@ def test_answers_agree_up_to_the_shorter_one():
     ]
     assert llamacpp_speculative.same_answers(records, "a") == (1, 1)
     assert llamacpp_speculative.same_answers(records, "b") == (0, 1)
+
+
+def test_paired_median_pairs_each_turn_with_plain_decodings_own():
+    def rec(method, qid, seconds):
+        return {"method": method, "question_id": qid, "turn": 1, "new_tokens": 10}, seconds
+
+    records = []
+    for method, qid, seconds in [
+        ("llama.cpp plain", 1, 10.0),
+        ("llama.cpp plain", 2, 1.0),
+        ("llama.cpp plain", 3, 2.0),
+        ("s", 1, 5.0),  # 2x
+        ("s", 2, 4.0),  # 0.25x: plain met a quiet machine here
+        ("s", 3, 1.0),  # 2x
+    ]:
+        r, sec = rec(method, qid, seconds)
+        records.append(r | {"prefill_s": 0.0, "decode_s": sec})
+    assert llamacpp_speculative.paired_median(records, "s") == 2.0

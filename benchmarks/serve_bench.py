@@ -1,8 +1,10 @@
 """Serving benchmark: throughput and time to first token of `leap serve` at 1, 4 and 16 concurrent
 clients, with and without speculation, on one model over loopback. Prints a markdown table.
 
-Everything runs in this one process, side by side: one engine, one server per (drafter, concurrency),
-the same Spec-Bench questions (first turns, spread over the categories) for every row, greedy decoding.
+Everything runs from this one script, side by side: one server per (drafter, concurrency), by default
+`leap serve` in its own process as a deployment runs it (--server thread: the app on a thread of this
+process, whose clients then share the server's interpreter and lock), the same Spec-Bench questions
+(first turns, spread over the categories) for every row, greedy decoding.
 Clients stream chat completions through the official `openai` client and pull the next question from a
 shared list, so a level with c clients keeps c requests in flight. Server slots stay fixed
 (--max-concurrency, the server default) across levels: more clients than slots queue.
@@ -34,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +54,9 @@ from leapdecode.cpu import cpu_model
 from leapdecode.drafters import available
 from leapdecode.engine import Engine, GenerationConfig
 from leapdecode.prefix_cache import DEFAULT_MB
-from leapdecode.server import BackgroundServer, ServerConfig, build_app
+from leapdecode.server import BackgroundServer, ServerConfig, ServerProcess, build_app
+
+SERVER_KINDS = {"process": "its own process", "thread": "a thread of the clients' process"}
 
 
 @dataclass
@@ -148,8 +154,8 @@ def run_level(engine: Engine, drafter: str, clients: int, batch: bool, questions
         batching=batch,
     )
     level = Level(drafter, clients, batch)
-    with BackgroundServer(build_app(engine, config)) as srv:
-        asyncio.run(drive(srv.url, engine.name, questions, level, args.max_tokens))
+    with served(engine, config, args) as url:
+        asyncio.run(drive(url, engine.name, questions, level, args.max_tokens))
     print(
         f"serve_bench: {drafter:>10} x{clients:<3} batch {'on ' if batch else 'off'} "
         f"{level.throughput:7.1f} tok/s, "
@@ -159,6 +165,29 @@ def run_level(engine: Engine, drafter: str, clients: int, batch: bool, questions
         flush=True,
     )
     return level
+
+
+@contextlib.contextmanager
+def served(engine: Engine, config: ServerConfig, args) -> Iterator[str]:
+    """The URL of a server with `config`: `leap serve` as its own process (--server process), or the app on
+    a thread of this process, sharing its engine and its interpreter with the clients (--server thread)."""
+    if args.server == "thread":
+        with BackgroundServer(build_app(engine, config)) as srv:
+            yield srv.url
+        return
+    with ServerProcess(serve_args(engine, config, args)) as url:
+        yield url
+
+
+def serve_args(engine: Engine, config: ServerConfig, args) -> list[str]:
+    """`leap serve`'s arguments for `config` and the engine's options."""
+    argv = ["--drafter", config.drafter, "--max-concurrency", str(config.max_concurrency)]
+    argv += ["--max-queue", str(config.max_queue), "--prefix-cache-mb", str(config.prefix_cache_mb)]
+    argv += ["--served-model-name", engine.name, "--dtype", args.dtype, "--backend", args.backend]
+    argv += ["--kv-cache", args.kv_cache]
+    argv += ["--model", args.model] if args.model else []
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    return argv + (["--batch"] if config.batching else [])
 
 
 def slots(args, clients: int, batch: bool) -> int:
@@ -180,7 +209,8 @@ def table(levels: list[Level], engine: Engine, args) -> str:
             f"Model {engine.name}, dtype {args.dtype}, torch {torch.__version__} with "
             f"{torch.get_num_threads()} "
             f"threads ({engine.backend}, kernels {engine.kernels}); {cpu_model()}, {os.cpu_count()} logical "
-            f"CPUs; server slots {args.max_concurrency or '4 unbatched, one per client batched'}; "
+            f"CPUs; server: {SERVER_KINDS[args.server]}; "
+            f"server slots {args.max_concurrency or '4 unbatched, one per client batched'}; "
             f"{len(args.questions)} chat requests per row, max_tokens {args.max_tokens}, greedy."
         ),
         "",
@@ -264,8 +294,8 @@ def run_prefix(engine: Engine, drafter: str, questions: list[str], args) -> list
     prefixes = shared_prefixes(engine, [q for q in questions if q not in asks], args.prefix, n)
     pairs = [PrefixPair(drafter) for _ in range(n)]
     config = ServerConfig(drafter=drafter, max_queue=1024, prefix_cache_mb=args.prefix_cache_mb)
-    with BackgroundServer(build_app(engine, config)) as srv:
-        asyncio.run(drive_pairs(srv.url, engine.name, prefixes, asks, pairs, args.max_tokens))
+    with served(engine, config, args) as url:
+        asyncio.run(drive_pairs(url, engine.name, prefixes, asks, pairs, args.max_tokens))
     engine.prefix_cache = None  # the reference: the warm prompts generated from scratch
     gen = GenerationConfig(max_new_tokens=args.max_tokens, drafter=drafter)
     for pair in pairs:
@@ -335,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the server's --batch (both: each row twice)",
     )
     p.add_argument("--backend", default="auto", help="auto (native where it runs), native or torch")
+    p.add_argument("--kv-cache", default="float32", help="the key/value cache's format: float32 or int8")
+    p.add_argument(
+        "--server",
+        choices=["process", "thread"],
+        default="process",
+        help="process: `leap serve` in its own process, as deployed (default); thread: the app on a thread "
+        "of this process, sharing the interpreter with the clients",
+    )
     p.add_argument(
         "--prefix", type=int, default=0, help="measure the prefix cache with a shared prefix of ~N tokens"
     )
@@ -345,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     drafters = args.drafters or default_drafters()
     if "none" not in drafters:
         drafters = ["none"] + drafters  # the baseline every ratio needs
-    engine = Engine.load(args.model, dtype=args.dtype, threads=args.threads, backend=args.backend)
+    engine = Engine.load(
+        args.model, dtype=args.dtype, threads=args.threads, backend=args.backend, kv_cache=args.kv_cache
+    )
     if args.prefix:
         questions = load_questions(args.data.resolve(), 10_000)
         rows = [row for d in drafters for row in run_prefix(engine, d, questions, args)]

@@ -31,12 +31,8 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before Ray loads gRPC: no line per fork of a subprocess
@@ -46,7 +42,7 @@ import openai
 from leapdecode.bench.data import SPEC_BENCH
 from leapdecode.cpu import cpu_model
 from leapdecode.engine import Engine
-from leapdecode.server import BackgroundServer, ServerConfig, build_app
+from leapdecode.server import BackgroundServer, ServerConfig, ServerProcess, build_app
 from leapdecode.server.ray_app import RayOptions, ReplicaServer
 from leapdecode.server.ray_replica import ReplicaSpec
 
@@ -58,9 +54,9 @@ def questions() -> list[list[str]]:
     return [json.loads(line)["turns"] for line in SPEC_BENCH.read_text().splitlines() if line.strip()]
 
 
-def serve_argv(kind: str, args, port: int) -> list[str]:
-    """`leap serve` for a server of that kind, drafter none."""
-    argv = [sys.executable, "-m", "leapdecode.cli", "serve", "--port", str(port), "--drafter", "none"]
+def serve_args(kind: str, args) -> list[str]:
+    """`leap serve`'s arguments for a server of that kind, drafter none."""
+    argv = ["--drafter", "none"]
     argv += ["--served-model-name", "m", "--max-queue", "1024", "--log-level", "warning"]
     argv += ["--model", args.model] if args.model else []
     if kind.startswith("single"):
@@ -69,35 +65,9 @@ def serve_argv(kind: str, args, port: int) -> list[str]:
     return argv + ["--replicas", str(n), "--replica-cpus", str(args.cpus // n)]
 
 
-@contextlib.contextmanager
-def process(kind: str, args) -> Iterator[str]:
-    """The URL of `leap serve` of that kind run as its own process (the clients here share no GIL with
-    it), stopped with SIGTERM at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        serve_argv(kind, args, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while not healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve_replicas: {' '.join(serve_argv(kind, args, port))} did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+def process(kind: str, args) -> ServerProcess:
+    """`leap serve` of that kind run as its own process (the clients here share no GIL with it)."""
+    return ServerProcess(serve_args(kind, args))
 
 
 @contextlib.contextmanager

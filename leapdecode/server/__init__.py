@@ -46,10 +46,11 @@ an error event, then ``data: [DONE]`` (`leapdecode.server.runner`).
 
 import importlib
 
-__all__ = ["BackgroundServer", "ServerConfig", "build_app"]
+__all__ = ["BackgroundServer", "ServerConfig", "ServerProcess", "build_app"]
 _HOMES = {
     "BackgroundServer": "leapdecode.server.runner",
     "ServerConfig": "leapdecode.server.app",
+    "ServerProcess": "leapdecode.server.runner",
     "build_app": "leapdecode.server.app",
 }
 

@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from typing import Self
 
 import h11
@@ -166,3 +169,50 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerProcess:
+    """`leap serve ARGS` as its own process on a free loopback port: for benchmarks, whose clients must
+    not share the server's interpreter (one GIL for the clients' parsing, the HTTP loop and the
+    generations would measure the clients too). Stopped with SIGTERM, as a deployment stops it.
+
+    >>> with ServerProcess(["--batch", "--drafter", "none"]) as url:
+    ...     requests go to url
+    """
+
+    def __init__(self, args: list[str], start_timeout: float = 300.0, stop_timeout: float = 120.0):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.argv = [sys.executable, "-m", "leapdecode.cli", "serve", "--port", str(self.port), *args]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        self._proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.start_timeout
+        while not healthy(self.url):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"{' '.join(self.argv[2:])} did not start")
+            time.sleep(0.5)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+def healthy(url: str) -> bool:
+    """Whether the server at `url` answers /health with 200."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

@@ -235,9 +235,13 @@ class SlowDrafter(FixedDrafter):
     def __init__(self, draft, clock: FakeClock, seconds=0.002):
         super().__init__(draft)
         self.seconds, self.calls, self.clock = seconds, 0, clock
+        self.empty_calls = 0  # calls with no budget: keeping up with the text only
 
     def propose(self, tokens, max_nodes):
         self.calls += 1
+        if max_nodes == 0:
+            self.empty_calls += 1
+            return Draft()
         self.clock.now += self.seconds
         return self.draft
 
@@ -272,6 +276,22 @@ def test_a_costly_source_that_pays_keeps_proposing(clock):
     a = auto_with({"slow": slow}, FLAT_MS)
     run_steps(a, 40, right={5, 6, 7})
     assert slow.calls == 40 and a.gain["slow"] > 0
+
+
+def test_lookups_that_find_nothing_worth_verifying_rest_and_are_probed(clock):
+    wrong = SlowDrafter(Draft.chain([7, 8]), clock, seconds=0.00005)  # cheap (not costly), never right
+    a = auto_with({"wrong": wrong}, FLAT_MS)
+    run_steps(a, 200, right=set())
+    assert a._worth is not None and a._worth * a._step_s() < a.draft_s["wrong"]
+    proposing = wrong.calls - wrong.empty_calls  # calls with a budget (resting ones pass 0)
+    assert 200 // a.options.probe_every <= proposing < 100
+
+
+def test_lookups_that_pay_run_every_step(clock):
+    right = SlowDrafter(Draft.chain([5, 6]), clock, seconds=0.00005)
+    a = auto_with({"right": right}, FLAT_MS)
+    run_steps(a, 200, right={5, 6})
+    assert right.calls - right.empty_calls == 200
 
 
 def test_a_configured_draft_model_joins_the_default_sources():

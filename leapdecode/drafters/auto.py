@@ -15,8 +15,10 @@ with `cost` the measured time of a forward of 1 + N tokens after the current con
 (`leapdecode.costmodel`) and `overhead` this drafter's measured time per step outside the forward
 (drafting, acceptance, bookkeeping), which fewer, larger steps pay less often.
 When no proposal is worth its cost, N = 0: the step is plain decoding, and speculation cost only the
-drafters' lookups. The merged draft carries no probabilities, so verification treats it as a
-deterministic proposal, which is exact under sampling too.
+drafters' lookups. When the trees chosen lately were expected to save less time per step than the
+lookups take (as in a large served batch, where an extra row costs about what a step does), the lookups
+rest too, tried again every `probe_every` steps. The merged draft carries no probabilities, so
+verification treats it as a deterministic proposal, which is exact under sampling too.
 
 A source whose proposing is itself costly (a draft model: one forward per drafted token) is called only
 while it pays: on each step that calls it, the best tree's expected rate is compared with the best tree
@@ -145,6 +147,8 @@ class Auto(Drafter):
         self.overhead = 0.0  # moving average of a step's time outside the verification forward
         self._proposed_at = 0.0  # when the current step's proposal began
         self._proposing = False
+        self._worth: float | None = None  # see `_note_worth`
+        self._resting = 0  # steps since the lookups last ran, while they rest
 
     def bind(self, host: DrafterHost) -> None:
         if host.make is None:
@@ -178,6 +182,11 @@ class Auto(Drafter):
 
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         self._proposed_at, self._proposing = time.perf_counter(), True
+        if self._rests():
+            for name in self._lookups():
+                self.sources[name].propose(tokens, 0)  # keeps its index in step with the text
+            self._last = []
+            return Draft(source=self.name)
         budget = min(max_nodes, self.options.max_nodes)
         called = [name for name in self.sources if self._should_call(name)]
         nodes = self._merge(tokens, budget, called)
@@ -188,6 +197,34 @@ class Auto(Drafter):
         chosen = self._choose(nodes, budget, len(tokens))
         self._last = chosen
         return Draft([n.token for n in chosen], [n.parent for n in chosen], source=self.name)
+
+    # ------------------------------------------------------------ resting
+
+    def _rests(self) -> bool:
+        """Whether this step skips the cheap sources (`_lookups`): when the trees made lately were
+        expected to save less time per step than those lookups take (in a large batch, where an extra row
+        costs about what a step does, no tree pays and the lookups are the only cost left). Tried every
+        `probe_every` steps, so that text that starts to repeat is found again."""
+        lookups = sum(self.draft_s.get(name, 0.0) for name in self._lookups())
+        if self._worth is None or self._worth * self._step_s() >= lookups:
+            self._resting = 0
+            return False
+        self._resting += 1
+        if self._resting >= self.options.probe_every:
+            self._resting = 0
+            return False
+        return True
+
+    def _lookups(self) -> list[str]:
+        """The sources that cost little per call (costly ones rest on their own gain, below)."""
+        return [name for name in self.sources if not self._is_costly(name)]
+
+    def _step_s(self) -> float:
+        return self._one_token_s() + self.overhead
+
+    def _note_worth(self, gain: float) -> None:
+        """Moving average of the chosen tree's expected gain in tokens per second over plain decoding."""
+        self._worth = gain if self._worth is None else self._worth + 0.1 * (gain - self._worth)
 
     # ------------------------------------------------------------ costly sources
 
@@ -281,9 +318,10 @@ class Auto(Drafter):
 
     def _choose(self, nodes: list[_Node], budget: int, context: int) -> list[_Node]:
         """The best-N nodes by path probability, N maximising expected tokens per second."""
-        best, _ = self._best(
+        best, rate = self._best(
             [n.prob for n in nodes], [n.depth for n in nodes], budget, context, self.overhead
         )
+        self._note_worth(rate * (self._curve()(1, context) + self.overhead) - 1.0)
         keep = sorted(best)  # original order keeps parents first
         index = {old: new for new, old in enumerate(keep)}
         return [

@@ -225,6 +225,8 @@ class SuffixDecoding(Drafter):
     def propose(self, tokens: Sequence[int], max_nodes: int) -> Draft:
         self._sync(tokens)
         self._proposed_len = len(self._live.seq)
+        if max_nodes <= 0:  # in step with the text, nothing to propose
+            return Draft(source=self.name)
         best: tuple[list[int], list[int], list[float], float] = ([], [], [], 0.0)
         best_len = 0
         for hit in (self._live.match(self.options.max_depth), self._global_match()):

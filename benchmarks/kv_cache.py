@@ -7,9 +7,13 @@ cost does not depend on them), as `leapdecode.costmodel.measure` does.
 reads them) with an int8 cache against a float32 one: perplexity of each, mean KL(float32 || int8) and
 top-1 agreement. Unlike `leap eval --kv-cache` it needs no float32 torch reference (6 GB for a 1.5B model).
 
+`--streams`: k counts sequences instead, each with its own cache of that many tokens, and the time is of
+one batched forward of one new row in each (a round of `leap serve --batch`).
+
     M=~/.cache/leapdecode/models
     .venv/bin/python benchmarks/kv_cache.py --threads 2
     .venv/bin/python benchmarks/kv_cache.py --model $M/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --threads 2
+    .venv/bin/python benchmarks/kv_cache.py --threads 2 --streams --ks 1,8,32 --contexts 16,300,700
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from leapdecode.kernels.build import best_isa
 from leapdecode.kernels.native import kernel_scope
 from leapdecode.model.backends import load_runner
 from leapdecode.model.linear import LinearSpec
+from leapdecode.model.runner import FULL, BatchItem, forward_batch
 
 FORMATS = ("float32", "int8")
 
@@ -49,14 +54,35 @@ def time_forward(runner, cache: KVCache, context: int, k: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(runner, contexts: list[int], ks: list[int], rounds: int) -> dict:
-    caches = {(kv, c): filled_cache(runner, kv, c, max(ks)) for kv in FORMATS for c in contexts}
+def time_streams(runner, caches: list[KVCache], context: int) -> float:
+    """One batched forward of one new row in each of the caches (a round of batched serving)."""
+    items = []
+    for i, cache in enumerate(caches):
+        cache.truncate(context)
+        items.append(BatchItem(torch.tensor([100 + i]), torch.tensor([context]), cache, None, FULL))
+    t0 = time.perf_counter()
+    forward_batch(runner, items)
+    return time.perf_counter() - t0
+
+
+def measure(runner, contexts: list[int], ks: list[int], rounds: int, streams: int = 1) -> dict:
+    """Best seconds per (format, context, k); with streams > 1, k is the number of sequences, one new
+    row each."""
+    depth = 1 if streams > 1 else max(ks)
+    caches = {
+        (kv, c): [filled_cache(runner, kv, c, depth) for _ in range(max(1, streams))]
+        for kv in FORMATS
+        for c in contexts
+    }
     best: dict[tuple[str, int, int], float] = {}
     for _ in range(rounds):
         for c in contexts:
             for k in ks:
                 for kv in FORMATS:  # alternating, so drifting machine load hits both alike
-                    took = time_forward(runner, caches[kv, c], c, k)
+                    if streams > 1:
+                        took = time_streams(runner, caches[kv, c][:k], c)
+                    else:
+                        took = time_forward(runner, caches[kv, c][0], c, k)
                     best[kv, c, k] = min(best.get((kv, c, k), float("inf")), took)
     return {f"{kv}/{c}/{k}": s for (kv, c, k), s in best.items()}
 
@@ -79,8 +105,9 @@ def quality(runner, tokenizer, docs: int, max_tokens: int) -> dict:
     return {"float32": ref.to_dict(), "int8": score.to_dict(), "documents": len(windows)}
 
 
-def table(best: dict, contexts: list[int], ks: list[int]) -> str:
-    lines = ["| cached tokens | new rows | float32 cache | int8 cache | int8 / float32 |", "|---" * 5 + "|"]
+def table(best: dict, contexts: list[int], ks: list[int], streams: bool = False) -> str:
+    rows = "streams (one new row each)" if streams else "new rows"
+    lines = [f"| cached tokens | {rows} | float32 cache | int8 cache | int8 / float32 |", "|---" * 5 + "|"]
     for c in contexts:
         for k in ks:
             f, i = best[f"float32/{c}/{k}"], best[f"int8/{c}/{k}"]
@@ -95,6 +122,11 @@ def main() -> None:
     ap.add_argument("--contexts", default="256,2048")
     ap.add_argument("--ks", default="1,8,16")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument(
+        "--streams",
+        action="store_true",
+        help="--ks counts sequences instead: one batched forward of one new row in each (batched serving)",
+    )
     ap.add_argument("--quality", type=int, default=0, help="documents to compare the outputs on (0: none)")
     ap.add_argument("--max-tokens", type=int, default=512, help="tokens per document window")
     ap.add_argument("--json", action="store_true")
@@ -103,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_runner(args.model, spec=LinearSpec("native"))
     with kernel_scope(args.threads):
-        best = measure(loaded.runner, contexts, ks, args.rounds)
+        best = measure(loaded.runner, contexts, ks, args.rounds, max(ks) if args.streams else 1)
         scores = (
             quality(loaded.runner, loaded.tokenizer, args.quality, args.max_tokens) if args.quality else {}
         )
@@ -113,7 +145,7 @@ def main() -> None:
         print(json.dumps({"model": loaded.path.name, "seconds": best, "quality": scores}))
         return
     print(head)
-    print(table(best, contexts, ks))
+    print(table(best, contexts, ks, args.streams))
     if scores:
         f, i = scores["float32"], scores["int8"]
         print(f"\n{scores['documents']} documents, {i['tokens']} predicted tokens")

@@ -58,6 +58,16 @@ inline __m512 load16(const int8_t* p) {
 }
 #endif
 
+// Software prefetch of the key or value rows `ahead` places on in idx (a row's bytes, every line), into
+// L1: a row's keys and values are read once per step, a few kilobytes per task, too short a stream for the
+// hardware prefetcher to get ahead.
+template <class T>
+inline void prefetch_kv(const T* base, const int32_t* idx, int64_t count, int64_t stride, int64_t D) {
+    for (int64_t r = 0; r < count; ++r)
+        for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64)
+            _mm_prefetch((const char*)(base + idx[r] * stride) + o, _MM_HINT_T0);
+}
+
 // The weight of value row t: p, times the row's scale when the values are int8 (`vs`).
 template <class T>
 inline float value_weight(float p, const float* vs, int32_t t) {
@@ -238,6 +248,7 @@ inline void weighted_values_heads(const T* v, int64_t vstride, const float* vs, 
     LD_UNROLL for (int h = 0; h < NH; ++h) LD_UNROLL for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
         const T* vr = v + idx[j] * vstride;
+        if (j + 8 < n) prefetch_kv(v, idx + j + 8, 1, vstride, 16 * C);
         __m512 pj[NH];
         LD_UNROLL for (int h = 0; h < NH; ++h) pj[h] = _mm512_set1_ps(value_weight<T>(p[h][j], vs, idx[j]));
         LD_UNROLL for (int c = 0; c < C; ++c) {
@@ -285,6 +296,7 @@ void attend_block_heads(const AttnArgs& a, const float* const* q, int G, const T
         }
     }
     for (int64_t j = 0; j < m8; j += 8) {
+        if (j + 16 < m) prefetch_kv(k, idx + j0 + j + 16, m - j - 16 < 8 ? m - j - 16 : 8, a.kst[2], D);
         if (np == 3) dot8_pairs<3>(qp, k, idx + j0 + j, a.kst[2], D, out, j);
         else if (np == 2) dot8_pairs<2>(qp, k, idx + j0 + j, a.kst[2], D, out, j);
         else dot8_pairs<1>(qp, k, idx + j0 + j, a.kst[2], D, out, j);

@@ -6,8 +6,9 @@ Everything runs from this one script, side by side: one server per (drafter, con
 process, whose clients then share the server's interpreter and lock), the same Spec-Bench questions
 (first turns, spread over the categories) for every row, greedy decoding.
 Clients stream chat completions through the official `openai` client and pull the next question from a
-shared list, so a level with c clients keeps c requests in flight. Server slots stay fixed
-(--max-concurrency, the server default) across levels: more clients than slots queue.
+shared list, so a level with c clients keeps c requests in flight. Server slots: --max-concurrency, else
+one per client when batching (a batch holds the active requests only) and 4 without (interleaving more
+only lengthens every stream's steps); more clients than slots queue.
 
     python benchmarks/serve_bench.py                      # 1/4/16 clients, none vs auto (or a lookup drafter)
     python benchmarks/serve_bench.py --concurrency 1 2 --requests 2 --max-tokens 8   # a smoke run
@@ -28,8 +29,9 @@ the first's prefix (warm). Pairs alternate which question goes first, one reques
 TTFT of each, their ratio, the prompt tokens reused, and whether the warm answer equals the same prompt
 generated without a prefix cache.
 
---batch on|both: the server batches the active requests' forwards (`leap serve --batch`); "x fewest
-clients" = a row's throughput over the same drafter and batch mode with the fewest clients.
+--batch on (default)|off|both: the server batches the active requests' forwards (`leap serve`'s
+default) or not (`--no-batch`); "x fewest clients" = a row's throughput over the same drafter and batch
+mode with the fewest clients.
 """
 
 from __future__ import annotations
@@ -187,12 +189,11 @@ def serve_args(engine: Engine, config: ServerConfig, args) -> list[str]:
     argv += ["--kv-cache", args.kv_cache]
     argv += ["--model", args.model] if args.model else []
     argv += ["--threads", str(args.threads)] if args.threads else []
-    return argv + (["--batch"] if config.batching else [])
+    return argv + (["--batch"] if config.batching else ["--no-batch"])
 
 
 def slots(args, clients: int, batch: bool) -> int:
-    """Server slots: --max-concurrency, else 4 (the server's default) unbatched and one per client
-    batched (a batch holds the active requests only)."""
+    """Server slots: --max-concurrency, else one per client batched and 4 unbatched (module docstring)."""
     return args.max_concurrency or (clients if batch else 4)
 
 
@@ -361,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--batch",
         choices=["off", "on", "both"],
-        default="off",
-        help="the server's --batch (both: each row twice)",
+        default="on",
+        help="on: the server batches (its default), off: --no-batch, both: each row twice",
     )
     p.add_argument("--backend", default="auto", help="auto (native where it runs), native or torch")
     p.add_argument("--kv-cache", default="float32", help="the key/value cache's format: float32 or int8")

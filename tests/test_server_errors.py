@@ -295,18 +295,27 @@ def test_oversized_chunked_body_without_length_is_refused(server):
     assert_error(status, payload, 413, "request_too_large")
 
 
-def test_a_failing_generation_costs_one_request_not_the_server(tiny_engine):
-    """A fault inside generation: a 500 error (an error event when streaming), and the next request works."""
-    forward, calls = tiny_engine.model.forward, []
+@pytest.mark.parametrize("batching", [False, True])
+def test_a_failing_generation_costs_one_request_not_the_server(tiny_engine, batching):
+    """A fault inside generation: a 500 error (an error event when streaming), and the next request works.
+    Batched, a failed round is retried item by item (`leapdecode.server.batching`), so the fault repeats
+    once more there."""
+    forward, done, raised = tiny_engine.model.forward, [], {2: 0, 4: 0}
 
     def faulty(*args, **kwargs):
-        calls.append(1)
-        if len(calls) in (3, 6):  # a few steps into each of the first two requests
+        if len(done) in raised and raised[len(done)] < (2 if batching else 1):  # steps into requests 1, 2
+            raised[len(done)] += 1
             raise RuntimeError("simulated fault")
+        done.append(1)
         return forward(*args, **kwargs)
 
     tiny_engine.model.forward = faulty
-    with BackgroundServer(build_app(tiny_engine, ServerConfig(drafter="none"))) as srv:
+    if batching:
+        tiny_engine.model.forward_batch = lambda items: [
+            faulty(i.tokens, i.positions, i.cache, i.mask, i.plan) for i in items
+        ]
+    config = ServerConfig(drafter="none", batching=batching)
+    with BackgroundServer(build_app(tiny_engine, config)) as srv:
         status, payload = request(
             srv,
             "POST",

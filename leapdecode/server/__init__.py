@@ -25,8 +25,8 @@ Without ``max_tokens`` a request generates at most ``--default-max-tokens`` (204
 context), because each request preallocates its KV cache; ``max_tokens`` itself may go up to the end of
 the context (beyond it: 400, code ``context_length_exceeded``).
 
-Concurrency: one worker thread interleaves the active generations step by step, or with ``--batch``
-runs their forwards as one batched forward per step (`leapdecode.server.batching`); see
+Concurrency: one worker thread runs the active generations' forwards as one batched forward per step
+(`leapdecode.server.batching`), or with ``--no-batch`` interleaves them step by step; see
 `leapdecode.server.scheduler`. Prefix cache (``--prefix-cache-mb``, `leapdecode.prefix_cache`): a prompt
 that starts like an earlier prompt or conversation prefills only the rest, with the same output.
 Sampling follows OpenAI's defaults (temperature 1 unless given);

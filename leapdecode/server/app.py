@@ -45,7 +45,7 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/
 class ServerConfig:
     drafter: str = "auto"  # the drafter of requests that do not choose one
     max_draft: int = 64
-    max_concurrency: int = 4  # requests generating at once (interleaved step by step)
+    max_concurrency: int = 8  # requests generating at once (batched, else interleaved step by step)
     max_queue: int = 64  # requests waiting for a slot; more get 429
     api_key: str | None = None
     model_name: str | None = None  # the name clients use (default: the model file's name)
@@ -62,8 +62,9 @@ class ServerConfig:
     max_connections: int = 256  # open connections; more are answered 503 and closed
     # MiB of keys and values kept to reuse prompt prefixes across requests (0: no prefix cache)
     prefix_cache_mb: int = DEFAULT_MB
-    # the active requests' forwards batched into one per round (leapdecode.server.batching)
-    batching: bool = False
+    # the active requests' forwards batched into one per round (leapdecode.server.batching); False: one
+    # request's step after another (measured: the same speed for one stream, 0.67x the throughput of 4)
+    batching: bool = True
     prefill_chunk: int = DEFAULT_CHUNK  # with batching: prompt rows per round (a long prompt's share)
 
     def __post_init__(self):

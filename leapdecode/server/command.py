@@ -55,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-concurrency",
         type=_positive_int,
-        default=4,
-        help="requests generating at once, interleaved step by step (default: 4)",
+        default=8,
+        help="requests generating at once, their steps batched into one forward (default: 8)",
     )
     g.add_argument(
         "--max-queue",
@@ -132,9 +132,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_prefix_cache_argument(g)
     g.add_argument(
         "--batch",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="run the active requests' forwards as one batched forward per step, long prompts in chunks "
-        "(default: one request's step after another)",
+        "(default); --no-batch: one request's step after another",
     )
     g.add_argument(
         "--prefill-chunk",

@@ -14,7 +14,7 @@ locks around the model, no two threads contending for the same cores.
   returned one and gives it back when it ends. So with requests one at a time a single instance learns
   from all of them, and with k concurrent requests of one drafter there are at most k instances (at most
   `max_concurrency`), each keeping what it learned for the next request that takes it.
-- Batching (`prefill_chunk`, `leap serve --batch`): the worker becomes the conductor of
+- Batching (`prefill_chunk`, `leap serve`'s default): the worker becomes the conductor of
   `leapdecode.server.batching`: each active request runs in a lane (a thread that runs only while the
   worker hands it the baton, so still one thread at a time) until it parks its next forward; then one
   batched forward serves every parked forward. The steps, drafters and pool are the same.

@@ -13,6 +13,7 @@ only lengthens every stream's steps); more clients than slots queue.
     python benchmarks/serve_bench.py                      # 1/4/16 clients, none vs auto (or a lookup drafter)
     python benchmarks/serve_bench.py --concurrency 1 2 --requests 2 --max-tokens 8   # a smoke run
     python benchmarks/serve_bench.py --prefix 700         # time to first token with a shared prefix
+    python benchmarks/serve_bench.py --llamacpp-server BIN   # also llama.cpp's server, same clients
 
 Columns: tok/s = completion tokens of all requests / wall time of the level; "x none" = that throughput
 over the plain-decoding row at the same concurrency (a ratio from this run only); TTFT = from sending a
@@ -55,9 +56,11 @@ from leapdecode.bench.data import SPEC_BENCH
 from leapdecode.cpu import cpu_model
 from leapdecode.drafters import available
 from leapdecode.engine import Engine, GenerationConfig
+from leapdecode.model.source import default_model_path
 from leapdecode.prefix_cache import DEFAULT_MB
 from leapdecode.server import BackgroundServer, ServerConfig, ServerProcess, build_app
 
+PEER = "llama.cpp"  # the drafter column of llama-server's rows (--llamacpp-server)
 SERVER_KINDS = {"process": "its own process", "thread": "a thread of the clients' process"}
 
 
@@ -115,11 +118,12 @@ async def one_request(client, model: str, question: str, max_tokens: int, level:
             first = first or last
             pieces.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
-            stats = chunk.model_extra["leap_stats"]
+            stats = (chunk.model_extra or {}).get("leap_stats")  # a peer server sends none
             tokens = chunk.usage.completion_tokens
             level.tokens += tokens
-            level.steps += stats["steps"]
-            level.accepted += stats["accepted"]
+            if stats is not None:
+                level.steps += stats["steps"]
+                level.accepted += stats["accepted"]
     level.ttft.append((first or time.perf_counter()) - t0)
     if first is not None and last is not None and tokens > 1:
         level.itl.append((last - first) / (tokens - 1))
@@ -138,8 +142,10 @@ async def drive(url: str, model: str, questions: list[str], level: Level, max_to
                 level.errors += 1
                 print(f"serve_bench: request failed: {exc}", file=sys.stderr)
 
+    # a request whose connection drops before any answer is sent again (llama-server closed 2 of 32
+    # kept-alive connections in one run); an answer that fails midway is still an error
     async with openai.AsyncOpenAI(
-        base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600
+        base_url=url + "/v1", api_key="unused", max_retries=2, timeout=3600
     ) as client:
         await one_request(client, model, "Hi", 4, Level("warmup", 1), -1)  # warm the server path
         t0 = time.perf_counter()
@@ -158,6 +164,32 @@ def run_level(engine: Engine, drafter: str, clients: int, batch: bool, questions
     level = Level(drafter, clients, batch)
     with served(engine, config, args) as url:
         asyncio.run(drive(url, engine.name, questions, level, args.max_tokens))
+    report(level)
+    return level
+
+
+def run_peer_level(engine: Engine, clients: int, questions: list[str], args) -> Level:
+    """The same clients against llama.cpp's llama-server on the same file and threads, one slot per
+    client (its continuous batching)."""
+    level = Level(PEER, clients, True)
+    with ServerProcess(llamacpp_args(engine, clients, args), command=[args.llamacpp_server]) as url:
+        asyncio.run(drive(url, engine.name, questions, level, args.max_tokens))
+    report(level)
+    return level
+
+
+def llamacpp_args(engine: Engine, clients: int, args) -> list[str]:
+    """llama-server's arguments: the model file, threads, one slot per client with room for the longest
+    prompt and answer of this run."""
+    model = str(Path(args.model) if args.model else default_model_path())
+    threads = str(args.threads or os.cpu_count() or 1)
+    context = clients * (max(len(engine.encode_prompt(q)) for q in args.questions) + args.max_tokens + 64)
+    argv = ["-m", model, "--alias", engine.name, "-t", threads, "-tb", threads, "-np", str(clients)]
+    return argv + ["-c", str(context)]
+
+
+def report(level: Level) -> None:
+    drafter, clients, batch = level.drafter, level.clients, level.batch
     print(
         f"serve_bench: {drafter:>10} x{clients:<3} batch {'on ' if batch else 'off'} "
         f"{level.throughput:7.1f} tok/s, "
@@ -166,7 +198,6 @@ def run_level(engine: Engine, drafter: str, clients: int, batch: bool, questions
         file=sys.stderr,
         flush=True,
     )
-    return level
 
 
 @contextlib.contextmanager
@@ -203,7 +234,9 @@ def _stat(fn, values: list[float]) -> float:
 
 def table(levels: list[Level], engine: Engine, args) -> str:
     plain = {(lv.clients, lv.batch): lv for lv in levels if lv.drafter == "none"}
-    reference = plain[min(plain)].texts if plain else {}  # plain decoding with the fewest clients
+    ours = plain[min(plain)].texts if plain else {}  # plain decoding with the fewest clients
+    peer = [lv for lv in levels if lv.drafter == PEER]
+    theirs = min(peer, key=lambda lv: lv.clients).texts if peer else {}  # llama.cpp against itself
     single = {(lv.drafter, lv.batch): lv for lv in sorted(levels, key=lambda lv: -lv.clients)}
     lines = [
         (
@@ -223,6 +256,8 @@ def table(levels: list[Level], engine: Engine, args) -> str:
     ]
     for lv in levels:
         base, one = plain.get((lv.clients, lv.batch)), single[(lv.drafter, lv.batch)]
+        reference = theirs if lv.drafter == PEER else ours
+        acc = f"{lv.mean_accepted:.2f}" if lv.steps else "-"
         ratio = f"{lv.throughput / base.throughput:.2f}" if base and base.throughput else "-"
         scale = f"{lv.throughput / one.throughput:.2f}" if one.throughput else "-"
         same = sum(lv.texts.get(i) == t for i, t in reference.items())
@@ -231,7 +266,7 @@ def table(levels: list[Level], engine: Engine, args) -> str:
             f"{ratio} | {scale} | "
             f"{_stat(statistics.mean, lv.ttft):.2f} | {_stat(statistics.median, lv.ttft):.2f} | "
             f"{_stat(max, lv.ttft):.2f} | {_stat(statistics.mean, lv.itl) * 1e3:.1f} | "
-            f"{lv.mean_accepted:.2f} | {same}/{len(reference)} | "
+            f"{acc} | {same}/{len(reference)} | "
             f"{lv.errors} |"
         )
     return "\n".join(lines)
@@ -380,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--prefix-cache-mb", type=int, default=DEFAULT_MB, help=f"the server's (default: {DEFAULT_MB})"
     )
+    p.add_argument(
+        "--llamacpp-server",
+        default=None,
+        metavar="BIN",
+        help="also run llama.cpp's llama-server (this binary) on the same file, threads, clients and "
+        "questions, one slot per client (rows 'llama.cpp'; 'same' compares with its own fewest clients)",
+    )
     args = p.parse_args(argv)
     drafters = args.drafters or default_drafters()
     if "none" not in drafters:
@@ -400,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.concurrency
         for b in batches  # side by side: the two modes of one level run one after the other
     ]
+    if args.llamacpp_server:
+        levels += [run_peer_level(engine, c, args.questions, args) for c in args.concurrency]
     print(table(levels, engine, args))
     return 0
 

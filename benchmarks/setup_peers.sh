@@ -5,8 +5,9 @@
 #   llamacpp, llamacpp-pld  llama-cpp-python, which compiles llama.cpp from source
 #                           (about 15 minutes on a 2-core machine)
 #
-#   --speculative           only llama.cpp's own tools (llama-speculative-simple, llama-completion)
-#                           from the same llama.cpp source, for benchmarks/llamacpp_speculative.py
+#   --speculative           only llama.cpp's own tools (llama-speculative-simple, llama-completion,
+#                           llama-server) from the same llama.cpp source, for
+#                           benchmarks/llamacpp_speculative.py and serve_bench.py --llamacpp-server
 #
 # Usage: benchmarks/setup_peers.sh [--speculative] [PYTHON]    (default: .venv/bin/python, else python3)
 # Set LEAP_BUILD_NICE=19 to build at the lowest CPU priority beside other work.
@@ -44,7 +45,7 @@ build_llamacpp_tools() {
   local src="$cache/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
   local build="$src/build-tools"
   local stamp="$build/leap_build.txt"
-  local targets=(llama-speculative-simple llama-completion)
+  local targets=(llama-speculative-simple llama-completion llama-server)
   if [[ -f "$stamp" && "$(head -n1 "$stamp")" == "$flavour" ]] && all_built "$build/bin" "${targets[@]}"; then
     echo "peers: llama.cpp tools already built ($flavour): $build/bin (${targets[*]})"
     return
@@ -58,7 +59,7 @@ build_llamacpp_tools() {
   fi
   nice -n "$nice_level" cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" -DLLAMA_CURL=OFF \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF
   nice -n "$nice_level" cmake --build "$build" --config Release --target "${targets[@]}"
   printf '%s\nllama-cpp-python %s, Release, GGML_NATIVE=ON, C/C++ flags "%s"\n' \
     "$flavour" "$LLAMA_CPP_PYTHON_VERSION" "$no_amx" > "$stamp"

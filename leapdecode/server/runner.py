@@ -175,16 +175,25 @@ class ServerProcess:
     """`leap serve ARGS` as its own process on a free loopback port: for benchmarks, whose clients must
     not share the server's interpreter (one GIL for the clients' parsing, the HTTP loop and the
     generations would measure the clients too). Stopped with SIGTERM, as a deployment stops it.
+    `command`: another server that takes `--port N` and answers GET /health (a peer, e.g. llama.cpp's
+    llama-server) instead of `leap serve`.
 
     >>> with ServerProcess(["--batch", "--drafter", "none"]) as url:
     ...     requests go to url
     """
 
-    def __init__(self, args: list[str], start_timeout: float = 300.0, stop_timeout: float = 120.0):
+    def __init__(
+        self,
+        args: list[str],
+        start_timeout: float = 300.0,
+        stop_timeout: float = 120.0,
+        command: list[str] | None = None,
+    ):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.argv = [sys.executable, "-m", "leapdecode.cli", "serve", "--port", str(self.port), *args]
+        command = command or [sys.executable, "-m", "leapdecode.cli", "serve"]
+        self.argv = [*command, "--port", str(self.port), *args]
         self.url = f"http://127.0.0.1:{self.port}"
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self._proc: subprocess.Popen | None = None
@@ -195,7 +204,7 @@ class ServerProcess:
         while not healthy(self.url):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError(f"{' '.join(self.argv[2:])} did not start")
+                raise RuntimeError(f"{' '.join(self.argv)} did not start")
             time.sleep(0.5)
         return self.url
 

@@ -65,21 +65,18 @@ def time_streams(runner, caches: list[KVCache], context: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(runner, contexts: list[int], ks: list[int], rounds: int, streams: int = 1) -> dict:
-    """Best seconds per (format, context, k); with streams > 1, k is the number of sequences, one new
-    row each."""
-    depth = 1 if streams > 1 else max(ks)
-    caches = {
-        (kv, c): [filled_cache(runner, kv, c, depth) for _ in range(max(1, streams))]
-        for kv in FORMATS
-        for c in contexts
-    }
+def measure(runner, contexts: list[int], ks: list[int], rounds: int, streams: bool = False) -> dict:
+    """Best seconds per (format, context, k); with `streams`, k is the number of sequences, one new row
+    each."""
+    count, depth = (max(ks), 1) if streams else (1, max(ks))  # caches per cell, rows past the context
+    cells = [(kv, c) for kv in FORMATS for c in contexts]
+    caches = {(kv, c): [filled_cache(runner, kv, c, depth) for _ in range(count)] for kv, c in cells}
     best: dict[tuple[str, int, int], float] = {}
     for _ in range(rounds):
         for c in contexts:
             for k in ks:
                 for kv in FORMATS:  # alternating, so drifting machine load hits both alike
-                    if streams > 1:
+                    if streams:
                         took = time_streams(runner, caches[kv, c][:k], c)
                     else:
                         took = time_forward(runner, caches[kv, c][0], c, k)
@@ -135,7 +132,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_runner(args.model, spec=LinearSpec("native"))
     with kernel_scope(args.threads):
-        best = measure(loaded.runner, contexts, ks, args.rounds, max(ks) if args.streams else 1)
+        best = measure(loaded.runner, contexts, ks, args.rounds, args.streams)
         scores = (
             quality(loaded.runner, loaded.tokenizer, args.quality, args.max_tokens) if args.quality else {}
         )

@@ -58,9 +58,9 @@ inline __m512 load16(const int8_t* p) {
 }
 #endif
 
-// Software prefetch of the key or value rows `ahead` places on in idx (a row's bytes, every line), into
-// L1: a row's keys and values are read once per step, a few kilobytes per task, too short a stream for the
-// hardware prefetcher to get ahead.
+// Software prefetch of the `count` key or value rows named by idx (every line of each row's D elements)
+// into L1; callers name rows some way ahead of the ones they read. A row's keys and values are read once
+// per step, a few kilobytes per task, too short a stream for the hardware prefetcher to get ahead.
 template <class T>
 inline void prefetch_kv(const T* base, const int32_t* idx, int64_t count, int64_t stride, int64_t D) {
     for (int64_t r = 0; r < count; ++r)
